@@ -1,0 +1,18 @@
+"""qless-pool: a pool manager for qless job workers.
+
+One YAML file maps queue lists to worker counts; one manager process loads the application once,
+forks a worker parent per slot, keeps the counts right and obeys Unix signals. See README.md.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+try:
+    __version__ = metadata.version("qless-pool")
+except metadata.PackageNotFoundError:  # pragma: no cover - running from an uninstalled tree
+    __version__ = "0+unknown"
+
+from .client import connect, patch_qless
+
+__all__ = ["__version__", "connect", "patch_qless"]

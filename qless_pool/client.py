@@ -1,0 +1,110 @@
+"""The qless client: qless-py's ``Client``, made to work on Redis 6.2.7 and later.
+
+qless-py 0.11.4 (its last release) runs one Lua script, qless-core, for every command. That
+script defines ``function table.extend``: a write to the global ``table`` library. Redis 6.2.7
+made the globals of scripts read-only, so on any modern Redis every qless call fails with
+"Attempt to modify a readonly table" (qless-py issue 64, never fixed upstream).
+
+The fix is a small transform of the script text: the function becomes a local defined at the
+same place (``local function qless_table_extend``) and its two call sites call that local. The
+rest of the script is untouched, so behaviour is exactly qless-core's.
+"""
+
+from __future__ import annotations
+
+import functools
+import pkgutil
+import re
+from typing import Any
+
+import qless
+import redis
+
+__all__ = ["connect", "fix_script", "fixed_script", "patch_qless", "use_fixed_script"]
+
+LOCAL_EXTEND = "qless_table_extend"
+_EXTEND_DEFINITION = re.compile(r"^function\s+table\.extend\s*\(", re.MULTILINE)
+_EXTEND_CALL = re.compile(r"\btable\.extend\s*\(")
+_PATCHED = "_qless_pool_patched"
+
+
+def fix_script(source: str) -> str:
+    """Return qless-core's Lua with its global ``table.extend`` turned into a local function.
+
+    A script that does not define ``table.extend`` (a future, fixed qless-core) is returned
+    unchanged; one that defines it more than once is not the script this transform was written
+    for, and is refused rather than half-fixed.
+    """
+    definitions = len(_EXTEND_DEFINITION.findall(source))
+    if definitions == 0:
+        return source
+    if definitions > 1:
+        raise ValueError(f"qless-core defines table.extend {definitions} times; expected once")
+    # The definition is rewritten first, so the call pattern no longer matches it.
+    source = _EXTEND_DEFINITION.sub(f"local function {LOCAL_EXTEND}(", source)
+    return _EXTEND_CALL.sub(f"{LOCAL_EXTEND}(", source)
+
+
+@functools.cache
+def fixed_script() -> str:
+    """qless-core as qless-py ships it, fixed for read-only script globals (read once)."""
+    data = pkgutil.get_data("qless", "qless-core/qless.lua")
+    if data is None:  # pragma: no cover - qless-py always ships the script
+        raise RuntimeError("qless-py does not ship qless-core/qless.lua")
+    return fix_script(data.decode("utf-8"))
+
+
+def use_fixed_script(client: qless.Client) -> qless.Client:
+    """Point an existing ``qless.Client`` at the fixed script; returns the client."""
+    client._lua = client.redis.register_script(fixed_script())
+    return client
+
+
+@functools.cache
+def _driver_options() -> dict[str, Any]:
+    """Name the driver for ``CLIENT SETINFO`` without redis-py looking up its own version.
+
+    redis-py 8 reads its package metadata for every new connection unless it is told the
+    version (about 3 ms, most of what a forked job child spends on connecting).
+    """
+    from . import __version__
+
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:  # redis-py 5 to 7
+        return {
+            "lib_name": f"redis-py(qless-pool_v{__version__})",
+            "lib_version": redis.__version__,
+        }
+    info = DriverInfo(name="redis-py", lib_version=redis.__version__)
+    return {"driver_info": info.add_upstream_driver("qless-pool", __version__)}
+
+
+def connect(url: str, worker_name: str | None = None, **redis_options: Any) -> qless.Client:
+    """Return a ``qless.Client`` for ``url`` that runs the fixed qless-core script.
+
+    ``worker_name`` is the name qless records as the owner of the jobs this client pops (qless-py
+    defaults to the host name). Other keyword arguments go to ``redis.Redis.from_url``.
+    """
+    options = {**_driver_options(), **redis_options}
+    return use_fixed_script(qless.Client(url, hostname=worker_name, **options))
+
+
+def patch_qless() -> None:
+    """Make every ``qless.Client()`` made from now on in this process use the fixed script.
+
+    For code that builds its own clients (job producers, scripts, the qless-py worker). Safe to
+    call more than once. This is the one place qless-pool changes another library's class.
+    """
+    cls = qless.Client
+    if getattr(cls.__init__, _PATCHED, False):
+        return
+    original_init = cls.__init__
+
+    @functools.wraps(original_init)
+    def __init__(self: qless.Client, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        use_fixed_script(self)
+
+    setattr(__init__, _PATCHED, True)
+    cls.__init__ = __init__
