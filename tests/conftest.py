@@ -1,0 +1,42 @@
+"""Shared fixtures: one private redis-server for the session, a clean database per test."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from redis_server import RedisServer, server_binary, server_version
+
+from qless_pool.client import connect
+
+
+def pytest_report_header(config):
+    binary = server_binary()
+    return f"redis-server {server_version(binary)} ({binary})"
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The URL of an empty database on the session's server."""
+    redis.Redis.from_url(redis_server.url()).flushall()
+    return redis_server.url()
+
+
+@pytest.fixture
+def redis_conn(redis_url):
+    connection = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def qless_client(redis_url):
+    return connect(redis_url, worker_name="test-worker")

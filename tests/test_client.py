@@ -1,0 +1,315 @@
+"""The fixed qless client against a real Redis (>= 6.2.7, where the unfixed script fails)."""
+
+from __future__ import annotations
+
+import json
+import pkgutil
+import subprocess
+import sys
+import time
+
+import pytest
+import qless
+from qless.exceptions import LostLockException, QlessException
+
+from qless_pool.client import LOCAL_EXTEND, connect, fix_script, fixed_script
+
+KLASS = "jobs.Noop"
+
+
+def original_script() -> str:
+    return pkgutil.get_data("qless", "qless-core/qless.lua").decode()
+
+
+def job_hash(redis_conn, jid):
+    return redis_conn.hgetall(f"ql:j:{jid}")
+
+
+# --- the transform ------------------------------------------------------------------------------
+
+
+def test_fix_makes_the_global_a_local_and_rewrites_every_call():
+    source = original_script()
+    assert source.count("table.extend(") == 3  # the definition and two calls
+    fixed = fixed_script()
+    assert "table.extend" not in fixed
+    assert fixed.count(f"local function {LOCAL_EXTEND}(") == 1
+    assert fixed.count(f"{LOCAL_EXTEND}(") == 3
+    assert len(fixed.splitlines()) == len(source.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("local x = 1\n", "local x = 1\n"),
+        (
+            "function table.extend(a, b)\nend\ntable.extend(x, y)\n",
+            f"local function {LOCAL_EXTEND}(a, b)\nend\n{LOCAL_EXTEND}(x, y)\n",
+        ),
+    ],
+)
+def test_fix_script_cases(source, expected):
+    assert fix_script(source) == expected
+
+
+def test_fix_refuses_a_script_it_was_not_written_for():
+    with pytest.raises(ValueError, match="2 times"):
+        fix_script("function table.extend(a)\nend\nfunction table.extend(b)\nend\n")
+
+
+# --- unfixed vs fixed on this Redis -------------------------------------------------------------
+
+
+def test_unfixed_script_fails_on_this_redis(redis_url, redis_conn):
+    version = tuple(int(part) for part in redis_conn.info("server")["redis_version"].split(".")[:3])
+    assert version >= (6, 2, 7), "the tests must run on a Redis that makes script globals read-only"
+    client = qless.Client(redis_url)
+    client._lua = client.redis.register_script(original_script())
+    with pytest.raises(QlessException, match="readonly table"):
+        client.queues["foo"].put(KLASS, {})
+
+
+def test_patch_qless_fixes_every_client_and_is_idempotent(redis_url):
+    # In a fresh interpreter, so that this process's qless.Client stays unpatched.
+    program = f"""
+import qless, qless_pool
+from qless.exceptions import QlessException
+try:
+    qless.Client({redis_url!r}).queues["foo"].put("jobs.Noop", {{}})
+    print("unpatched worked")
+except QlessException as exc:
+    print("unpatched failed:", "readonly table" in str(exc))
+qless_pool.patch_qless()
+qless_pool.patch_qless()
+client = qless.Client({redis_url!r}, hostname="w1")
+jid = client.queues["foo"].put("jobs.Noop", {{"a": 1}})
+print("patched put:", client.jobs[jid].state)
+print("patched pop:", client.queues["foo"].pop().jid == jid)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "unpatched failed: True",
+        "patched put: waiting",
+        "patched pop: True",
+    ]
+
+
+def test_connect_names_the_worker_and_the_driver(qless_client):
+    assert qless_client.worker_name == "test-worker"
+    assert isinstance(qless_client, qless.Client)
+    # CLIENT SETINFO (Redis >= 7.2) shows "redis-py(qless-pool_v...)"; the version is given, so
+    # redis-py does not look up its own package metadata for every new connection.
+    options = qless_client.redis.connection_pool.connection_kwargs
+    driver = options.get("driver_info")
+    if driver is not None:
+        assert "qless-pool" in driver.formatted_name
+        assert driver.lib_version
+    else:  # redis-py 5 to 7
+        assert "qless-pool" in options["lib_name"]
+        assert options["lib_version"]
+
+
+# --- every operation the pool and its users rely on ---------------------------------------------
+
+
+def test_put_with_priority_tags_retries_and_data(qless_client, redis_conn):
+    queue = qless_client.queues["foo"]
+    jid = queue.put(KLASS, {"n": 1}, priority=10, tags=["a", "b"], retries=3)
+    job = qless_client.jobs[jid]
+    assert (job.state, job.queue_name, job.klass_name) == ("waiting", "foo", KLASS)
+    assert (job.priority, job.tags, job.original_retries, job.retries_left) == (
+        10,
+        ["a", "b"],
+        3,
+        3,
+    )
+    assert job.data == {"n": 1}
+    assert job_hash(redis_conn, jid)["state"] == "waiting"
+    assert qless_client.jobs.tagged("a")["jobs"] == [jid]
+
+
+def test_priority_orders_pops(qless_client):
+    queue = qless_client.queues["foo"]
+    low = queue.put(KLASS, {}, priority=0)
+    high = queue.put(KLASS, {}, priority=5)
+    assert [queue.pop().jid, queue.pop().jid] == [high, low]
+
+
+def test_put_with_delay_is_scheduled(qless_client):
+    queue = qless_client.queues["foo"]
+    jid = queue.put(KLASS, {}, delay=60)
+    assert qless_client.jobs[jid].state == "scheduled"
+    assert queue.pop() is None
+    assert queue.counts["scheduled"] == 1
+    assert queue.jobs.scheduled() == [jid]
+
+
+def test_depends_waits_for_the_dependency(qless_client):
+    queue = qless_client.queues["foo"]
+    first = queue.put(KLASS, {})
+    second = queue.put(KLASS, {}, depends=[first])
+    assert qless_client.jobs[second].state == "depends"
+    assert qless_client.jobs[second].dependencies == [first]
+    assert queue.pop().jid == first
+    assert queue.pop() is None
+    qless_client.jobs[first].complete()
+    assert qless_client.jobs[second].state == "waiting"
+    assert queue.pop().jid == second
+
+
+def test_pop_peek_and_heartbeat(qless_client, redis_conn, redis_url):
+    queue = qless_client.queues["foo"]
+    jid = queue.put(KLASS, {})
+    assert queue.peek().jid == jid
+    assert qless_client.jobs[jid].state == "waiting"
+    job = queue.pop()
+    assert job.jid == jid
+    assert job_hash(redis_conn, jid)["worker"] == "test-worker"
+    assert qless_client.jobs[jid].state == "running"
+    assert queue.peek() is None
+    before = job.expires_at
+    qless_client.config["heartbeat"] = 120
+    assert job.heartbeat() >= before + 50  # Redis hands the new expiry back as whole seconds
+    # Another worker may not heartbeat a job it does not hold.
+    stolen = connect(redis_url, worker_name="someone-else").jobs[jid]
+    with pytest.raises(LostLockException):
+        stolen.heartbeat()
+
+
+def test_complete_plain_and_advancing(qless_client):
+    queue = qless_client.queues["foo"]
+    queue.put(KLASS, {})
+    queue.put(KLASS, {})
+    first, second = queue.pop(), queue.pop()
+    assert first.complete() == "complete"
+    assert qless_client.jobs[first.jid].state == "complete"
+    assert second.complete("bar") == "waiting"
+    advanced = qless_client.jobs[second.jid]
+    assert (advanced.state, advanced.queue_name) == ("waiting", "bar")
+    assert qless_client.queues["bar"].pop().jid == second.jid
+
+
+def test_fail_and_failed_listing(qless_client):
+    queue = qless_client.queues["foo"]
+    jid = queue.put(KLASS, {})
+    job = queue.pop()
+    assert job.fail("foo-ValueError", "boom") == jid
+    failed = qless_client.jobs[jid]
+    assert failed.state == "failed"
+    assert failed.failure["group"] == "foo-ValueError"
+    assert failed.failure["message"] == "boom"
+    assert qless_client.jobs.failed() == {"foo-ValueError": 1}
+    assert [j.jid for j in qless_client.jobs.failed("foo-ValueError")["jobs"]] == [jid]
+
+
+def test_retry_consumes_a_retry_then_fails(qless_client):
+    queue = qless_client.queues["foo"]
+    jid = queue.put(KLASS, {}, retries=1)
+    assert queue.pop().retry(0, "foo-Flaky", "try again") == 0
+    again = qless_client.jobs[jid]
+    assert (again.state, again.retries_left) == ("waiting", 0)
+    assert queue.pop().retry(0, "foo-Flaky", "out of retries") == -1
+    final = qless_client.jobs[jid]
+    assert final.state == "failed"
+    assert final.failure["group"] == "foo-Flaky"
+
+
+def test_cancel_removes_the_job(qless_client):
+    queue = qless_client.queues["foo"]
+    jid = queue.put(KLASS, {})
+    assert qless_client.jobs[jid].cancel() == [jid]
+    assert qless_client.jobs[jid] is None
+    assert queue.pop() is None
+
+
+def test_move_to_another_queue(qless_client):
+    jid = qless_client.queues["foo"].put(KLASS, {})
+    qless_client.jobs[jid].move("bar")
+    assert qless_client.jobs[jid].queue_name == "bar"
+    assert qless_client.queues["foo"].pop() is None
+    assert qless_client.queues["bar"].pop().jid == jid
+
+
+def test_track_and_untrack(qless_client):
+    jid = qless_client.queues["foo"].put(KLASS, {})
+    qless_client.jobs[jid].track()
+    assert [job.jid for job in qless_client.jobs.tracked()["jobs"]] == [jid]
+    qless_client.jobs[jid].untrack()
+    assert qless_client.jobs.tracked()["jobs"] == []
+
+
+def test_recurring_job_spawns_instances(qless_client):
+    queue = qless_client.queues["foo"]
+    jid = queue.recur(KLASS, {"r": 1}, interval=60)
+    recurring = qless_client.jobs[jid]
+    assert isinstance(recurring, qless.RecurringJob)
+    assert recurring.interval == 60
+    instance = queue.pop()
+    assert instance is not None
+    assert instance.jid.startswith(jid)
+    assert instance.data == {"r": 1}
+    assert queue.pop() is None  # the next one is due in a minute
+    recurring.cancel()
+    assert qless_client.jobs[jid] is None
+
+
+def test_config_get_set_unset(qless_client):
+    assert qless_client.config["heartbeat"] == 60
+    qless_client.config["heartbeat"] = 7
+    qless_client.config["foo-heartbeat"] = 3
+    assert qless_client.config["heartbeat"] == 7
+    assert qless_client.config["foo-heartbeat"] == 3
+    assert qless_client.config.all["foo-heartbeat"] == "3"
+    assert qless_client.queues["foo"].heartbeat == 3
+    del qless_client.config["heartbeat"]
+    assert qless_client.config["heartbeat"] == 60
+
+
+def test_queue_counts_and_stats(qless_client):
+    queue = qless_client.queues["foo"]
+    for _ in range(3):
+        queue.put(KLASS, {})
+    queue.pop().complete()
+    counts = queue.counts
+    assert (counts["name"], counts["waiting"], counts["running"]) == ("foo", 2, 0)
+    assert [q["name"] for q in qless_client.queues.counts] == ["foo"]
+    assert len(queue) == 2
+    stats = queue.stats()
+    assert stats["run"]["count"] == 1
+    assert stats["wait"]["count"] == 1
+
+
+def test_workers_listing(qless_client):
+    queue = qless_client.queues["foo"]
+    jid = queue.put(KLASS, {})
+    queue.pop()
+    assert [(w["name"], w["jobs"]) for w in qless_client.workers.counts] == [("test-worker", 1)]
+    assert qless_client.workers["test-worker"]["jobs"] == [jid]
+
+
+def _next_message(pubsub, deadline_seconds=5.0):
+    deadline = time.monotonic() + deadline_seconds
+    while time.monotonic() < deadline:
+        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+        if message is not None:
+            return message["channel"], json.loads(message["data"])
+    raise AssertionError("no pubsub message arrived")
+
+
+def test_events_on_the_log_and_worker_channels(qless_client, redis_conn):
+    pubsub = redis_conn.pubsub()
+    pubsub.subscribe("ql:log", "ql:w:test-worker")
+    queue = qless_client.queues["foo"]
+    jid = queue.put(KLASS, {})
+    assert _next_message(pubsub) == ("ql:log", {"jid": jid, "event": "put", "queue": "foo"})
+    queue.pop()
+    qless_client.jobs[jid].move("bar")  # takes the job away from its worker
+    seen = [_next_message(pubsub) for _ in range(3)]
+    lock_lost = {"jid": jid, "event": "lock_lost", "worker": "test-worker"}
+    assert ("ql:w:test-worker", lock_lost) in seen
+    assert ("ql:log", lock_lost) in seen
+    assert ("ql:log", {"jid": jid, "event": "put", "queue": "bar"}) in seen
+    pubsub.close()
