@@ -13,14 +13,32 @@ rest of the script is untouched, so behaviour is exactly qless-core's.
 from __future__ import annotations
 
 import functools
+import os
 import pkgutil
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import qless
 import redis
+from qless.exceptions import QlessException
 
-__all__ = ["connect", "fix_script", "fixed_script", "patch_qless", "use_fixed_script"]
+__all__ = [
+    "DEFAULT_REDIS_URL",
+    "REDIS_DOWN",
+    "connect",
+    "default_redis_url",
+    "fix_script",
+    "fixed_script",
+    "patch_qless",
+    "redis_is_down",
+    "use_fixed_script",
+]
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+#: The errors that mean "Redis is not there right now" (down, restarting, loading, unreachable),
+#: as opposed to a refusal by qless (``QlessException``).
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 LOCAL_EXTEND = "qless_table_extend"
 _EXTEND_DEFINITION = re.compile(r"^function\s+table\.extend\s*\(", re.MULTILINE)
@@ -61,33 +79,68 @@ def use_fixed_script(client: qless.Client) -> qless.Client:
 
 
 @functools.cache
-def _driver_options() -> dict[str, Any]:
-    """Name the driver for ``CLIENT SETINFO`` without redis-py looking up its own version.
+def _driver_options(announce: bool = True) -> dict[str, Any]:
+    """How a connection names itself (``CLIENT SETINFO``), without redis-py looking up its own
+    version: redis-py 8 reads its package metadata for every new connection unless it is told
+    the version (about 3 ms, most of what a forked job child spent on connecting).
 
-    redis-py 8 reads its package metadata for every new connection unless it is told the
-    version (about 3 ms, most of what a forked job child spends on connecting).
+    ``announce=False`` sends no ``CLIENT SETINFO`` at all: two round trips fewer for a
+    connection that lives for one job.
     """
     from . import __version__
 
     try:
         from redis.driver_info import DriverInfo
     except ImportError:  # redis-py 5 to 7
+        if not announce:
+            return {"lib_name": None, "lib_version": None}
         return {
             "lib_name": f"redis-py(qless-pool_v{__version__})",
             "lib_version": redis.__version__,
         }
+    if not announce:
+        return {"driver_info": None}
     info = DriverInfo(name="redis-py", lib_version=redis.__version__)
     return {"driver_info": info.add_upstream_driver("qless-pool", __version__)}
 
 
-def connect(url: str, worker_name: str | None = None, **redis_options: Any) -> qless.Client:
+def redis_is_down(error: BaseException) -> bool:
+    """Is ``error`` Redis being away (down, restarting, loading, or a read-only replica after a
+    failover) rather than a refusal by qless? qless-py turns every error reply into a plain
+    ``QlessException``; the reply it came from is kept as the exception's context."""
+    if isinstance(error, REDIS_DOWN):
+        return True
+    return isinstance(error, QlessException) and isinstance(
+        error.__context__, redis.exceptions.ReadOnlyError
+    )
+
+
+def default_redis_url(environ: Mapping[str, str] | None = None) -> str:
+    """$QLESS_URL, else $REDIS_URL, else redis://localhost:6379/0."""
+    environ = os.environ if environ is None else environ
+    return environ.get("QLESS_URL") or environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+
+
+def connect(
+    url: str | None = None,
+    worker_name: str | None = None,
+    *,
+    client_class: type[qless.Client] = qless.Client,
+    announce: bool = True,
+    **redis_options: Any,
+) -> qless.Client:
     """Return a ``qless.Client`` for ``url`` that runs the fixed qless-core script.
 
-    ``worker_name`` is the name qless records as the owner of the jobs this client pops (qless-py
-    defaults to the host name). Other keyword arguments go to ``redis.Redis.from_url``.
+    ``url`` defaults to :func:`default_redis_url`. ``worker_name`` is the name qless records as
+    the owner of the jobs this client pops (qless-py defaults to the host name). ``client_class``
+    may be a subclass of ``qless.Client``. Other keyword arguments go to
+    ``redis.Redis.from_url``; the protocol is RESP2, the one qless-py was written for, unless
+    ``protocol`` says otherwise. ``announce=False`` skips ``CLIENT SETINFO``. No connection is
+    opened until the first command.
     """
-    options = {**_driver_options(), **redis_options}
-    return use_fixed_script(qless.Client(url, hostname=worker_name, **options))
+    options = {"protocol": 2, **_driver_options(announce), **redis_options}
+    client = client_class(url or default_redis_url(), hostname=worker_name, **options)
+    return use_fixed_script(client)
 
 
 def patch_qless() -> None:
