@@ -1,0 +1,59 @@
+"""Logging: every line names the process's role, the app and the pid.
+
+    2026-11-27 20:25:52,123 qless-pool-manager[app][101] INFO: spawned worker 102 for foo
+    2026-11-27 20:25:52,301 qless-pool-worker[app][102] INFO: job 3f2a... (myapp.Job) completed
+
+The role is a property of the process (set once, right after a fork), so the formatter reads it
+from here rather than from every logging call.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+__all__ = ["configure", "logger", "set_role"]
+
+logger = logging.getLogger("qless_pool")
+
+_identity = {"role": "qless-pool", "appname": ""}
+
+
+def set_role(role: str, appname: str | None = None) -> None:
+    """Name this process in log lines: ``manager``, ``worker`` or ``job``."""
+    _identity["role"] = f"qless-pool-{role}"
+    if appname is not None:
+        _identity["appname"] = appname
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        app = _identity["appname"]
+        record.who = f"{_identity['role']}{f'[{app}]' if app else ''}[{record.process}]"
+        return super().format(record)
+
+
+def configure(level: int | str = "INFO", stream=None, appname: str | None = None) -> None:
+    """Send qless-pool's log lines (and qless-py's warnings) to ``stream`` (default stderr).
+
+    Replaces only the handler this function installed before, so it is safe to call again (the
+    daemon calls it after reopening its log files).
+    """
+    if appname is not None:
+        _identity["appname"] = appname
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(_Formatter("%(asctime)s %(who)s %(levelname)s: %(message)s"))
+    handler._qless_pool = True  # type: ignore[attr-defined]
+    for name in ("qless_pool", "qless"):
+        target = logging.getLogger(name)
+        for old in [h for h in target.handlers if getattr(h, "_qless_pool", False)]:
+            target.removeHandler(old)
+        target.addHandler(handler)
+        target.propagate = False
+    logger.setLevel(level.upper() if isinstance(level, str) else level)
+    # qless-py logs every job at INFO on its own handler; keep its warnings and errors only,
+    # on ours.
+    qless_logger = logging.getLogger("qless")
+    for old in [h for h in qless_logger.handlers if not getattr(h, "_qless_pool", False)]:
+        qless_logger.removeHandler(old)
+    qless_logger.setLevel(logging.WARNING)

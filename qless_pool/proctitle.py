@@ -1,0 +1,45 @@
+"""Process titles, as ``ps`` shows them (the public contract, DESIGN.md "Process titles")::
+
+qless-pool-manager[app]: managing [101, 102, 103]
+qless-0.11.4: Waiting for foo,bar,baz
+qless-0.11.4: Forked 230 at 1764270000
+qless-0.11.4: Processing bar since 1764270000
+qless-0.11.4: Paused
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from importlib import metadata
+
+from setproctitle import setproctitle
+
+__all__ = ["PREFIX", "forked", "manager", "paused", "processing", "set_title", "waiting"]
+
+#: Worker titles start with the qless-py version, as the Ruby gem's start with the qless one.
+PREFIX = f"qless-{metadata.version('qless-py')}"
+
+
+def set_title(title: str) -> None:
+    setproctitle(title)
+
+
+def waiting(queues: Iterable[str]) -> str:
+    return f"{PREFIX}: Waiting for {','.join(queues)}"
+
+
+def forked(child_pid: int, since: float) -> str:
+    return f"{PREFIX}: Forked {child_pid} at {int(since)}"
+
+
+def processing(queue: str, since: float) -> str:
+    return f"{PREFIX}: Processing {queue} since {int(since)}"
+
+
+def paused() -> str:
+    return f"{PREFIX}: Paused"
+
+
+def manager(appname: str | None, pids: Iterable[int]) -> str:
+    app = f"[{appname}]" if appname else ""
+    return f"qless-pool-manager{app}: managing [{', '.join(str(pid) for pid in pids)}]"
