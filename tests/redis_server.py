@@ -51,8 +51,10 @@ def _die_with_parent() -> None:
 class RedisServer:
     """One redis-server process; ``stop()`` and ``start()`` again keep the same socket."""
 
-    def __init__(self, binary: str | None = None):
+    def __init__(self, binary: str | None = None, persistent: bool = False):
         self.binary = binary or server_binary()
+        # persistent: write an RDB file when stopped (SIGTERM) and load it when started again.
+        self.persistent = persistent
         self.directory = tempfile.mkdtemp(prefix="qless-pool-redis-")
         self.socket = os.path.join(self.directory, "redis.sock")
         self.process: subprocess.Popen | None = None
@@ -66,7 +68,7 @@ class RedisServer:
             "--port", "0",
             "--unixsocket", self.socket,
             "--unixsocketperm", "700",
-            "--save", "",
+            "--save", "3600 1" if self.persistent else "",
             "--appendonly", "no",
             "--dir", self.directory,
             "--logfile", os.path.join(self.directory, "redis.log"),

@@ -1,0 +1,81 @@
+"""Job classes for the tests (the worker imports them as ``testjobs.<Name>``).
+
+Each job records what the tests need to see in Redis keys under ``test:``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def _record(job, **extra):
+    job.client.redis.rpush(
+        "test:runs",
+        json.dumps(
+            {
+                "jid": job.jid,
+                "queue": job.queue_name,
+                "pid": os.getpid(),
+                "ppid": os.getppid(),
+                **extra,
+            }
+        ),
+    )
+
+
+class Noop:
+    """Returns without settling: the worker completes it."""
+
+    @staticmethod
+    def process(job):
+        _record(job)
+
+
+class Complete:
+    @staticmethod
+    def process(job):
+        _record(job)
+        job.complete()
+
+
+class Advance:
+    @staticmethod
+    def process(job):
+        _record(job)
+        job.complete(job.data["next"])
+
+
+class Fail:
+    @staticmethod
+    def process(job):
+        _record(job)
+        raise ValueError("this job always fails")
+
+
+class Sleep:
+    """Sleeps ``data["seconds"]``; only on its first attempt when ``data["once"]``."""
+
+    @staticmethod
+    def process(job):
+        _record(job, attempt=job.original_retries - job.retries_left + 1)
+        first = job.retries_left == job.original_retries
+        if first or not job.data.get("once"):
+            time.sleep(job.data.get("seconds", 0))
+
+
+class Exit:
+    @staticmethod
+    def process(job):
+        _record(job)
+        sys.stdout.flush()
+        os._exit(job.data.get("status", 3))
+
+
+class SysExit:
+    @staticmethod
+    def process(job):
+        _record(job)
+        sys.exit(4)
