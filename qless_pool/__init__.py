@@ -14,5 +14,7 @@ except metadata.PackageNotFoundError:  # pragma: no cover - running from an unin
     __version__ = "0+unknown"
 
 from .client import connect, patch_qless
+from .hooks import after_prefork
+from .manager import Pool, run
 
-__all__ = ["__version__", "connect", "patch_qless"]
+__all__ = ["Pool", "__version__", "after_prefork", "connect", "patch_qless", "run"]

@@ -1,0 +1,525 @@
+"""The pool manager: fork a worker parent per configured slot and keep the counts right.
+
+One process, one thread, one loop (level-triggered, as resque-pool's)::
+
+    reap exited workers -> handle queued signals, one by one -> reconcile -> title -> sleep
+
+*Reconcile* compares the desired counts (the config's groups; none after WINCH) with the worker
+table and spawns what is missing and QUITs what is surplus. The same step serves a crashed
+worker, a HUP with new counts and a WINCH. A worker leaves the table only when it is reaped, so a
+pid the kernel has reused is never signalled.
+
+Signal handlers do nothing but let Python write the signal's number to a wakeup pipe; the loop
+reads the pipe. The manager never talks to Redis: an outage cannot touch it.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import select
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+from . import hooks, proctitle
+from .config import ConfigError, ConfigSource, Groups
+from .logs import configure as configure_logging
+from .logs import logger, set_role
+from .worker import Worker
+
+__all__ = ["TERM_BEHAVIOURS", "Pool", "WorkerRecord", "preload", "run"]
+
+log = logger.getChild("manager")
+
+MANAGER_SIGNALS = (
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGWINCH,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGCONT,
+    signal.SIGCHLD,
+)
+#: What TERM does: "immediate" (INT every worker, exit at once; the default), "graceful"
+#: (QUIT every worker, exit at once) or "graceful-wait" (as QUIT: wait for the workers).
+TERM_BEHAVIOURS = ("immediate", "graceful", "graceful-wait")
+#: The longest the loop sleeps when nothing happens.
+TICK = 1.0
+#: A worker that dies sooner than this after its start counts as a failed start.
+HEALTHY_AFTER = 5.0
+#: Backoff after failed starts: 1 s, doubling, at most a minute.
+FIRST_BACKOFF = 1.0
+MAX_BACKOFF = 60.0
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """One worker parent in the table, from spawn to reap."""
+
+    pid: int
+    queues: tuple[str, ...]
+    started_at: float  # monotonic
+    retiring: bool = False  # told to QUIT (or stop): no longer counts toward its group
+
+
+@dataclass
+class Backoff:
+    """Failed starts of one group in a row, and when the group may start a worker again."""
+
+    failures: int = 0
+    until: float = 0.0
+
+
+class Pool:
+    """The pool manager. ``Pool(config).run()`` returns the exit status.
+
+    config              a ConfigSource, or what it accepts: a path, a dict, a callable
+    environment         the config section (default: $QLESS_ENV, $RACK_ENV, $RAILS_ENV)
+    appname             shown in titles and log lines (default: the working directory's name)
+    redis_url           for the workers (default: $QLESS_URL, $REDIS_URL, localhost)
+    worker_options      passed to every Worker: interval, reserver, fork_per_job, job_timeout
+    term_behaviour      "immediate" (default), "graceful" or "graceful-wait"
+    spawn_delay         seconds between two spawns
+    single_process_group  keep workers in the manager's process group
+    daemonized          WINCH acts only then (a terminal resize sends WINCH too)
+    reopen_logs         called on HUP (the daemon reopens its log files)
+    on_turn             called with the pool after every turn of the loop
+    """
+
+    def __init__(
+        self,
+        config: Any = None,
+        environment: Optional[str] = None,
+        *,
+        appname: Optional[str] = None,
+        redis_url: Optional[str] = None,
+        worker_options: Optional[dict[str, Any]] = None,
+        term_behaviour: str = "immediate",
+        spawn_delay: float = 0.0,
+        single_process_group: bool = False,
+        daemonized: bool = False,
+        reopen_logs: Optional[Callable[[], None]] = None,
+        on_turn: Optional[Callable[[Pool], None]] = None,
+    ):
+        if term_behaviour not in TERM_BEHAVIOURS:
+            raise ValueError(f"term_behaviour must be one of {', '.join(TERM_BEHAVIOURS)}")
+        self.source = (
+            config if isinstance(config, ConfigSource) else ConfigSource(config, environment)
+        )
+        self.appname = appname if appname is not None else os.path.basename(os.getcwd())
+        self.redis_url = redis_url
+        self.worker_options = dict(worker_options or {})
+        self.term_behaviour = term_behaviour
+        self.spawn_delay = spawn_delay
+        self.single_process_group = single_process_group
+        self.daemonized = daemonized
+        self.reopen_logs = reopen_logs
+        self.on_turn = on_turn
+        self.groups: Optional[Groups] = None
+        self.workers: dict[int, WorkerRecord] = {}
+        self.backoffs: dict[tuple[str, ...], Backoff] = {}
+        self.signals: deque[int] = deque()
+        self.winched = False
+        self.stopping: Optional[str] = None  # None, "wait" (for the workers) or "now"
+        self.next_spawn_at = 0.0
+        self.pid = os.getpid()
+        self._wakeup_r = self._wakeup_w = -1
+        self._title = ""
+
+    # --- start and the loop ---------------------------------------------------------------------
+
+    def load_config(self) -> None:
+        """Read the config (raises ConfigError): done before preloading the application, so a
+        broken file fails the start at once."""
+        self.groups = self.source.load()
+
+    def run(self) -> int:
+        """Run the pool until a signal ends it; returns the exit status (0)."""
+        self.pid = os.getpid()
+        set_role("manager", self.appname)
+        if self.groups is None:
+            self.load_config()
+        self._install_signal_handlers()
+        log.info(
+            "manager started (%s): %s",
+            self.source.name,
+            _describe_groups(self.groups),
+        )
+        try:
+            while True:
+                self.reap()
+                while self.signals and self.stopping != "now":
+                    self.handle_signal(self.signals.popleft())
+                if self.stopping == "now" or (self.stopping == "wait" and not self.workers):
+                    break
+                if self.stopping is None:
+                    self.reconcile()
+                self._update_title()
+                if self.on_turn is not None:
+                    self.on_turn(self)
+                self._sleep()
+        finally:
+            self._restore_signal_handlers()
+        log.info("manager exiting")
+        return 0
+
+    def _sleep(self) -> None:
+        """Until a signal arrives, or the next spawn is due, or a tick has passed."""
+        now = time.monotonic()
+        wake = now + TICK
+        if self.stopping is None:
+            wake = min(wake, self._next_spawn_time(now))
+        poller = select.poll()  # not select(): a preloaded app may hold fds above 1024
+        poller.register(self._wakeup_r, select.POLLIN)
+        if poller.poll(max(0.0, wake - now) * 1000):
+            self._read_signals()
+
+    # --- signals --------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        # Handlers do nothing: Python's C handler writes the signal number to the wakeup pipe.
+        self._wakeup_r, self._wakeup_w = os.pipe()
+        for fd in (self._wakeup_r, self._wakeup_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        for signum in MANAGER_SIGNALS:
+            signal.signal(signum, _record_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for signum in MANAGER_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        for fd in (self._wakeup_r, self._wakeup_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wakeup_r = self._wakeup_w = -1
+
+    def _read_signals(self) -> None:
+        while True:
+            try:
+                data = os.read(self._wakeup_r, 4096)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            for signum in data:
+                # During a graceful wait, INT and TERM jump the queue: they escalate now.
+                if self.stopping == "wait" and signum in (signal.SIGINT, signal.SIGTERM):
+                    self.signals.appendleft(signum)
+                elif signum != signal.SIGCHLD:  # reaping is done on every turn anyway
+                    self.signals.append(signum)
+
+    def handle_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        getattr(self, f"handle_{name.lower()}")()
+
+    def handle_sighup(self) -> None:
+        if self.reopen_logs is not None:
+            self.reopen_logs()
+        if self.stopping:
+            log.info("HUP ignored: the pool is stopping")
+            return
+        log.info("HUP: reloading %s", self.source.name)
+        try:
+            groups = self.source.load()
+        except ConfigError as error:
+            log.error("HUP: %s; keeping the current config and workers", error)
+            return
+        self.groups = groups
+        self.winched = False
+        self.backoffs.clear()
+        log.info("HUP: config %s; restarting every worker gracefully", _describe_groups(groups))
+        self.signal_workers(signal.SIGQUIT)
+
+    def handle_sigquit(self) -> None:
+        log.info("QUIT: stopping every worker after its current job, then exiting")
+        self.stopping = "wait"
+        self.signal_workers(signal.SIGQUIT)
+
+    def handle_sigint(self) -> None:
+        if self.stopping == "wait":
+            log.info("INT: not waiting for the workers (they finish their current jobs)")
+        else:
+            log.info("INT: stopping every worker after its current job; exiting now")
+            self.signal_workers(signal.SIGQUIT)
+        self.stopping = "now"
+
+    def handle_sigterm(self) -> None:
+        if self.stopping == "wait":
+            log.info("TERM: stopping every worker now (their jobs are handed back); exiting now")
+            self.signal_workers(signal.SIGINT)
+            self.stopping = "now"
+        elif self.term_behaviour == "graceful-wait":
+            log.info("TERM: stopping every worker after its current job, then exiting")
+            self.signal_workers(signal.SIGQUIT)
+            self.stopping = "wait"
+        elif self.term_behaviour == "graceful":
+            log.info("TERM: stopping every worker after its current job; exiting now")
+            self.signal_workers(signal.SIGQUIT)
+            self.stopping = "now"
+        else:
+            log.info("TERM: stopping every worker now (their jobs are handed back); exiting now")
+            self.signal_workers(signal.SIGINT)
+            self.stopping = "now"
+
+    def handle_sigwinch(self) -> None:
+        if not self.daemonized:
+            log.debug("WINCH ignored: not running as a daemon (a terminal resize sends it)")
+            return
+        if self.stopping:
+            return
+        log.info("WINCH: stopping every worker after its current job; HUP starts them again")
+        self.winched = True
+        self.signal_workers(signal.SIGQUIT)
+
+    def handle_sigusr1(self) -> None:
+        self._forward(signal.SIGUSR1)
+
+    def handle_sigusr2(self) -> None:
+        self._forward(signal.SIGUSR2)
+
+    def handle_sigcont(self) -> None:
+        self._forward(signal.SIGCONT)
+
+    def _forward(self, signum: int) -> None:
+        log.info("%s: passing it on to every worker", signal.Signals(signum).name)
+        self.signal_workers(signum, retire=False)
+
+    # --- the worker table -----------------------------------------------------------------------
+
+    def signal_workers(self, signum: int, retire: bool = True) -> None:
+        """Send ``signum`` to every worker in the table; unless ``retire`` is False (USR1, USR2,
+        CONT), they no longer count toward their groups: reconcile starts their replacements."""
+        for record in list(self.workers.values()):
+            _kill(record.pid, signum)
+            if retire and not record.retiring:
+                self.workers[record.pid] = replace(record, retiring=True)
+
+    def reap(self) -> None:
+        """Collect every exited child; a worker leaves the table only here."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            record = self.workers.pop(pid, None)
+            if record is None:
+                log.debug("reaped %d, not one of our workers (%s)", pid, _describe(status))
+                continue
+            lived = time.monotonic() - record.started_at
+            what = f"worker {pid} ({','.join(record.queues)})"
+            if record.retiring:
+                log.info("%s stopped: %s after %.1fs", what, _describe(status), lived)
+                continue
+            log.warning("%s died: %s after %.1fs", what, _describe(status), lived)
+            self._note_exit(record.queues, lived)
+
+    def _note_exit(self, queues: tuple[str, ...], lived: float) -> None:
+        backoff = self.backoffs.setdefault(queues, Backoff())
+        if lived >= HEALTHY_AFTER:
+            backoff.failures = 0
+            return
+        backoff.failures += 1
+        delay = min(FIRST_BACKOFF * 2 ** (backoff.failures - 1), MAX_BACKOFF)
+        backoff.until = time.monotonic() + delay
+        log.error(
+            "workers for %s die right after starting (%d in a row); backing off: next start in %gs",
+            ",".join(queues),
+            backoff.failures,
+            delay,
+        )
+
+    def desired(self) -> Groups:
+        return {} if self.winched else self.groups
+
+    def _active(self, queues: tuple[str, ...]) -> list[WorkerRecord]:
+        return [w for w in self.workers.values() if w.queues == queues and not w.retiring]
+
+    def _next_spawn_time(self, now: float) -> float:
+        """When reconcile can next start a missing worker (far away if none is missing)."""
+        times = [
+            max(self.next_spawn_at, self.backoffs[q].until if q in self.backoffs else now)
+            for q, n in self.desired().items()
+            if len(self._active(q)) < n
+        ]
+        return min(times, default=now + TICK)
+
+    def reconcile(self) -> None:
+        """QUIT the surplus workers of every group, then spawn the missing ones."""
+        desired = self.desired()
+        now = time.monotonic()
+        groups = list(dict.fromkeys([*desired, *(w.queues for w in self.workers.values())]))
+        for queues in groups:
+            active = self._active(queues)
+            backoff = self.backoffs.get(queues)
+            if (
+                backoff
+                and backoff.failures
+                and any(now - w.started_at >= HEALTHY_AFTER for w in active)
+            ):
+                log.info("workers for %s start healthily again", ",".join(queues))
+                backoff.failures = 0
+            surplus = max(0, len(active) - desired.get(queues, 0))
+            for record in sorted(active, key=lambda w: w.started_at, reverse=True)[:surplus]:
+                log.info("worker %d (%s) is surplus; sending QUIT", record.pid, ",".join(queues))
+                _kill(record.pid, signal.SIGQUIT)
+                self.workers[record.pid] = replace(record, retiring=True)
+        for queues, count in desired.items():
+            backoff = self.backoffs.get(queues)
+            while len(self._active(queues)) < count:
+                if backoff is not None and now < backoff.until:
+                    break
+                if now < self.next_spawn_at:
+                    return
+                if self.spawn(queues) is None:
+                    break
+                if self.spawn_delay:
+                    self.next_spawn_at = now + self.spawn_delay
+
+    # --- forking a worker -----------------------------------------------------------------------
+
+    def spawn(self, queues: tuple[str, ...]) -> Optional[int]:
+        """Fork a worker parent for ``queues``; returns its pid (None if fork failed)."""
+        # Blocked across the fork; the worker unblocks them once its own handlers are in place.
+        signal.pthread_sigmask(signal.SIG_BLOCK, MANAGER_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as error:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGER_SIGNALS)
+            log.error("cannot fork a worker for %s: %s", ",".join(queues), error)
+            self._note_exit(queues, 0.0)
+            return None
+        if pid == 0:
+            self._become_worker(queues)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGER_SIGNALS)
+        self.workers[pid] = WorkerRecord(pid, queues, time.monotonic())
+        log.info("spawned worker %d for %s", pid, ",".join(queues))
+        return pid
+
+    def _become_worker(self, queues: tuple[str, ...]) -> None:
+        """In the forked child: drop the manager's state, run the hooks and the worker; exit."""
+        status = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            os.close(self._wakeup_r)
+            os.close(self._wakeup_w)
+            for signum in MANAGER_SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+            if not self.single_process_group:
+                # Its own process group: a terminal's Ctrl-C reaches the manager only.
+                os.setpgid(0, 0)
+            gc.enable()
+            set_role("worker", self.appname)
+            worker = Worker(
+                list(queues),
+                self.redis_url,
+                watch_parent=self.pid,
+                appname=self.appname,
+                **self.worker_options,
+            )
+            hooks.run_after_prefork(worker)
+            status = worker.work()
+        except BaseException:
+            log.exception("worker for %s failed", ",".join(queues))
+            status = 1
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:  # exiting regardless
+                    pass
+            os._exit(status)
+
+    def _update_title(self) -> None:
+        title = proctitle.manager(self.appname, self.workers)
+        if title != self._title:
+            proctitle.set_title(title)
+            self._title = title
+
+
+def _describe_groups(groups: Groups) -> str:
+    return ", ".join(f"{','.join(q)}: {n}" for q, n in groups.items()) or "no workers"
+
+
+def _record_signal(signum: int, frame: Any) -> None:
+    """The manager's signal handler: nothing. The wakeup pipe already holds the signal number."""
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:  # exited and reaped by someone else: nothing to signal
+        pass
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.WEXITSTATUS(status)}"
+
+
+# --- preloading the application -------------------------------------------------------------------
+
+
+def preload(specs: Iterable[str], include: Sequence[str] = ()) -> None:
+    """Import (and call) the application in the manager, before any worker is forked.
+
+    ``specs`` are ``module`` or ``module:callable``; ``include`` directories go on sys.path
+    (the working directory always does). The collector is off while the application loads,
+    and its objects are then frozen (``gc.freeze``), so that no collection in a worker writes
+    to them: they stay shared, copy-on-write, between the manager and every worker.
+    """
+    for directory in [*include, os.getcwd()]:
+        path = os.path.abspath(directory)
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    gc.disable()
+    try:
+        for spec in specs:
+            module_name, _, attribute = spec.partition(":")
+            module = importlib.import_module(module_name)
+            if attribute:
+                target: Any = module
+                for part in attribute.split("."):
+                    target = getattr(target, part)
+                target()
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
+def run(
+    config: Any = None,
+    environment: Optional[str] = None,
+    *,
+    preload_modules: Iterable[str] = (),
+    include: Sequence[str] = (),
+    log_level: Optional[str] = "INFO",
+    **options: Any,
+) -> int:
+    """Run a pool from a plain script; returns the exit status when the pool stops.
+
+    ``qless_pool.run("config/qless-pool.yml", "production", preload_modules=["myapp"])``.
+    Other keywords are :class:`Pool`'s (``appname``, ``redis_url``, ``term_behaviour``,
+    ``spawn_delay``, ...) and the workers' (``interval``, ``reserver``, ``fork_per_job``,
+    ``job_timeout``). ``log_level=None`` leaves logging as the caller set it up. Raises
+    ConfigError for a bad config, before the application is preloaded.
+    """
+    if log_level is not None:
+        configure_logging(log_level, appname=options.get("appname"))
+    worker_keys = {"interval", "reserver", "fork_per_job", "job_timeout", "kill_grace"}
+    worker_options = {k: options.pop(k) for k in list(options) if k in worker_keys}
+    pool = Pool(config, environment, worker_options=worker_options, **options)
+    pool.load_config()
+    preload(preload_modules, include)
+    return pool.run()
