@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from importlib import metadata
+from typing import Any
 
-from . import __version__
+from . import __version__, logs
+from .client import default_redis_url
 from .config import EX_CONFIG, ConfigError, ConfigSource, groups_to_json
+from .manager import Pool, preload
+from .worker import RESERVERS
 
 __all__ = ["build_parser", "main"]
+
+log = logs.logger.getChild("cli")
 
 
 def _version_line() -> str:
@@ -20,11 +28,30 @@ def _version_line() -> str:
     )
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qless-pool",
-        description="Run a pool of qless workers: one manager process forks and supervises "
-        "one worker per slot of the config file.",
+        description="Run a pool of qless workers: one manager process loads the application "
+        "once, forks a worker per slot of the config file and keeps the counts right.",
+        epilog="Signals to the manager: HUP reload, QUIT graceful stop, INT stop, TERM (see "
+        "--term-*), WINCH stop workers (daemon only), USR1/USR2/CONT passed to the workers.",
     )
     config = parser.add_argument_group("configuration")
     config.add_argument(
@@ -45,8 +72,122 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the resolved groups as one JSON object and exit",
     )
-    parser.add_argument("-v", "--version", action="version", version=_version_line())
+
+    pool = parser.add_argument_group("the pool")
+    pool.add_argument(
+        "-a",
+        "--appname",
+        metavar="NAME",
+        help="shown in process titles and log lines (default: the working directory's name)",
+    )
+    pool.add_argument(
+        "-R",
+        "--redis",
+        metavar="URL",
+        help="qless's Redis (default: $QLESS_URL, $REDIS_URL, redis://localhost:6379/0)",
+    )
+    pool.add_argument(
+        "-m",
+        "--preload",
+        metavar="MODULE[:CALLABLE]",
+        action="append",
+        default=[],
+        help="import (and call) in the manager before forking; repeatable",
+    )
+    pool.add_argument(
+        "-I",
+        "--include",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="put DIR on sys.path (the working directory always is); repeatable",
+    )
+    pool.add_argument(
+        "-s",
+        "--spawn-delay",
+        metavar="SECONDS",
+        type=_seconds,
+        default=0.0,
+        help="wait this long between starting two workers (default: 0)",
+    )
+    pool.add_argument(
+        "--single-process-group",
+        action="store_true",
+        help="keep the workers in the manager's process group (a terminal's Ctrl-C then "
+        "reaches them too)",
+    )
+    term = pool.add_mutually_exclusive_group()
+    term.add_argument(
+        "--term-immediate",
+        dest="term_behaviour",
+        action="store_const",
+        const="immediate",
+        help="TERM stops the workers now (their jobs are handed back) and exits (default)",
+    )
+    term.add_argument(
+        "--term-graceful",
+        dest="term_behaviour",
+        action="store_const",
+        const="graceful",
+        help="TERM lets the workers finish their jobs and exits at once",
+    )
+    term.add_argument(
+        "--term-graceful-wait",
+        dest="term_behaviour",
+        action="store_const",
+        const="graceful-wait",
+        help="TERM lets the workers finish their jobs and waits for them (as QUIT)",
+    )
+    parser.set_defaults(term_behaviour="immediate")
+
+    workers = parser.add_argument_group("the workers")
+    workers.add_argument(
+        "-i",
+        "--interval",
+        metavar="SECONDS",
+        type=_positive_seconds,
+        default=5.0,
+        help="how often an idle worker polls its queues (a put wakes it at once; default: 5)",
+    )
+    workers.add_argument(
+        "--reserver",
+        choices=sorted(RESERVERS),
+        default="ordered",
+        help="the order a worker tries its queues in (default: ordered)",
+    )
+    workers.add_argument(
+        "--no-fork-per-job",
+        dest="fork_per_job",
+        action="store_false",
+        help="run jobs in the worker process itself (cheap, trusted jobs)",
+    )
+    workers.add_argument(
+        "--job-timeout",
+        metavar="SECONDS",
+        type=_positive_seconds,
+        help="kill a job running longer and fail it as <queue>-TimeoutError (default: none)",
+    )
+
+    other = parser.add_argument_group("other")
+    other.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="DEBUG, INFO (default), WARNING, ERROR or CRITICAL",
+    )
+    other.add_argument("-v", "--version", action="version", version=_version_line())
     return parser
+
+
+def worker_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "interval": args.interval,
+        "reserver": args.reserver,
+        "fork_per_job": args.fork_per_job,
+        "job_timeout": args.job_timeout,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,5 +201,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(groups_to_json(groups))
         return 0
-    print("qless-pool: the pool manager is not built yet; use --dry-run", file=sys.stderr)
-    return 2
+
+    appname = args.appname or os.path.basename(os.getcwd())
+    logs.configure(args.log_level, appname=appname)
+    logs.set_role("manager", appname)
+    pool = Pool(
+        source,
+        appname=appname,
+        redis_url=args.redis or default_redis_url(),
+        worker_options=worker_options(args),
+        term_behaviour=args.term_behaviour,
+        spawn_delay=args.spawn_delay,
+        single_process_group=args.single_process_group,
+    )
+    pool.groups = groups
+    try:
+        preload(args.preload, args.include)
+    except Exception:
+        log.exception("preloading %s failed", ", ".join(args.preload))
+        return 1
+    if logging.getLogger("qless_pool").isEnabledFor(logging.DEBUG):
+        log.debug("sys.path: %s", sys.path)
+    return pool.run()
