@@ -91,7 +91,10 @@ class Pool:
     single_process_group  keep workers in the manager's process group
     daemonized          WINCH acts only then (a terminal resize sends WINCH too)
     reopen_logs         called on HUP (the daemon reopens its log files)
-    on_turn             called with the pool after every turn of the loop
+    lifecycle           called as lifecycle(event, pool) for "started" (before the first
+                        spawn), "ready" (first workers started), "reloading", "reloaded",
+                        "stopping" and "workers" (their number changed)
+    close_in_workers    file descriptors a worker closes right after the fork (the pidfile's)
     """
 
     def __init__(
@@ -107,7 +110,8 @@ class Pool:
         single_process_group: bool = False,
         daemonized: bool = False,
         reopen_logs: Optional[Callable[[], None]] = None,
-        on_turn: Optional[Callable[[Pool], None]] = None,
+        lifecycle: Optional[Callable[[str, Pool], None]] = None,
+        close_in_workers: Sequence[int] = (),
     ):
         if term_behaviour not in TERM_BEHAVIOURS:
             raise ValueError(f"term_behaviour must be one of {', '.join(TERM_BEHAVIOURS)}")
@@ -122,7 +126,8 @@ class Pool:
         self.single_process_group = single_process_group
         self.daemonized = daemonized
         self.reopen_logs = reopen_logs
-        self.on_turn = on_turn
+        self.lifecycle = lifecycle
+        self.close_in_workers = tuple(close_in_workers)
         self.groups: Optional[Groups] = None
         self.workers: dict[int, WorkerRecord] = {}
         self.backoffs: dict[tuple[str, ...], Backoff] = {}
@@ -133,6 +138,7 @@ class Pool:
         self.pid = os.getpid()
         self._wakeup_r = self._wakeup_w = -1
         self._title = ""
+        self._worker_count = -1
 
     # --- start and the loop ---------------------------------------------------------------------
 
@@ -153,8 +159,13 @@ class Pool:
             self.source.name,
             _describe_groups(self.groups),
         )
+        self._emit("started")
+        self.reconcile()
+        self._update_title()
+        self._emit("ready")
         try:
             while True:
+                self._sleep()
                 self.reap()
                 while self.signals and self.stopping != "now":
                     self.handle_signal(self.signals.popleft())
@@ -163,9 +174,6 @@ class Pool:
                 if self.stopping is None:
                     self.reconcile()
                 self._update_title()
-                if self.on_turn is not None:
-                    self.on_turn(self)
-                self._sleep()
         finally:
             self._restore_signal_handlers()
         log.info("manager exiting")
@@ -228,20 +236,24 @@ class Pool:
             log.info("HUP ignored: the pool is stopping")
             return
         log.info("HUP: reloading %s", self.source.name)
+        self._emit("reloading")
         try:
             groups = self.source.load()
         except ConfigError as error:
             log.error("HUP: %s; keeping the current config and workers", error)
+            self._emit("reloaded")
             return
         self.groups = groups
         self.winched = False
         self.backoffs.clear()
         log.info("HUP: config %s; restarting every worker gracefully", _describe_groups(groups))
         self.signal_workers(signal.SIGQUIT)
+        self.reconcile()
+        self._emit("reloaded")
 
     def handle_sigquit(self) -> None:
         log.info("QUIT: stopping every worker after its current job, then exiting")
-        self.stopping = "wait"
+        self._stop("wait")
         self.signal_workers(signal.SIGQUIT)
 
     def handle_sigint(self) -> None:
@@ -250,25 +262,25 @@ class Pool:
         else:
             log.info("INT: stopping every worker after its current job; exiting now")
             self.signal_workers(signal.SIGQUIT)
-        self.stopping = "now"
+        self._stop("now")
 
     def handle_sigterm(self) -> None:
         if self.stopping == "wait":
             log.info("TERM: stopping every worker now (their jobs are handed back); exiting now")
             self.signal_workers(signal.SIGINT)
-            self.stopping = "now"
+            self._stop("now")
         elif self.term_behaviour == "graceful-wait":
             log.info("TERM: stopping every worker after its current job, then exiting")
             self.signal_workers(signal.SIGQUIT)
-            self.stopping = "wait"
+            self._stop("wait")
         elif self.term_behaviour == "graceful":
             log.info("TERM: stopping every worker after its current job; exiting now")
             self.signal_workers(signal.SIGQUIT)
-            self.stopping = "now"
+            self._stop("now")
         else:
             log.info("TERM: stopping every worker now (their jobs are handed back); exiting now")
             self.signal_workers(signal.SIGINT)
-            self.stopping = "now"
+            self._stop("now")
 
     def handle_sigwinch(self) -> None:
         if not self.daemonized:
@@ -288,6 +300,11 @@ class Pool:
 
     def handle_sigcont(self) -> None:
         self._forward(signal.SIGCONT)
+
+    def _stop(self, how: str) -> None:
+        if self.stopping is None:
+            self._emit("stopping")
+        self.stopping = how
 
     def _forward(self, signum: int) -> None:
         log.info("%s: passing it on to every worker", signal.Signals(signum).name)
@@ -411,8 +428,8 @@ class Pool:
         status = 1
         try:
             signal.set_wakeup_fd(-1)
-            os.close(self._wakeup_r)
-            os.close(self._wakeup_w)
+            for fd in (self._wakeup_r, self._wakeup_w, *self.close_in_workers):
+                os.close(fd)
             for signum in MANAGER_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
             if not self.single_process_group:
@@ -445,6 +462,13 @@ class Pool:
         if title != self._title:
             proctitle.set_title(title)
             self._title = title
+        if len(self.workers) != self._worker_count:
+            self._worker_count = len(self.workers)
+            self._emit("workers")
+
+    def _emit(self, event: str) -> None:
+        if self.lifecycle is not None:
+            self.lifecycle(event, self)
 
 
 def _describe_groups(groups: Groups) -> str:

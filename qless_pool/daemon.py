@@ -1,0 +1,300 @@
+"""Running as a daemon: double fork, pidfile, log files and their reopening, a lock, sd_notify.
+
+``daemonize()`` returns in the daemon only. The command that called it waits on a pipe until the
+daemon says it has started (pidfile written, application preloaded) or why it could not, and
+exits with that status: a start that fails never looks like a success.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from typing import NoReturn, Optional
+
+from .logs import logger
+
+__all__ = [
+    "DEFAULT_PIDFILE",
+    "DEFAULT_STDERR",
+    "DEFAULT_STDOUT",
+    "DaemonError",
+    "LogFiles",
+    "Pidfile",
+    "PoolLock",
+    "Readiness",
+    "SystemdNotifier",
+    "daemonize",
+]
+
+log = logger.getChild("daemon")
+
+DEFAULT_PIDFILE = "tmp/pids/qless-pool.pid"
+DEFAULT_STDOUT = "log/qless-pool.stdout.log"
+DEFAULT_STDERR = "log/qless-pool.stderr.log"
+
+
+class DaemonError(Exception):
+    """A start-up problem to report to the operator (the message says what and where)."""
+
+
+def _make_parent(path: str) -> None:
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+
+
+# --- the pidfile ----------------------------------------------------------------------------------
+
+
+class Pidfile:
+    """``path`` holds the manager's pid while it runs.
+
+    The file is opened without following a symlink and locked (flock) for the manager's life, so
+    two starts cannot both take it: the lock, not a check-then-write, decides. A file naming a
+    live qless-pool process refuses the start; a stale or empty one is taken over. Only the
+    process that wrote the file removes it.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = -1
+        self.owner: Optional[int] = None
+
+    def acquire(self) -> None:
+        _make_parent(self.path)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise DaemonError(
+                    f"pidfile {self.path} is a symlink; refusing to follow it"
+                ) from None
+            raise DaemonError(f"cannot open pidfile {self.path}: {error.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            os.close(fd)
+            raise DaemonError(
+                f"pidfile {self.path} is held by a running qless-pool (pid {pid or 'unknown'}); "
+                "stop it first"
+            ) from None
+        pid = _read_pid(fd)
+        if pid and pid != os.getpid() and _is_qless_pool(pid):
+            os.close(fd)
+            raise DaemonError(
+                f"pidfile {self.path} names a running qless-pool (pid {pid}); stop it first"
+            )
+        if pid:
+            log.info("replacing stale pidfile %s (pid %d is gone)", self.path, pid)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.fsync(fd)
+        self.fd, self.owner = fd, os.getpid()
+
+    def release(self) -> None:
+        """Remove the file, if this process wrote it and it still names this process."""
+        if self.fd < 0:
+            return
+        if os.getpid() == self.owner and _read_pid(self.fd) == self.owner:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        os.close(self.fd)
+        self.fd, self.owner = -1, None
+
+
+def _read_pid(fd: int) -> Optional[int]:
+    try:
+        return int(os.pread(fd, 64, 0).decode().strip() or 0) or None
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _is_qless_pool(pid: int) -> bool:
+    """Is ``pid`` alive, and (where /proc tells) a qless-pool process rather than a reused pid?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return b"qless-pool" in file.read()
+    except OSError:
+        return True  # alive, and no way to tell: do not take it over
+
+
+# --- the lock -------------------------------------------------------------------------------------
+
+
+class PoolLock:
+    """A shared flock on ``path`` held by the manager and inherited by every worker and job child.
+
+    While any process of the pool lives the lock is held, so a deploy script can wait for all
+    of them to be gone with ``flock FILE true`` (an exclusive lock).
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = -1
+
+    def acquire(self) -> None:
+        _make_parent(self.path)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DaemonError(f"lock {self.path} is held exclusively by another process") from None
+        os.set_inheritable(fd, True)
+        self.fd = fd
+
+
+# --- log files ------------------------------------------------------------------------------------
+
+
+class LogFiles:
+    """stdout and stderr sent to files (appended), reopened on HUP (logrotate: rename, HUP)."""
+
+    def __init__(self, stdout: str, stderr: str, sync: bool = True):
+        self.stdout, self.stderr, self.sync = stdout, stderr, sync
+
+    def open(self) -> None:
+        for path, fd in ((self.stdout, 1), (self.stderr, 2)):
+            _make_parent(path)
+            new = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.dup2(new, fd)
+            os.close(new)
+        # Synced (the default): every line reaches the file when written; --nosync: buffered.
+        for stream in (sys.stdout, sys.stderr):
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(line_buffering=self.sync, write_through=self.sync)
+
+    def reopen(self) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        self.open()
+        log.info("reopened %s and %s", self.stdout, self.stderr)
+
+
+# --- becoming a daemon ----------------------------------------------------------------------------
+
+
+class Readiness:
+    """The daemon's end of the start-up pipe: say ``started`` or ``failed`` once."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def started(self) -> None:
+        self._say(f"ok {os.getpid()}")
+
+    def failed(self, status: int, message: str) -> None:
+        self._say(f"error {status} {message}")
+
+    def _say(self, line: str) -> None:
+        if self.fd < 0:
+            return
+        try:
+            os.write(self.fd, (line.replace("\n", " ") + "\n").encode())
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
+
+
+def daemonize() -> Readiness:
+    """Double fork and detach (setsid; stdin from /dev/null); the working directory is kept.
+
+    Returns in the daemon only. The calling process waits until the daemon reports, prints the
+    outcome and exits: 0 once the daemon has started, the daemon's status if it failed, 1 if it
+    died without a word.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        _wait_for_daemon(pid, read_end)
+    os.close(read_end)
+    os.setsid()
+    if os.fork():
+        os._exit(0)  # the session leader goes, so the daemon can never get a terminal
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    return Readiness(write_end)
+
+
+def _wait_for_daemon(middle: int, read_end: int) -> NoReturn:
+    os.waitpid(middle, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        line = pipe.readline().decode(errors="replace").strip()
+    if line.startswith("ok "):
+        print(f"qless-pool: started as a daemon, pid {line[3:]}", file=sys.stderr)
+        sys.exit(0)
+    if line.startswith("error "):
+        _, status, message = line.split(" ", 2)
+        print(f"qless-pool: {message}", file=sys.stderr)
+        sys.exit(int(status))
+    print("qless-pool: the daemon exited during start-up; see its log files", file=sys.stderr)
+    sys.exit(1)
+
+
+# --- systemd --------------------------------------------------------------------------------------
+
+
+class SystemdNotifier:
+    """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET per state change.
+
+    A no-op when the variable is not set. It is removed from the environment, so that the
+    workers and jobs do not talk to systemd as if they were the service.
+    """
+
+    def __init__(self, environ: Optional[Mapping[str, str]] = None):
+        environ = os.environ if environ is None else environ
+        address = environ.get("NOTIFY_SOCKET", "")
+        if environ is os.environ:
+            os.environ.pop("NOTIFY_SOCKET", None)
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        self.socket: Optional[socket.socket] = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.address)
+
+    def notify(self, *fields: str) -> None:
+        if not self.address:
+            return
+        try:
+            if self.socket is None:
+                self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self.socket.setblocking(False)
+            self.socket.sendto("\n".join(fields).encode(), self.address)
+        except OSError as error:
+            log.debug("sd_notify %s failed: %s", fields, error)
+
+    def __call__(self, event: str, pool) -> None:
+        """A Pool lifecycle listener."""
+        status = f"STATUS=managing {len(pool.workers)} worker(s)"
+        if event == "ready":
+            self.notify("READY=1", status, f"MAINPID={os.getpid()}")
+        elif event == "reloading":
+            usec = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1_000_000)
+            self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading")
+        elif event == "reloaded":
+            self.notify("READY=1", status)
+        elif event == "stopping":
+            self.notify("STOPPING=1", "STATUS=stopping")
+        elif event == "workers":
+            self.notify(status)
