@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -13,6 +12,18 @@ from typing import Any
 from . import __version__, logs
 from .client import default_redis_url
 from .config import EX_CONFIG, ConfigError, ConfigSource, groups_to_json
+from .daemon import (
+    DEFAULT_PIDFILE,
+    DEFAULT_STDERR,
+    DEFAULT_STDOUT,
+    DaemonError,
+    LogFiles,
+    Pidfile,
+    PoolLock,
+    Readiness,
+    SystemdNotifier,
+    daemonize,
+)
 from .manager import Pool, preload
 from .worker import RESERVERS
 
@@ -168,6 +179,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="kill a job running longer and fail it as <queue>-TimeoutError (default: none)",
     )
 
+    daemon = parser.add_argument_group("running as a daemon")
+    daemon.add_argument(
+        "-d",
+        "--daemon",
+        action="store_true",
+        help="detach and run in the background; returns once the pool has started",
+    )
+    daemon.add_argument(
+        "-p",
+        "--pidfile",
+        metavar="FILE",
+        help=f"write the manager's pid to FILE (daemon default: {DEFAULT_PIDFILE})",
+    )
+    daemon.add_argument(
+        "--no-pidfile",
+        dest="pidfile",
+        action="store_const",
+        const=False,
+        help="write no pidfile (of -p and --no-pidfile, the last one given wins)",
+    )
+    daemon.add_argument(
+        "-o",
+        "--stdout",
+        metavar="FILE",
+        help=f"append standard output to FILE (daemon default: {DEFAULT_STDOUT})",
+    )
+    daemon.add_argument(
+        "-e",
+        "--stderr",
+        metavar="FILE",
+        help=f"append standard error, and so the log, to FILE (daemon default: {DEFAULT_STDERR})",
+    )
+    daemon.add_argument(
+        "--nosync",
+        dest="sync",
+        action="store_false",
+        help="let the log files be written in blocks instead of line by line",
+    )
+    daemon.add_argument(
+        "-l",
+        "--lock",
+        metavar="FILE",
+        help="hold a shared flock on FILE while any process of the pool lives "
+        "(a deploy can wait for them all with: flock FILE true)",
+    )
+
     other = parser.add_argument_group("other")
     other.add_argument(
         "--log-level",
@@ -201,25 +258,70 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(groups_to_json(groups))
         return 0
+    # Everything that can be checked before detaching has been: from here on, a daemon reports
+    # its start (or why it failed) through `readiness`, and the command exits with that.
+    readiness = daemonize() if args.daemon else None
+    return _run_manager(args, source, groups, readiness)
 
+
+def _run_manager(
+    args: argparse.Namespace, source: ConfigSource, groups: Any, readiness: Readiness | None
+) -> int:
     appname = args.appname or os.path.basename(os.getcwd())
+    log_files = None
+    if args.daemon or args.stdout or args.stderr:
+        log_files = LogFiles(
+            args.stdout or DEFAULT_STDOUT, args.stderr or DEFAULT_STDERR, sync=args.sync
+        )
+        log_files.open()
     logs.configure(args.log_level, appname=appname)
     logs.set_role("manager", appname)
-    pool = Pool(
-        source,
-        appname=appname,
-        redis_url=args.redis or default_redis_url(),
-        worker_options=worker_options(args),
-        term_behaviour=args.term_behaviour,
-        spawn_delay=args.spawn_delay,
-        single_process_group=args.single_process_group,
+
+    def fail(status: int, message: str) -> int:
+        log.error("%s", message)
+        if readiness is not None:
+            readiness.failed(status, message)
+        return status
+
+    pidfile_path = (
+        (DEFAULT_PIDFILE if args.daemon else None) if args.pidfile is None else args.pidfile
     )
-    pool.groups = groups
+    pidfile = Pidfile(pidfile_path) if pidfile_path else None
     try:
-        preload(args.preload, args.include)
-    except Exception:
-        log.exception("preloading %s failed", ", ".join(args.preload))
-        return 1
-    if logging.getLogger("qless_pool").isEnabledFor(logging.DEBUG):
-        log.debug("sys.path: %s", sys.path)
-    return pool.run()
+        if pidfile is not None:
+            pidfile.acquire()
+        if args.lock:
+            PoolLock(args.lock).acquire()
+    except DaemonError as error:
+        return fail(1, str(error))
+    try:
+        try:
+            preload(args.preload, args.include)
+        except Exception as error:
+            log.exception("preloading %s failed", ", ".join(args.preload))
+            return fail(1, f"preloading {', '.join(args.preload)} failed: {error!r}")
+        notifier = SystemdNotifier()
+
+        def lifecycle(event: str, pool: Pool) -> None:
+            if event == "started" and readiness is not None:
+                readiness.started()
+            notifier(event, pool)
+
+        pool = Pool(
+            source,
+            appname=appname,
+            redis_url=args.redis or default_redis_url(),
+            worker_options=worker_options(args),
+            term_behaviour=args.term_behaviour,
+            spawn_delay=args.spawn_delay,
+            single_process_group=args.single_process_group,
+            daemonized=args.daemon,
+            reopen_logs=log_files.reopen if log_files else None,
+            lifecycle=lifecycle,
+            close_in_workers=[pidfile.fd] if pidfile else [],
+        )
+        pool.groups = groups
+        return pool.run()
+    finally:
+        if pidfile is not None:
+            pidfile.release()
