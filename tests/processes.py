@@ -88,3 +88,31 @@ def reap_orphans() -> None:
             return
         if pid == 0:
             return
+
+
+def kill_processes_in(directory, timeout: float = 10.0) -> None:
+    """SIGKILL every process whose working directory is ``directory`` or below it, and wait
+    until they are gone (reaping those re-parented to us).
+
+    A pool runs in the test's own temp directory, and so do its workers and their job children:
+    this finds them even after the manager is gone and they have been re-parented.
+    """
+    root = os.path.realpath(directory)
+    killed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if cwd == root or cwd.startswith(root + os.sep):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+
+    def gone() -> bool:
+        reap_orphans()
+        return not any(stat(pid) for pid in killed)
+
+    wait_for(gone, timeout, message=f"processes {killed} to be gone")

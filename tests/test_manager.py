@@ -13,7 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from processes import alive, become_subreaper, children, kill_tree, reap_orphans, title, wait_for
+from processes import (
+    alive,
+    become_subreaper,
+    children,
+    kill_processes_in,
+    kill_tree,
+    reap_orphans,
+    title,
+    wait_for,
+)
 from test_worker import FORKED, PAUSED, PROCESSING, WAITING, history_events, put, wait_state
 
 from qless_pool.client import connect
@@ -129,10 +138,9 @@ def start_pool(redis_url, tmp_path):
 
     yield start
     for pool in started:
-        everything = [*children(pool.pid), pool.pid]
         kill_tree(pool.pid)
-        for pid in everything:
-            kill_tree(pid)
+    kill_processes_in(tmp_path)  # workers and job children that outlived their manager
+    for pool in started:
         pool.process.wait(timeout=10)
         print(f"--- {pool.log} ---\n{pool.log_text()}")
     reap_orphans()
@@ -487,7 +495,8 @@ def test_help_lists_every_option():
         "--config", "--environment", "--appname", "--redis", "--preload", "--include",
         "--spawn-delay", "--interval", "--dry-run", "--reserver", "--no-fork-per-job",
         "--job-timeout", "--single-process-group", "--log-level", "--term-graceful-wait",
-        "--term-graceful", "--term-immediate", "--version",
+        "--term-graceful", "--term-immediate", "--version", "--daemon", "--pidfile",
+        "--no-pidfile", "--stdout", "--stderr", "--nosync", "--lock",
     ):  # fmt: skip
         assert option in result.stdout, option
 
@@ -532,5 +541,6 @@ def test_run_from_a_plain_script(redis_url, tmp_path, client):
         assert process.wait(timeout=10) == 0
     finally:
         kill_tree(process.pid)
+        kill_processes_in(tmp_path)
         process.wait(timeout=10)
         reap_orphans()
