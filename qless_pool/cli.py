@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the resolved groups as one JSON object and exit",
     )
+    config.add_argument(
+        "--drain",
+        action="store_true",
+        help="run until the queues are empty, print a summary and stop; exit 1 if a job failed",
+    )
 
     pool = parser.add_argument_group("the pool")
     pool.add_argument(
@@ -248,7 +253,15 @@ def worker_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return launch(build_parser().parse_args(argv))
+
+
+def launch(args: argparse.Namespace, preloaded: bool = False) -> int:
+    """Run what the parsed command line asks for; returns the exit status.
+
+    ``preloaded``: the application is already loaded in this process (the Invoke tasks load it
+    in ``qless.setup``), so ``--preload`` and ``--include`` are not applied again.
+    """
     try:
         source = ConfigSource(args.config, args.environment)
         groups = source.load()
@@ -261,11 +274,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Everything that can be checked before detaching has been: from here on, a daemon reports
     # its start (or why it failed) through `readiness`, and the command exits with that.
     readiness = daemonize() if args.daemon else None
-    return _run_manager(args, source, groups, readiness)
+    return _run_manager(args, source, groups, readiness, preloaded)
 
 
 def _run_manager(
-    args: argparse.Namespace, source: ConfigSource, groups: Any, readiness: Readiness | None
+    args: argparse.Namespace,
+    source: ConfigSource,
+    groups: Any,
+    readiness: Readiness | None,
+    preloaded: bool,
 ) -> int:
     appname = args.appname or os.path.basename(os.getcwd())
     log_files = None
@@ -295,11 +312,12 @@ def _run_manager(
     except DaemonError as error:
         return fail(1, str(error))
     try:
-        try:
-            preload(args.preload, args.include)
-        except Exception as error:
-            log.exception("preloading %s failed", ", ".join(args.preload))
-            return fail(1, f"preloading {', '.join(args.preload)} failed: {error!r}")
+        if not preloaded:
+            try:
+                preload(args.preload, args.include)
+            except Exception as error:
+                log.exception("preloading %s failed", ", ".join(args.preload))
+                return fail(1, f"preloading {', '.join(args.preload)} failed: {error!r}")
         notifier = SystemdNotifier()
 
         def lifecycle(event: str, pool: Pool) -> None:
@@ -319,6 +337,7 @@ def _run_manager(
             reopen_logs=log_files.reopen if log_files else None,
             lifecycle=lifecycle,
             close_in_workers=[pidfile.fd] if pidfile else [],
+            drain=args.drain,
         )
         pool.groups = groups
         return pool.run()

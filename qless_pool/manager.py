@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from . import hooks, proctitle
 from .config import ConfigError, ConfigSource, Groups
+from .drain import DrainWatcher, run_watcher
 from .logs import configure as configure_logging
 from .logs import logger, set_role
 from .worker import Worker
@@ -95,6 +96,8 @@ class Pool:
                         spawn), "ready" (first workers started), "reloading", "reloaded",
                         "stopping" and "workers" (their number changed)
     close_in_workers    file descriptors a worker closes right after the fork (the pidfile's)
+    drain               stop (gracefully) once the configured queues are empty; the exit
+                        status is then 1 if a job failed during the run (see drain.py)
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class Pool:
         reopen_logs: Optional[Callable[[], None]] = None,
         lifecycle: Optional[Callable[[str, Pool], None]] = None,
         close_in_workers: Sequence[int] = (),
+        drain: bool = False,
     ):
         if term_behaviour not in TERM_BEHAVIOURS:
             raise ValueError(f"term_behaviour must be one of {', '.join(TERM_BEHAVIOURS)}")
@@ -128,6 +132,9 @@ class Pool:
         self.reopen_logs = reopen_logs
         self.lifecycle = lifecycle
         self.close_in_workers = tuple(close_in_workers)
+        self.drain = drain
+        self.drain_pid: Optional[int] = None
+        self.exit_status = 0
         self.groups: Optional[Groups] = None
         self.workers: dict[int, WorkerRecord] = {}
         self.backoffs: dict[tuple[str, ...], Backoff] = {}
@@ -160,6 +167,9 @@ class Pool:
             _describe_groups(self.groups),
         )
         self._emit("started")
+        if self.drain:
+            started = time.time()  # before the fork: the workers may finish jobs before it runs
+            self.drain_pid = self._fork(lambda: self._become_drain_watcher(started))
         self.reconcile()
         self._update_title()
         self._emit("ready")
@@ -177,7 +187,7 @@ class Pool:
         finally:
             self._restore_signal_handlers()
         log.info("manager exiting")
-        return 0
+        return self.exit_status
 
     def _sleep(self) -> None:
         """Until a signal arrives, or the next spawn is due, or a tick has passed."""
@@ -304,6 +314,8 @@ class Pool:
     def _stop(self, how: str) -> None:
         if self.stopping is None:
             self._emit("stopping")
+            if self.drain_pid is not None:
+                _kill(self.drain_pid, signal.SIGTERM)  # if it asked for the stop, it has exited
         self.stopping = how
 
     def _forward(self, signum: int) -> None:
@@ -329,6 +341,9 @@ class Pool:
                 return
             if pid == 0:
                 return
+            if pid == self.drain_pid:
+                self._drain_watcher_exited(status)
+                continue
             record = self.workers.pop(pid, None)
             if record is None:
                 log.debug("reaped %d, not one of our workers (%s)", pid, _describe(status))
@@ -340,6 +355,17 @@ class Pool:
                 continue
             log.warning("%s died: %s after %.1fs", what, _describe(status), lived)
             self._note_exit(record.queues, lived)
+
+    def _drain_watcher_exited(self, status: int) -> None:
+        self.drain_pid = None
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) in (0, 1):
+            self.exit_status = os.WEXITSTATUS(status)
+            return
+        if self.stopping is None:
+            log.error("the drain watcher failed (%s); stopping the pool", _describe(status))
+            self.exit_status = 1
+            self.signal_workers(signal.SIGQUIT)
+            self._stop("wait")
 
     def _note_exit(self, queues: tuple[str, ...], lived: float) -> None:
         backoff = self.backoffs.setdefault(queues, Backoff())
@@ -407,24 +433,27 @@ class Pool:
 
     def spawn(self, queues: tuple[str, ...]) -> Optional[int]:
         """Fork a worker parent for ``queues``; returns its pid (None if fork failed)."""
-        # Blocked across the fork; the worker unblocks them once its own handlers are in place.
-        signal.pthread_sigmask(signal.SIG_BLOCK, MANAGER_SIGNALS)
         try:
-            pid = os.fork()
+            pid = self._fork(lambda: self._become_worker(queues))
         except OSError as error:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGER_SIGNALS)
             log.error("cannot fork a worker for %s: %s", ",".join(queues), error)
             self._note_exit(queues, 0.0)
             return None
-        if pid == 0:
-            self._become_worker(queues)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGER_SIGNALS)
         self.workers[pid] = WorkerRecord(pid, queues, time.monotonic())
         log.info("spawned worker %d for %s", pid, ",".join(queues))
         return pid
 
-    def _become_worker(self, queues: tuple[str, ...]) -> None:
-        """In the forked child: drop the manager's state, run the hooks and the worker; exit."""
+    def _fork(self, body: Callable[[], int]) -> int:
+        """Fork a child that drops the manager's state, runs ``body`` and exits with its status."""
+        # Blocked across the fork; a worker unblocks them once its own handlers are in place.
+        signal.pthread_sigmask(signal.SIG_BLOCK, MANAGER_SIGNALS)
+        try:
+            pid = os.fork()
+        finally:
+            if os.getpid() == self.pid:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGER_SIGNALS)
+        if pid:
+            return pid
         status = 1
         try:
             signal.set_wakeup_fd(-1)
@@ -436,18 +465,9 @@ class Pool:
                 # Its own process group: a terminal's Ctrl-C reaches the manager only.
                 os.setpgid(0, 0)
             gc.enable()
-            set_role("worker", self.appname)
-            worker = Worker(
-                list(queues),
-                self.redis_url,
-                watch_parent=self.pid,
-                appname=self.appname,
-                **self.worker_options,
-            )
-            hooks.run_after_prefork(worker)
-            status = worker.work()
+            status = body()
         except BaseException:
-            log.exception("worker for %s failed", ",".join(queues))
+            log.exception("child process failed")
             status = 1
         finally:
             for stream in (sys.stdout, sys.stderr):
@@ -456,6 +476,37 @@ class Pool:
                 except Exception:  # exiting regardless
                     pass
             os._exit(status)
+
+    def _become_worker(self, queues: tuple[str, ...]) -> int:
+        """The worker parent's body: the after_prefork hooks, then the worker's loop."""
+        set_role("worker", self.appname)
+        worker = Worker(
+            list(queues),
+            self.redis_url,
+            watch_parent=self.pid,
+            appname=self.appname,
+            **self.worker_options,
+        )
+        try:
+            hooks.run_after_prefork(worker)
+        except Exception:
+            log.exception("an after_prefork hook failed in the worker for %s", ",".join(queues))
+            return 1
+        return worker.work()
+
+    def _become_drain_watcher(self, started: float) -> int:
+        # The signals stay unblocked-by-default here: the watcher uses default dispositions.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGER_SIGNALS)
+        queues = [queue for group in self.groups or {} for queue in group]
+        watcher = DrainWatcher(
+            queues,
+            self.redis_url,
+            self.pid,
+            self.worker_options.get("interval", 5.0),
+            self.appname,
+            started,
+        )
+        return run_watcher(watcher)
 
     def _update_title(self) -> None:
         title = proctitle.manager(self.appname, self.workers)
