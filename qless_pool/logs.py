@@ -34,7 +34,7 @@ class _Formatter(logging.Formatter):
 
 
 def configure(level: int | str = "INFO", stream=None, appname: str | None = None) -> None:
-    """Send qless-pool's log lines (and qless-py's warnings) to ``stream`` (default stderr).
+    """Send qless-pool's log lines (and qless-py's errors) to ``stream`` (default stderr).
 
     Replaces only the handler this function installed before, so it is safe to call again (the
     daemon calls it after reopening its log files).
@@ -51,9 +51,10 @@ def configure(level: int | str = "INFO", stream=None, appname: str | None = None
         target.addHandler(handler)
         target.propagate = False
     logger.setLevel(level.upper() if isinstance(level, str) else level)
-    # qless-py logs every job at INFO on its own handler; keep its warnings and errors only,
-    # on ours.
+    # qless-py logs every job at INFO on its own handler. Keep its errors only, on ours: a job
+    # that raises is then logged once, with its traceback (qless-py also warns "Failing ...",
+    # with the same traceback again).
     qless_logger = logging.getLogger("qless")
     for old in [h for h in qless_logger.handlers if not getattr(h, "_qless_pool", False)]:
         qless_logger.removeHandler(old)
-    qless_logger.setLevel(logging.WARNING)
+    qless_logger.setLevel(logging.ERROR)

@@ -1,0 +1,213 @@
+"""Invoke tasks: ``qless.setup`` -> ``qless.pool.setup`` -> ``qless.pool``, and ``qless.work``.
+
+The Ruby gem's Rake chain, for Invoke::
+
+    # tasks.py
+    from invoke import Collection, task
+    import qless_pool.tasks
+
+    @task
+    def environment(c):            # load the application (runs before qless.setup)
+        import myapp; myapp.init()
+
+    @task
+    def close_connections(c):      # runs before qless.pool.setup, in the manager
+        from myapp import db; db.engine.dispose()
+
+    ns = Collection(environment, close_connections)
+    ns.add_collection(qless_pool.tasks.collection(setup=[environment], pool_setup=[close_connections]))
+    # or, with no hooks of your own: ns.add_collection(qless_pool.tasks)
+
+``invoke qless.pool`` runs the chain once each, then turns its own process (the application is
+loaded in it) into the pool manager: no re-exec, no subprocess.
+
+Two Invoke traps are designed around here (Invoke 3.0.3). Replacing a task by name does not
+rewire the ``pre=`` of tasks that already reference the original, so the user's tasks are
+handed to :func:`collection`, which builds the chain around them. And a pre-task sees only the
+root collection's configuration, so the settings are not kept in this collection's
+configuration: they are read from the Invoke config the files and the environment give (the
+``qless_pool:`` section of ``invoke.yaml``, ``INVOKE_QLESS_POOL_*``), which every task sees.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any, Optional
+
+from invoke import Collection, Task
+from invoke.exceptions import Exit
+
+__all__ = ["SETTINGS", "collection", "settings"]
+
+#: Settings under ``qless_pool:`` in the Invoke config (or ``INVOKE_QLESS_POOL_<NAME>``), each
+#: with its type and the ``qless-pool`` option it stands for (None: used by the tasks).
+SETTINGS: dict[str, tuple[type, Optional[str]]] = {
+    "config": (str, "--config"),
+    "environment": (str, "--environment"),
+    "redis": (str, "--redis"),
+    "appname": (str, "--appname"),
+    "preload": (list, None),
+    "include": (list, None),
+    "interval": (float, "--interval"),
+    "reserver": (str, "--reserver"),
+    "fork_per_job": (bool, None),
+    "job_timeout": (float, "--job-timeout"),
+    "spawn_delay": (float, "--spawn-delay"),
+    "term": (str, None),
+    "log_level": (str, "--log-level"),
+    "pidfile": (str, "--pidfile"),
+    "stdout": (str, "--stdout"),
+    "stderr": (str, "--stderr"),
+    "lock": (str, "--lock"),
+    "daemon": (bool, None),
+    "drain": (bool, None),
+    "queues": (list, None),
+}
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def settings(c: Any) -> dict[str, Any]:
+    """The ``qless_pool`` settings, typed: ``INVOKE_QLESS_POOL_<NAME>``, else the Invoke config.
+
+    The environment is read here too, because Invoke loads ``INVOKE_*`` variables only for
+    settings it already has defaults for, and (for a pre-task) only from the root collection.
+    """
+    configured = c.config.get("qless_pool", None) or {}
+    found: dict[str, Any] = {}
+    for name, (kind, _) in SETTINGS.items():
+        raw = os.environ.get(f"INVOKE_QLESS_POOL_{name.upper()}")
+        if raw is None:
+            raw = configured.get(name) if isinstance(configured, Mapping) else None
+        if raw is not None:
+            found[name] = _typed(name, kind, raw)
+    return found
+
+
+def _typed(name: str, kind: type, raw: Any) -> Any:
+    if kind is list:
+        if isinstance(raw, str):
+            return [part for part in raw.replace(",", " ").split() if part]
+        return [str(part) for part in raw]
+    if kind is bool:
+        return raw if isinstance(raw, bool) else str(raw).strip().lower() in _TRUE
+    try:
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise Exit(f"qless_pool.{name}: not a {kind.__name__}: {raw!r}", code=2) from None
+
+
+def _command_line(found: Mapping[str, Any]) -> list[str]:
+    """The ``qless-pool`` arguments the settings stand for."""
+    argv: list[str] = []
+    for name, value in found.items():
+        option = SETTINGS[name][1]
+        if option is not None:
+            argv += [option, str(value)]
+    if found.get("fork_per_job") is False:
+        argv.append("--no-fork-per-job")
+    if found.get("term"):
+        argv.append(f"--term-{found['term']}")
+    if found.get("daemon"):
+        argv.append("--daemon")
+    if found.get("drain"):
+        argv.append("--drain")
+    return argv
+
+
+# --- the task bodies ------------------------------------------------------------------------------
+
+
+def _setup(c: Any) -> None:
+    """Load the application in this process (the `preload` setting's modules)."""
+    from .manager import preload
+
+    found = settings(c)
+    preload(found.get("preload", ()), found.get("include", ()))
+
+
+def _pool_setup(c: Any) -> None:
+    """Close what must not cross a fork (a hook: chain your own tasks before it)."""
+
+
+def _pool(
+    c: Any,
+    config: Optional[str] = None,
+    environment: Optional[str] = None,
+    redis: Optional[str] = None,
+    daemon: bool = False,
+    drain: bool = False,
+) -> None:
+    """Run the pool manager in this process (after qless.setup and qless.pool.setup)."""
+    from .cli import build_parser, launch
+
+    found = settings(c)
+    flags = {"config": config, "environment": environment, "redis": redis}
+    found.update({name: value for name, value in flags.items() if value})
+    found.update({name: True for name, value in (("daemon", daemon), ("drain", drain)) if value})
+    args = build_parser().parse_args(_command_line(found))
+    status = launch(args, preloaded=True)
+    if status:
+        raise Exit(code=status)
+
+
+def _work(c: Any, queues: Optional[str] = None) -> None:
+    """Run one worker in the foreground on --queues (or $QUEUES), like rake qless:work."""
+    from . import logs
+    from .client import default_redis_url
+    from .worker import Worker
+
+    found = settings(c)
+    names = queues or os.environ.get("QUEUES") or ",".join(found.get("queues", []))
+    queue_list = [name.strip() for name in names.split(",") if name.strip()]
+    if not queue_list:
+        raise Exit("qless.work: name the queues with --queues foo,bar or QUEUES=foo,bar", code=2)
+    appname = found.get("appname") or os.path.basename(os.getcwd())
+    logs.configure(found.get("log_level", "INFO"), appname=appname)
+    options = {
+        k: found[k] for k in ("interval", "reserver", "fork_per_job", "job_timeout") if k in found
+    }
+    Worker(queue_list, found.get("redis") or default_redis_url(), appname=appname, **options).work()
+
+
+_HELP = {
+    "pool": {
+        "config": "the pool's YAML file (setting: config)",
+        "environment": "the config section to use (setting: environment)",
+        "redis": "qless's Redis URL (setting: redis)",
+        "daemon": "detach and run in the background (setting: daemon)",
+        "drain": "run until the queues are empty, then stop; exit 1 if a job failed",
+    },
+    "work": {"queues": "comma-separated queue names, in priority order (or $QUEUES)"},
+}
+
+
+def collection(setup: Iterable[Task] = (), pool_setup: Iterable[Task] = ()) -> Collection:
+    """A fresh ``qless`` collection whose ``qless.setup`` runs the ``setup`` tasks first and
+    whose ``qless.pool.setup`` runs the ``pool_setup`` tasks first (after ``qless.setup``).
+
+    Every hook runs exactly once per invocation, however many tasks depend on it.
+    """
+    setup_task = Task(_setup, name="setup", pre=list(setup))
+    # Named "pool_setup" (in logs and `invoke -d`), listed as qless.pool.setup.
+    pool_setup_task = Task(_pool_setup, name="pool_setup", pre=[setup_task, *pool_setup])
+    pool_task = Task(
+        _pool,
+        name="pool",
+        pre=[setup_task, pool_setup_task],
+        help=_HELP["pool"],
+        auto_shortflags=False,  # -d, -a ... would not mean what they mean to qless-pool
+    )
+    work_task = Task(_work, name="work", pre=[setup_task], help=_HELP["work"])
+    pool = Collection("pool")
+    pool.add_task(pool_task, default=True)
+    pool.add_task(pool_setup_task, name="setup")
+    qless = Collection("qless")
+    qless.add_task(setup_task)
+    qless.add_task(work_task)
+    qless.add_collection(pool)
+    return qless
+
+
+#: ``ns.add_collection(qless_pool.tasks)`` adds this: the chain with no hooks of your own.
+ns = collection()
