@@ -1,8 +1,14 @@
-"""The project's own Invoke tasks: ``invoke test``, ``invoke lint``."""
+"""The project's own Invoke tasks: ``invoke test``, ``invoke lint``, ``invoke demo``.
+
+``qless.*`` is qless-pool's own collection, mounted as a user would mount it: ``invoke
+qless.pool`` runs the pool here with config/qless-pool.yml.
+"""
 
 import sys
 
 from invoke import Collection, task
+
+import qless_pool.tasks
 
 
 @task(help={"args": "extra pytest arguments, e.g. '-k config -x'"})
@@ -20,4 +26,16 @@ def lint(c):
     c.run(f"{sys.executable} -m ruff format --check .")
 
 
-ns = Collection(test, lint)
+@task(help={"jobs": "how many jobs to enqueue (default 300)"})
+def demo(c, jobs=300):
+    """Run the pool on a few hundred example jobs (an embedded Redis unless $QLESS_URL is set)."""
+    sys.path.insert(0, "examples/demo")
+    from demo import run_demo
+
+    status = run_demo(jobs=int(jobs))
+    if status:
+        raise SystemExit(status)
+
+
+ns = Collection(test, lint, demo)
+ns.add_collection(qless_pool.tasks)
