@@ -79,3 +79,15 @@ class SysExit:
     def process(job):
         _record(job)
         sys.exit(4)
+
+
+class Chain:
+    """Puts its follow-up on its own queue, ``data["left"]`` times, after a short pause."""
+
+    @staticmethod
+    def process(job):
+        _record(job)
+        time.sleep(0.2)
+        left = job.data["left"]
+        if left:
+            job.client.queues[job.queue_name].put("testjobs.Chain", {"left": left - 1})

@@ -1,0 +1,119 @@
+"""Drain mode: run until the queues are empty, summarise, exit 0 or 1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from processes import (
+    alive,
+    become_subreaper,
+    children,
+    kill_processes_in,
+    reap_orphans,
+    title,
+    wait_for,
+)
+from test_worker import put, runs, wait_state
+
+from qless_pool.client import connect
+
+TESTS = Path(__file__).resolve().parent
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "qless-pool")
+
+become_subreaper()
+
+
+@pytest.fixture
+def project(tmp_path):
+    (tmp_path / "qless-pool.yml").write_text("foo: 2\nbar: 1\n")
+    yield tmp_path
+    kill_processes_in(tmp_path)
+    reap_orphans()
+
+
+@pytest.fixture
+def client(redis_url):
+    return connect(redis_url, worker_name="test-producer")
+
+
+def drain(project, redis_url, *args, timeout=60):
+    return subprocess.run(
+        [SCRIPT, "-R", redis_url, "-I", str(TESTS), "-i", "0.2", "--drain", *args],
+        cwd=project, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def test_drain_runs_every_job_then_exits_0_with_a_summary(project, redis_url, client):
+    jids = [put(client, queue, "Noop") for queue in ("foo", "bar") for _ in range(10)]
+    other = put(client, "elsewhere", "Noop")  # not a configured queue: not waited for
+    result = drain(project, redis_url)
+    assert result.returncode == 0, result.stderr
+    summary = [
+        line for line in result.stdout.splitlines() if line.startswith("qless-pool: drained")
+    ]
+    assert len(summary) == 1
+    assert summary[0].startswith("qless-pool: drained foo,bar: 20 completed, 0 failed in ")
+    assert all(client.jobs[jid].state == "complete" for jid in jids)
+    assert client.jobs[other].state == "waiting"
+    assert "manager exiting" in result.stderr
+
+
+def test_drain_exits_1_when_a_job_failed(project, redis_url, client):
+    put(client, "foo", "Noop")
+    failing = put(client, "bar", "Fail")
+    result = drain(project, redis_url)
+    assert result.returncode == 1
+    assert "qless-pool: drained foo,bar: 1 completed, 1 failed in " in result.stdout
+    assert client.jobs[failing].state == "failed"
+
+
+def test_a_job_handed_back_until_out_of_retries_counts_as_failed(project, redis_url, client):
+    put(client, "foo", "Exit", retries=1)  # dies twice: retried, then failed by retry
+    result = drain(project, redis_url)
+    assert result.returncode == 1
+    assert "0 completed, 1 failed" in result.stdout
+
+
+def test_drain_waits_for_follow_up_jobs(project, redis_url, client, redis_conn):
+    put(client, "foo", "Chain", {"left": 4})
+    result = drain(project, redis_url)
+    assert result.returncode == 0, result.stderr
+    assert len(runs(redis_conn)) == 5
+    assert "5 completed, 0 failed" in result.stdout
+
+
+def test_drain_waits_for_a_job_scheduled_within_the_interval(project, redis_url, client):
+    jid = put(client, "foo", "Noop", delay=1)
+    result = drain(project, redis_url, "-i", "2")
+    assert result.returncode == 0, result.stderr
+    assert client.jobs[jid].state == "complete"
+
+
+def test_drain_on_empty_queues_stops_at_once(project, redis_url):
+    result = drain(project, redis_url, timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert "0 completed, 0 failed" in result.stdout
+
+
+def test_a_signal_stops_a_draining_pool_and_its_watcher(project, redis_url, client):
+    jid = put(client, "foo", "Sleep", {"seconds": 30})
+    output = project / "pool.out"
+    with open(output, "w") as out:
+        process = subprocess.Popen(
+            [SCRIPT, "-R", redis_url, "-I", str(TESTS), "-i", "0.2", "--drain"],
+            cwd=project, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    [watcher] = wait_for(
+        lambda: [pid for pid in children(process.pid) if title(pid).startswith("qless-pool-drain")]
+    )
+    assert title(watcher) == f"qless-pool-drain[{project.name}]: watching foo,bar"
+    wait_state(client, jid, "running")
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=10) == 0  # the worker finishes its job on its own
+    wait_for(lambda: not alive(watcher), message="the drain watcher to be stopped too")
+    assert "drained" not in output.read_text()  # stopped, not drained

@@ -1,0 +1,373 @@
+"""The Invoke tasks, as users run them: ``invoke`` in a project of its own, and ``invoke demo``."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+from invoke import Collection, Program, task
+from processes import become_subreaper, children, kill_processes_in, reap_orphans, title, wait_for
+from test_worker import WAITING, put, wait_state
+
+import qless_pool.tasks
+from qless_pool.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ROOT / "tests"
+INVOKE = os.path.join(os.path.dirname(sys.executable), "invoke")
+
+become_subreaper()
+
+USER_TASKS = """\
+import os
+from invoke import Collection, task
+import qless_pool.tasks
+
+def record(what):
+    with open(os.environ["CHAIN_LOG"], "a") as log:
+        log.write(f"{what} {os.getpid()}\\n")
+
+@task
+def environment(c):
+    record("environment")
+
+@task
+def close_connections(c):
+    record("pool-setup")
+
+ns = Collection(environment, close_connections)
+ns.add_collection(
+    qless_pool.tasks.collection(setup=[environment], pool_setup=[close_connections])
+)
+"""
+
+CHAIN_APP = """\
+import os
+import qless_pool
+
+with open(os.environ["CHAIN_LOG"], "a") as log:
+    log.write(f"preload {os.getpid()}\\n")
+
+@qless_pool.after_prefork
+def record_worker(worker):
+    with open(os.environ["CHAIN_LOG"], "a") as log:
+        log.write(f"after_prefork {os.getpid()} {os.getppid()}\\n")
+"""
+
+
+@pytest.fixture
+def project(tmp_path):
+    (tmp_path / "tasks.py").write_text(USER_TASKS)
+    (tmp_path / "chainapp.py").write_text(CHAIN_APP)
+    (tmp_path / "qless-pool.yml").write_text("foo: 2\n")
+    yield tmp_path
+    kill_processes_in(tmp_path)
+    reap_orphans()
+
+
+@pytest.fixture
+def client(redis_url):
+    return connect(redis_url, worker_name="test-producer")
+
+
+def invoke(project, redis_url, *args, env=None, timeout=60):
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("INVOKE_", "QLESS_", "RACK_ENV", "RAILS_ENV", "QUEUES"))
+    }
+    environ.update(
+        {
+            "CHAIN_LOG": str(project / "chain.log"),
+            "QLESS_URL": redis_url,
+            "PYTHONPATH": os.pathsep.join([str(TESTS), str(project)]),
+        }
+    )
+    environ.update(env or {})
+    return subprocess.run(
+        [INVOKE, *args], cwd=project, env=environ, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def executed(stderr: str) -> list[str]:
+    """The tasks Invoke ran, in order (from `invoke -d`)."""
+    return re.findall(r"Executing <Call '([^']+)'", stderr)
+
+
+def chain(project) -> list[list[str]]:
+    return [line.split() for line in (project / "chain.log").read_text().splitlines()]
+
+
+# --- the chain ------------------------------------------------------------------------------------
+
+
+def test_the_chain_runs_in_order_once_each_and_the_task_process_becomes_the_manager(
+    project, redis_url
+):
+    (project / "invoke.yaml").write_text("qless_pool:\n  preload: [chainapp]\n  interval: 0.2\n")
+    result = invoke(project, redis_url, "-d", "qless.pool", "--drain")
+    assert result.returncode == 0, result.stderr
+    assert executed(result.stderr) == [
+        "environment", "setup", "close_connections", "pool_setup", "pool",
+    ]  # fmt: skip
+    records = chain(project)
+    assert [what for what, *_ in records[:3]] == ["environment", "preload", "pool-setup"]
+    task_pid = {pid for _, pid, *_ in records[:3]}
+    assert len(task_pid) == 1  # one process: the invoke process itself
+    [manager] = task_pid
+    assert f"qless-pool-manager[{project.name}][{manager}] INFO: manager started" in result.stderr
+    workers = [record for record in records if record[0] == "after_prefork"]
+    assert len(workers) == 2  # once in every worker
+    assert {ppid for _, _, ppid in workers} == {manager}
+    assert "qless-pool: drained foo: 0 completed, 0 failed" in result.stdout
+
+
+def test_each_hook_runs_once_even_when_several_tasks_need_it(project, redis_url):
+    (project / "invoke.yaml").write_text("qless_pool:\n  preload: [chainapp]\n  interval: 0.2\n")
+    result = invoke(
+        project, redis_url, "-d", "qless.setup", "qless.pool.setup", "qless.pool", "--drain"
+    )
+    assert result.returncode == 0, result.stderr
+    assert executed(result.stderr) == [
+        "environment", "setup", "close_connections", "pool_setup", "pool",
+    ]  # fmt: skip
+    assert [what for what, *_ in chain(project)].count("preload") == 1
+
+
+def test_the_hooks_reach_every_task_that_depends_on_qless_setup(project, redis_url, client):
+    # qless.work also stands on qless.setup, so the user's environment task runs before it.
+    (project / "invoke.yaml").write_text("qless_pool:\n  preload: [chainapp]\n  interval: 0.2\n")
+    process = subprocess.Popen(
+        [INVOKE, "-d", "qless.work", "--queues", "foo"],
+        cwd=project,
+        env={
+            **os.environ,
+            "CHAIN_LOG": str(project / "chain.log"),
+            "QLESS_URL": redis_url,
+            "PYTHONPATH": os.pathsep.join([str(TESTS), str(project)]),
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: WAITING.match(title(process.pid)))
+        jid = put(client, "foo", "Noop")
+        wait_state(client, jid, "complete")
+        assert [what for what, *_ in chain(project)] == ["environment", "preload"]
+        process.send_signal(signal.SIGQUIT)
+        _, stderr = process.communicate(timeout=10)
+        assert process.returncode == 0
+        assert executed(stderr) == ["environment", "setup", "work"]
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_adding_the_module_with_no_hooks_works(tmp_path, redis_url):
+    (tmp_path / "tasks.py").write_text(
+        "from invoke import Collection\nimport qless_pool.tasks\n\n"
+        "ns = Collection()\nns.add_collection(qless_pool.tasks)\n"
+    )
+    (tmp_path / "qless-pool.yml").write_text("foo: 1\n")
+    try:
+        listed = invoke(tmp_path, redis_url, "--list")
+        assert listed.returncode == 0, listed.stderr
+        result = invoke(
+            tmp_path, redis_url, "qless.pool", "--drain", env={"INVOKE_QLESS_POOL_INTERVAL": "0.2"}
+        )
+        assert result.returncode == 0, result.stderr
+        assert "qless-pool: drained foo: 0 completed" in result.stdout
+    finally:
+        kill_processes_in(tmp_path)
+        reap_orphans()
+
+
+def test_list_shows_the_four_tasks_with_one_line_of_help_each():
+    ns = Collection()
+    ns.add_collection(qless_pool.tasks)
+    output = io.StringIO()
+    with redirect_stdout(output):
+        Program(namespace=ns, binary="invoke").run(["invoke", "--list"], exit=False)
+    listing = output.getvalue()
+    for name, words in (
+        ("qless.setup", "Load the application"),
+        ("qless.pool.setup", "Close what must not cross a fork"),
+        ("qless.pool.pool (qless.pool)", "Run the pool manager"),
+        ("qless.work", "Run one worker"),
+    ):
+        line = next(
+            line
+            for line in listing.splitlines()
+            if line.strip().startswith(name) or f" {name} " in line
+        )
+        assert words in line, (name, line)
+
+
+def test_collection_builds_a_fresh_chain_each_time():
+    @task
+    def mine(c):
+        pass
+
+    first, second = qless_pool.tasks.collection(setup=[mine]), qless_pool.tasks.collection()
+    assert first["setup"] is not second["setup"]
+    assert [t.name for t in first["setup"].pre] == ["mine"]
+    assert second["setup"].pre == []
+    # qless.pool's own pre-tasks are this collection's setup tasks, not the module's.
+    assert first["pool"].pre[0] is first["setup"]
+
+
+# --- settings -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "invoke_yaml", "invoke_env", "plain_env", "used"),
+    [
+        ("c.yml", "a.yml", "b.yml", "d.yml", "c.yml"),  # the flag wins
+        (None, "a.yml", "b.yml", "d.yml", "b.yml"),  # INVOKE_QLESS_POOL_CONFIG: Invoke config
+        (None, "a.yml", None, "d.yml", "a.yml"),  # invoke.yaml
+        (None, None, None, "d.yml", "d.yml"),  # $QLESS_POOL_CONFIG, as the command line
+        (None, None, None, None, "qless-pool.yml"),  # the default search
+    ],
+)
+def test_settings_precedence(project, redis_url, flag, invoke_yaml, invoke_env, plain_env, used):
+    for name in ("a", "b", "c", "d"):
+        (project / f"{name}.yml").write_text(f"{name}: 1\n")
+    yaml_lines = ["qless_pool:", "  interval: 0.2"] + (
+        [f"  config: {invoke_yaml}"] if invoke_yaml else []
+    )
+    (project / "invoke.yaml").write_text("\n".join(yaml_lines) + "\n")
+    env = {}
+    if invoke_env:
+        env["INVOKE_QLESS_POOL_CONFIG"] = invoke_env
+    if plain_env:
+        env["QLESS_POOL_CONFIG"] = plain_env
+    result = invoke(
+        project, redis_url, "qless.pool", "--drain", *(["--config", flag] if flag else []), env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"manager started ({used})" in result.stderr
+
+
+def test_settings_reach_the_pre_tasks_from_the_environment(project, redis_url):
+    # No invoke.yaml: Invoke itself would not load INVOKE_QLESS_POOL_PRELOAD for a pre-task.
+    result = invoke(
+        project, redis_url, "qless.pool", "--drain",
+        env={"INVOKE_QLESS_POOL_PRELOAD": "chainapp", "INVOKE_QLESS_POOL_INTERVAL": "0.2"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "preload" in [what for what, *_ in chain(project)]
+
+
+def test_environment_and_redis_flags(project, redis_url, client):
+    (project / "qless-pool.yml").write_text("foo: 1\nstaging:\n  bar: 1\n")
+    put(client, "bar", "Noop")
+    result = invoke(
+        project, "unix:///nowhere.sock", "qless.pool", "--drain", "--environment", "staging",
+        "--redis", redis_url, env={"INVOKE_QLESS_POOL_INTERVAL": "0.2"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "drained foo,bar: 1 completed, 0 failed" in result.stdout
+
+
+# --- qless.work and drain exit codes --------------------------------------------------------------
+
+
+def test_qless_work_takes_its_queues_from_QUEUES(project, redis_url, client, redis_conn):
+    process = subprocess.Popen(
+        [INVOKE, "qless.work"],
+        cwd=project,
+        env={
+            **os.environ,
+            "QUEUES": "bar,foo",
+            "QLESS_URL": redis_url,
+            "CHAIN_LOG": str(project / "chain.log"),
+            "PYTHONPATH": os.pathsep.join([str(TESTS), str(project)]),
+            "INVOKE_QLESS_POOL_INTERVAL": "0.2",
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        match = wait_for(lambda: WAITING.match(title(process.pid)))
+        assert match.group(1) == "bar,foo"
+        assert children(process.pid) == []  # the worker is the task process itself
+        jid = put(client, "foo", "Noop")
+        wait_state(client, jid, "complete")
+        process.send_signal(signal.SIGQUIT)
+        assert process.wait(timeout=10) == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_qless_work_without_queues_says_how_to_name_them(project, redis_url):
+    result = invoke(project, redis_url, "qless.work")
+    assert result.returncode == 2
+    assert "name the queues with --queues foo,bar or QUEUES=foo,bar" in result.stderr
+
+
+def test_drain_exit_codes_through_invoke(project, redis_url, client, redis_conn):
+    env = {"INVOKE_QLESS_POOL_INTERVAL": "0.2"}
+    put(client, "foo", "Chain", {"left": 2})
+    good = invoke(project, redis_url, "qless.pool", "--drain", env=env)
+    assert good.returncode == 0, good.stderr
+    assert "3 completed, 0 failed" in good.stdout  # follow-up jobs were waited for
+    put(client, "foo", "Fail")
+    bad = invoke(project, redis_url, "qless.pool", "--drain", env=env)
+    assert bad.returncode == 1
+    assert "0 completed, 1 failed" in bad.stdout
+
+
+# --- the demo -------------------------------------------------------------------------------------
+
+
+def _no_demo_left() -> bool:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as file:
+                    cmdline = file.read()
+            except OSError:
+                continue
+            if b"qless-pool-demo-" in cmdline or b"qless-pool-manager[demo]" in cmdline:
+                return False
+    return True
+
+
+def _demo(env=None, timeout=120):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("QLESS_", "INVOKE_"))}
+    environ.update(env or {})
+    return subprocess.run(
+        [INVOKE, "demo", "--jobs", "60"], cwd=ROOT, env=environ, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def test_invoke_demo_end_to_end_with_an_embedded_redis():
+    result = _demo()
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "qless-pool demo: embedded redis-server" in out
+    assert "enqueued 60 jobs on foo, bar, baz" in out
+    assert re.search(r"qless-pool-manager\[demo\]: managing \[", out)  # the process tree
+    assert "qless-pool: drained foo,bar,baz: 57 completed, 3 failed in " in out
+    assert "demo finished: 57 completed, 3 failed on purpose, nothing left running" in out
+    reap_orphans()
+    wait_for(_no_demo_left, message="nothing of the demo left running")
+
+
+def test_invoke_demo_uses_QLESS_URL_when_set(redis_url, client):
+    result = _demo(env={"QLESS_URL": redis_url})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"using $QLESS_URL ({redis_url})" in result.stdout
+    assert client.redis.zcard("ql:completed") == 57  # the jobs ran on this Redis
+    reap_orphans()
+    wait_for(_no_demo_left, message="nothing of the demo left running")
