@@ -107,11 +107,14 @@ def _driver_options(announce: bool = True) -> dict[str, Any]:
 def redis_is_down(error: BaseException) -> bool:
     """Is ``error`` Redis being away (down, restarting, loading, or a read-only replica after a
     failover) rather than a refusal by qless? qless-py turns every error reply into a plain
-    ``QlessException``; the reply it came from is kept as the exception's context."""
+    ``QlessException``: Redis 7 answers a write on a replica with READONLY (kept as the
+    exception's context), Redis 6.2 with a script error quoting it."""
     if isinstance(error, REDIS_DOWN):
         return True
-    return isinstance(error, QlessException) and isinstance(
-        error.__context__, redis.exceptions.ReadOnlyError
+    if not isinstance(error, QlessException):
+        return False
+    return isinstance(error.__context__, redis.exceptions.ReadOnlyError) or (
+        "READONLY You can't write against a read only replica" in str(error)
     )
 
 

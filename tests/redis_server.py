@@ -68,7 +68,8 @@ class RedisServer:
             "--port", "0",
             "--unixsocket", self.socket,
             "--unixsocketperm", "700",
-            "--save", "3600 1" if self.persistent else "",
+            # Two words, not "3600 1": Redis 6.2 reads the one-word form as no save points.
+            "--save", *(["3600", "1"] if self.persistent else [""]),
             "--appendonly", "no",
             "--dir", self.directory,
             "--logfile", os.path.join(self.directory, "redis.log"),

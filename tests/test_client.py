@@ -10,9 +10,10 @@ import time
 
 import pytest
 import qless
+import redis
 from qless.exceptions import LostLockException, QlessException
 
-from qless_pool.client import LOCAL_EXTEND, connect, fix_script, fixed_script
+from qless_pool.client import LOCAL_EXTEND, connect, fix_script, fixed_script, redis_is_down
 
 KLASS = "jobs.Noop"
 
@@ -95,6 +96,40 @@ print("patched pop:", client.queues["foo"].pop().jid == jid)
         "patched put: waiting",
         "patched pop: True",
     ]
+
+
+@pytest.mark.parametrize(
+    ("error", "down"),
+    [
+        (redis.ConnectionError("gone"), True),
+        (redis.TimeoutError("slow"), True),
+        (redis.BusyLoadingError("loading"), True),
+        # Redis 6.2 quotes the replica's refusal in a script error.
+        (
+            QlessException(
+                "Error running script (call to f_d9bf): @user_script:1122: @user_script: 1122: "
+                "-READONLY You can't write against a read only replica."
+            ),
+            True,
+        ),
+        (QlessException("Heartbeat(): Job given out to another worker: w2"), False),
+        (ValueError("not Redis at all"), False),
+    ],
+)
+def test_redis_is_down_tells_an_outage_from_a_refusal(error, down):
+    assert redis_is_down(error) is down
+
+
+def test_redis_is_down_on_a_read_only_replica(qless_client):
+    # Redis 7 replies READONLY; qless-py wraps it, and the reply stays the exception's context.
+    qless_client.queues["foo"].put(KLASS, {})
+    qless_client.redis.execute_command("REPLICAOF", "127.0.0.1", "1")
+    try:
+        with pytest.raises(QlessException) as refused:
+            qless_client.queues["foo"].pop()
+    finally:
+        qless_client.redis.execute_command("REPLICAOF", "NO", "ONE")
+    assert redis_is_down(refused.value)
 
 
 def test_connect_names_the_worker_and_the_driver(qless_client):

@@ -37,6 +37,8 @@ def needs(tool: str) -> str:
 def render(example: str, app_root: Path, user: str = "root") -> str:
     """The example with its placeholders (/srv/myapp, user myapp) made real."""
     text = (EXAMPLES / example).read_text()
+    if os.getuid() != 0:  # only root may tell monit to switch users
+        text = "\n".join(line for line in text.splitlines() if "as uid myapp" not in line)
     return (
         text.replace("/srv/myapp/.venv/bin/qless-pool", SCRIPT)
         .replace("/srv/myapp", str(app_root))
