@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import pytest
 import redis
+from processes import become_subreaper
 from redis_server import RedisServer, server_binary, server_version
 
 from qless_pool.client import connect
+
+# Orphans of the pools the tests start are re-parented to this process, so tests can reap them
+# and find them for cleanup.
+become_subreaper()
 
 
 def pytest_report_header(config):
@@ -40,3 +45,9 @@ def redis_conn(redis_url):
 @pytest.fixture
 def qless_client(redis_url):
     return connect(redis_url, worker_name="test-worker")
+
+
+@pytest.fixture
+def client(redis_url):
+    """A qless client for the test's own puts and looks (not a worker)."""
+    return connect(redis_url, worker_name="test-producer")

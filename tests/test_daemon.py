@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from processes import (
     alive,
-    become_subreaper,
     children,
     kill_processes_in,
     reap_orphans,
@@ -23,12 +22,8 @@ from processes import (
 from test_manager import MANAGER
 from test_worker import PAUSED, WAITING, put, wait_state
 
-from qless_pool.client import connect
-
 TESTS = Path(__file__).resolve().parent
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "qless-pool")
-
-become_subreaper()
 
 
 @pytest.fixture
@@ -41,11 +36,6 @@ def project(tmp_path, redis_url):
     for name in ("log/qless-pool.stderr.log", "pool.log"):
         if (tmp_path / name).exists():
             print(f"--- {name} ---\n{(tmp_path / name).read_text()}")
-
-
-@pytest.fixture
-def client(redis_url):
-    return connect(redis_url, worker_name="test-producer")
 
 
 def qless_pool(project, redis_url, *args, env=None, timeout=30):

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from processes import (
     alive,
-    become_subreaper,
     children,
     kill_processes_in,
     reap_orphans,
@@ -20,12 +19,8 @@ from processes import (
 )
 from test_worker import put, runs, wait_state
 
-from qless_pool.client import connect
-
 TESTS = Path(__file__).resolve().parent
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "qless-pool")
-
-become_subreaper()
 
 
 @pytest.fixture
@@ -34,11 +29,6 @@ def project(tmp_path):
     yield tmp_path
     kill_processes_in(tmp_path)
     reap_orphans()
-
-
-@pytest.fixture
-def client(redis_url):
-    return connect(redis_url, worker_name="test-producer")
 
 
 def drain(project, redis_url, *args, timeout=60):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from processes import alive, become_subreaper, children, kill_processes_in, reap_orphans, wait_for
+from processes import alive, children, kill_processes_in, reap_orphans, wait_for
 
 from qless_pool.cli import build_parser
 
@@ -21,8 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 TESTS = ROOT / "tests"
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "qless-pool")
-
-become_subreaper()
 
 
 def needs(tool: str) -> str:

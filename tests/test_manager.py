@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from processes import (
     alive,
-    become_subreaper,
     children,
     kill_processes_in,
     kill_tree,
@@ -24,8 +23,6 @@ from processes import (
     wait_for,
 )
 from test_worker import FORKED, PAUSED, PROCESSING, WAITING, history_events, put, wait_state
-
-from qless_pool.client import connect
 
 TESTS = Path(__file__).resolve().parent
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "qless-pool")
@@ -38,8 +35,6 @@ bar: 2
 production:
   "foo,bar,baz": 4
 """
-
-become_subreaper()
 
 
 @dataclass
@@ -144,11 +139,6 @@ def start_pool(redis_url, tmp_path):
         pool.process.wait(timeout=10)
         print(f"--- {pool.log} ---\n{pool.log_text()}")
     reap_orphans()
-
-
-@pytest.fixture
-def client(redis_url):
-    return connect(redis_url, worker_name="test-producer")
 
 
 PRODUCTION = {"foo": 1, "bar": 2, "foo,bar,baz": 4}

@@ -13,17 +13,15 @@ from pathlib import Path
 
 import pytest
 from invoke import Collection, Program, task
-from processes import become_subreaper, children, kill_processes_in, reap_orphans, title, wait_for
+from processes import children, kill_processes_in, reap_orphans, title, wait_for
 from test_worker import WAITING, put, wait_state
 
 import qless_pool.tasks
-from qless_pool.client import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 INVOKE = os.path.join(os.path.dirname(sys.executable), "invoke")
 
-become_subreaper()
 
 USER_TASKS = """\
 import os
@@ -70,11 +68,6 @@ def project(tmp_path):
     yield tmp_path
     kill_processes_in(tmp_path)
     reap_orphans()
-
-
-@pytest.fixture
-def client(redis_url):
-    return connect(redis_url, worker_name="test-producer")
 
 
 def invoke(project, redis_url, *args, env=None, timeout=60):

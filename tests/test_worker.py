@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from processes import alive, become_subreaper, children, kill_tree, reap_orphans, title, wait_for
+from processes import alive, children, kill_tree, reap_orphans, title, wait_for
 from redis_server import RedisServer
 
 from qless_pool.client import connect
@@ -27,8 +27,6 @@ FORKED = re.compile(rf"^qless-{VERSION}: Forked (\d+) at (\d+)$")
 PROCESSING = re.compile(rf"^qless-{VERSION}: Processing (\S+) since (\d+)$")
 PAUSED = re.compile(rf"^qless-{VERSION}: Paused$")
 ANY_WORKER = re.compile(rf"^qless-{VERSION}: (Waiting|Forked|Processing|Paused)")
-
-become_subreaper()
 
 
 @dataclass
@@ -86,11 +84,6 @@ def start_worker(redis_url, tmp_path):
         worker.process.wait(timeout=10)
         print(f"--- {worker.log} ---\n{worker.log_text()}")
     reap_orphans()
-
-
-@pytest.fixture
-def client(redis_url):
-    return connect(redis_url, worker_name="test-producer")
 
 
 def runs(redis_conn) -> list[dict]:
