@@ -13,11 +13,13 @@ rest of the script is untouched, so behaviour is exactly qless-core's.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import pkgutil
 import re
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import qless
 import redis
@@ -26,6 +28,7 @@ from qless.exceptions import QlessException
 __all__ = [
     "DEFAULT_REDIS_URL",
     "REDIS_DOWN",
+    "Outage",
     "connect",
     "default_redis_url",
     "fix_script",
@@ -39,6 +42,8 @@ DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 #: The errors that mean "Redis is not there right now" (down, restarting, loading, unreachable),
 #: as opposed to a refusal by qless (``QlessException``).
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+#: The longest pause between two attempts to reach Redis during an outage.
+MAX_OUTAGE_BACKOFF = 30.0
 
 LOCAL_EXTEND = "qless_table_extend"
 _EXTEND_DEFINITION = re.compile(r"^function\s+table\.extend\s*\(", re.MULTILINE)
@@ -102,6 +107,32 @@ def _driver_options(announce: bool = True) -> dict[str, Any]:
         return {"driver_info": None}
     info = DriverInfo(name="redis-py", lib_version=redis.__version__)
     return {"driver_info": info.add_upstream_driver("qless-pool", __version__)}
+
+
+@dataclass
+class Outage:
+    """Redis being away: logged once (to ``log``) when it starts and once when it ends, and
+    retried with an exponential backoff capped at MAX_OUTAGE_BACKOFF seconds."""
+
+    log: logging.Logger
+    since: Optional[float] = None
+    delay: float = 0.0
+    retry_at: float = 0.0
+
+    def ready(self, now: float) -> bool:
+        return now >= self.retry_at
+
+    def failed(self, now: float, error: BaseException) -> None:
+        if self.since is None:
+            self.since = now
+            self.log.error("Redis is unavailable (%s); retrying with backoff", error)
+        self.delay = min(max(self.delay * 2, 0.5), MAX_OUTAGE_BACKOFF)
+        self.retry_at = now + self.delay
+
+    def recovered(self, now: float) -> None:
+        if self.since is not None:
+            self.log.warning("Redis is back after %.1fs", now - self.since)
+        self.since, self.delay, self.retry_at = None, 0.0, 0.0
 
 
 def redis_is_down(error: BaseException) -> bool:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Optional
 
-from .client import REDIS_DOWN, connect, redis_is_down
+from .client import REDIS_DOWN, Outage, connect, redis_is_down
 from .logs import logger, set_role
 from .proctitle import set_title
 
@@ -77,22 +77,17 @@ class DrainWatcher:
         set_title(f"qless-pool-drain{app}: watching {','.join(self.queues)}")
         self.client = connect(self.redis_url, f"{os.uname().nodename}-{os.getpid()}-drain")
         empty_looks = 0
-        outage_since: Optional[float] = None
-        delay = self.interval
+        outage = Outage(log)
         while os.getppid() == self.manager_pid:
-            try:
-                empty_looks = empty_looks + 1 if self._drained() else 0
-                if outage_since is not None:
-                    log.warning("Redis is back after %.1fs", time.monotonic() - outage_since)
-                    outage_since, delay = None, self.interval
-            except Exception as error:
-                if not redis_is_down(error):
-                    raise
-                if outage_since is None:
-                    outage_since = time.monotonic()
-                    log.error("Redis is unavailable (%s); retrying with backoff", error)
-                delay = min(max(delay * 2, 0.5), 30.0)
-                empty_looks = 0
+            if outage.ready(time.monotonic()):
+                try:
+                    empty_looks = empty_looks + 1 if self._drained() else 0
+                    outage.recovered(time.monotonic())
+                except Exception as error:
+                    if not redis_is_down(error):
+                        raise
+                    outage.failed(time.monotonic(), error)
+                    empty_looks = 0
             if empty_looks >= 2:
                 summary = self.summary()
                 print(summary.line(), flush=True)
@@ -101,7 +96,7 @@ class DrainWatcher:
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
                 os.kill(self.manager_pid, signal.SIGQUIT)
                 return summary.status
-            time.sleep(min(delay, CONFIRM_AFTER) if empty_looks else delay)
+            time.sleep(min(self.interval, CONFIRM_AFTER) if empty_looks else self.interval)
         log.info("the manager is gone; the drain watcher exits")
         return 0
 

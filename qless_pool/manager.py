@@ -155,7 +155,8 @@ class Pool:
         self.groups = self.source.load()
 
     def run(self) -> int:
-        """Run the pool until a signal ends it; returns the exit status (0)."""
+        """Run the pool until a signal (or drain mode) ends it; returns the exit status: 0, or in
+        drain mode 1 if a job failed."""
         self.pid = os.getpid()
         set_role("manager", self.appname)
         if self.groups is None:
@@ -179,7 +180,10 @@ class Pool:
                 self.reap()
                 while self.signals and self.stopping != "now":
                     self.handle_signal(self.signals.popleft())
-                if self.stopping == "now" or (self.stopping == "wait" and not self.workers):
+                if self.stopping == "now" or (
+                    # The drain watcher's exit status is the run's verdict: wait for it too.
+                    self.stopping == "wait" and not self.workers and self.drain_pid is None
+                ):
                     break
                 if self.stopping is None:
                     self.reconcile()

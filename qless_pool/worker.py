@@ -47,7 +47,7 @@ import qless
 from qless.exceptions import QlessException
 
 from . import proctitle
-from .client import REDIS_DOWN, connect, default_redis_url, redis_is_down
+from .client import REDIS_DOWN, Outage, connect, default_redis_url, redis_is_down
 from .logs import logger, set_role
 
 __all__ = [
@@ -70,8 +70,6 @@ HANDLED_SIGNALS = (
     signal.SIGCONT,
     signal.SIGCHLD,
 )
-#: The longest pause between two attempts to reach Redis during an outage.
-MAX_OUTAGE_BACKOFF = 30.0
 #: How often the worker wakes at least, to notice that the process that forked it is gone.
 PARENT_CHECK_INTERVAL = 1.0
 #: A report longer than this is cut (a pipe holds 64 KiB; the child must never block on it).
@@ -194,7 +192,6 @@ class JobChild:
     pid: int
     job: dict[str, Any]  # the job as qless popped it
     started: float  # epoch seconds, for titles
-    started_at: float  # monotonic
     report_fd: int
     heartbeat_every: float
     next_heartbeat: float  # monotonic
@@ -213,7 +210,11 @@ class JobChild:
         return self.job["queue"]
 
     def describe(self) -> str:
-        return f"job {self.jid} ({self.job['klass']}) from {self.queue}"
+        return describe_job(self.job)
+
+
+def describe_job(job: dict[str, Any]) -> str:
+    return f"job {job['jid']} ({job['klass']}) from {job['queue']}"
 
 
 @dataclass
@@ -223,30 +224,6 @@ class Settlement:
     job: dict[str, Any]
     command: list[Any]  # the qless command that settles it, e.g. ["retry", jid, queue, ...]
     reason: str
-
-
-@dataclass
-class Outage:
-    """Redis being away: logged once, retried with a capped exponential backoff."""
-
-    since: Optional[float] = None
-    delay: float = 0.0
-    retry_at: float = 0.0
-
-    def ready(self, now: float) -> bool:
-        return now >= self.retry_at
-
-    def failed(self, now: float, error: BaseException) -> None:
-        if self.since is None:
-            self.since = now
-            log.error("Redis is unavailable (%s); retrying with backoff", error)
-        self.delay = min(max(self.delay * 2, 0.5), MAX_OUTAGE_BACKOFF)
-        self.retry_at = now + self.delay
-
-    def recovered(self, now: float) -> None:
-        if self.since is not None:
-            log.warning("Redis is back after %.1fs", now - self.since)
-        self.since, self.delay, self.retry_at = None, 0.0, 0.0
 
 
 @dataclass
@@ -400,7 +377,7 @@ class Worker:
         self.paused = False
         self.child: Optional[JobChild] = None
         self.pending: deque[Settlement] = deque()
-        self.outage = Outage()
+        self.outage = Outage(log)
         self.subscriptions = Subscriptions(f"ql:w:{self.name}")
         self.next_poll = 0.0
         self.jobs_done = 0
@@ -647,7 +624,6 @@ class Worker:
             pid=pid,
             job=job,
             started=started,
-            started_at=now,
             report_fd=report_r,
             heartbeat_every=heartbeat_every,
             next_heartbeat=now + heartbeat_every,
@@ -773,7 +749,7 @@ class Worker:
     ) -> None:
         """Decide how a job whose run has ended is settled, and queue that for Redis."""
         self.jobs_done += 1
-        what = f"job {job['jid']} ({job['klass']}) from {job['queue']}"
+        what = describe_job(job)
         if report.get("settled"):
             log.debug("%s: settled by its child", what)
             return
@@ -811,7 +787,7 @@ class Worker:
         """Send a settlement to qless if the job is still ours; qless refuses it otherwise."""
         assert self.client is not None
         job = settlement.job
-        what = f"job {job['jid']} ({job['klass']}) from {job['queue']}"
+        what = describe_job(job)
         state, owner = self.client.redis.hmget(f"ql:j:{job['jid']}", "state", "worker")
         if state != "running" or owner != self.name:
             log.info(
