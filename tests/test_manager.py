@@ -22,7 +22,7 @@ from processes import (
     title,
     wait_for,
 )
-from test_worker import FORKED, PAUSED, PROCESSING, WAITING, history_events, put, wait_state
+from test_worker import FORKED, PAUSED, PROCESSING, WAITING, history_events, put, runs, wait_state
 
 TESTS = Path(__file__).resolve().parent
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "qless-pool")
@@ -449,7 +449,7 @@ def unique_memory(pid: int) -> int:
     return memory(pid, "Private_Clean", "Private_Dirty")
 
 
-def test_preloaded_memory_stays_shared_between_workers(start_pool, client, tmp_path):
+def test_preloaded_memory_stays_shared_between_workers(start_pool, client, tmp_path, redis_conn):
     hook_log = tmp_path / "hooks.log"
     pool = start_pool(
         "-m",
@@ -466,11 +466,13 @@ def test_preloaded_memory_stays_shared_between_workers(start_pool, client, tmp_p
     )
     manager_rss = memory(pool.pid, "Rss")
     assert manager_rss > 80 * 1024 * 1024  # the ballast is there
-    jids = [put(client, "foo", "Noop") for _ in range(12)]
+    # Jobs long enough that a busy worker leaves the next ones to the others: each runs some.
+    jids = [put(client, "foo", "Sleep", {"seconds": 0.3}) for _ in range(12)]
     for jid in jids:
         wait_state(client, jid, "complete")
     workers = pool.workers()
     assert len(workers) == 4
+    assert {run["ppid"] for run in runs(redis_conn)} == set(workers)
     added = sum(unique_memory(pid) for pid in workers)
     print(f"manager RSS {manager_rss >> 20} MiB; 4 workers add {added >> 20} MiB of their own")
     assert added < 40 * 1024 * 1024  # far less than 4 x 100 MB
