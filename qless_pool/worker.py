@@ -770,7 +770,12 @@ class Worker:
             ]
             self.pending.append(Settlement(job, command, message))
             return
-        ended = kill_reason or _describe_status(status)
+        if status is None:  # ran in this process (--no-fork-per-job)
+            ended = kill_reason or "the job was interrupted"
+        else:
+            ended = _describe_status(status)
+            if kill_reason:
+                ended = f"{kill_reason}: {ended}"
         message = f"{ended}; the job did not complete or fail"
         command = [
             "retry",
@@ -950,8 +955,8 @@ def _kill_group(pid: int, signum: int) -> None:
             raise
 
 
-def _describe_status(status: Optional[int]) -> str:
-    if status is None or status < 0:
+def _describe_status(status: int) -> str:
+    if status < 0:
         return "its child vanished"
     if os.WIFSIGNALED(status):
         return f"its child was killed by {signal.Signals(os.WTERMSIG(status)).name}"
