@@ -32,23 +32,15 @@ from .config import ConfigError, ConfigSource, Groups
 from .drain import DrainWatcher, run_watcher
 from .logs import configure as configure_logging
 from .logs import logger, set_role
-from .worker import Worker
+from .worker import HANDLED_SIGNALS, Worker
 
 __all__ = ["TERM_BEHAVIOURS", "Pool", "WorkerRecord", "preload", "run"]
 
 log = logger.getChild("manager")
 
-MANAGER_SIGNALS = (
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGINT,
-    signal.SIGTERM,
-    signal.SIGWINCH,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGCONT,
-    signal.SIGCHLD,
-)
+#: Signals only the manager handles; the rest are the worker's too.
+MANAGER_ONLY_SIGNALS = (signal.SIGHUP, signal.SIGWINCH)
+MANAGER_SIGNALS = (*MANAGER_ONLY_SIGNALS, *HANDLED_SIGNALS)
 #: What TERM does: "immediate" (INT every worker, exit at once; the default), "graceful"
 #: (QUIT every worker, exit at once) or "graceful-wait" (as QUIT: wait for the workers).
 TERM_BEHAVIOURS = ("immediate", "graceful", "graceful-wait")
@@ -465,6 +457,9 @@ class Pool:
                 os.close(fd)
             for signum in MANAGER_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
+            # The worker unblocks its own signals once its handlers are in place; these it
+            # never handles, and a blocked mask would pass to every job (even across exec).
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGER_ONLY_SIGNALS)
             if not self.single_process_group:
                 # Its own process group: a terminal's Ctrl-C reaches the manager only.
                 os.setpgid(0, 0)

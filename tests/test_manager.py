@@ -363,6 +363,22 @@ def test_usr1_is_passed_on_and_kills_the_running_job(start_pool, client):
 # --- keeping the counts ---------------------------------------------------------------------------
 
 
+def blocked_signals(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as file:
+        return int(next(line for line in file if line.startswith("SigBlk:")).split()[1], 16)
+
+
+def test_workers_and_job_children_run_with_no_signal_blocked(start_pool, client, redis_conn):
+    # The manager blocks its signals across each fork; nothing may stay blocked afterwards (a
+    # blocked mask is inherited by everything a job runs, even across exec).
+    pool = start_pool(config="foo: 1\n", expect={"foo": 1})
+    [worker] = pool.workers()
+    assert blocked_signals(worker) == 0
+    jid = put(client, "foo", "SignalMask")
+    wait_state(client, jid, "complete")
+    assert runs(redis_conn)[0]["blocked"] == []
+
+
 def test_a_worker_killed_with_9_is_replaced(start_pool):
     pool = start_pool(config="foo: 1\nbar: 1\n", expect={"foo": 1, "bar": 1})
     victim = next(pid for pid, t in pool.worker_titles().items() if t.endswith("Waiting for bar"))

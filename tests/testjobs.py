@@ -91,3 +91,16 @@ class Chain:
         left = job.data["left"]
         if left:
             job.client.queues[job.queue_name].put("testjobs.Chain", {"left": left - 1})
+
+
+class SignalMask:
+    """Records the signals blocked in the job child (none should be)."""
+
+    @staticmethod
+    def process(job):
+        import signal
+
+        blocked = sorted(
+            signal.Signals(s).name for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        )
+        _record(job, blocked=blocked)
