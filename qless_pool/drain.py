@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Optional
 
-from .client import REDIS_DOWN, Outage, connect, redis_is_down
+from .client import Outage, connect, redis_is_down
 from .logs import logger, set_role
 from .proctitle import set_title
 
@@ -181,7 +181,7 @@ def run_watcher(watcher: DrainWatcher) -> int:
     """The drain watcher's process body (after the manager's fork)."""
     try:
         return watcher.run()
-    except (*REDIS_DOWN, Exception):
+    except Exception:
         log.exception("the drain watcher failed")
         return 70
     finally:

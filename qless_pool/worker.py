@@ -209,9 +209,6 @@ class JobChild:
     def queue(self) -> str:
         return self.job["queue"]
 
-    def describe(self) -> str:
-        return describe_job(self.job)
-
 
 def describe_job(job: dict[str, Any]) -> str:
     return f"job {job['jid']} ({job['klass']}) from {job['queue']}"
@@ -631,7 +628,7 @@ class Worker:
         )
         # While busy, stop hearing every event of the whole qless instance.
         self.subscriptions.listen_for_puts(False)
-        log.debug("forked %d for %s", pid, self.child.describe())
+        log.debug("forked %d for %s", pid, describe_job(job))
 
     def _run_child(self, job: dict[str, Any], started: float, report_fd: int) -> NoReturn:
         """The job child: run the job, report, exit. Never returns."""
@@ -724,7 +721,7 @@ class Worker:
         child = self.child
         if child is None or child.kill_reason is not None:
             return
-        log.warning("killing job child %d: %s (%s)", child.pid, reason, child.describe())
+        log.warning("killing job child %d: %s (%s)", child.pid, reason, describe_job(child.job))
         child.kill_reason = reason
         _kill_group(child.pid, signal.SIGTERM)
         child.escalate_at = time.monotonic() + self.kill_grace
