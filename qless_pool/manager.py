@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-from . import hooks, proctitle
+from . import hooks, lifeline, proctitle
 from .config import ConfigError, ConfigSource, Groups
 from .drain import DrainWatcher, run_watcher
 from .logs import configure as configure_logging
@@ -154,6 +154,8 @@ class Pool:
         if self.groups is None:
             self.load_config()
         self._install_signal_handlers()
+        # A job child whose worker was killed comes to us, so that what it left is killed too.
+        subreaper = lifeline.become_subreaper()
         log.info(
             "manager started (%s): %s",
             self.source.name,
@@ -182,6 +184,8 @@ class Pool:
                 self._update_title()
         finally:
             self._restore_signal_handlers()
+            if subreaper:
+                lifeline.become_subreaper(False)
         log.info("manager exiting")
         return self.exit_status
 
@@ -331,12 +335,10 @@ class Pool:
     def reap(self) -> None:
         """Collect every exited child; a worker leaves the table only here."""
         while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
+            reaped = lifeline.reap(None, self._is_orphaned_job)
+            if reaped is None:
                 return
-            if pid == 0:
-                return
+            pid, status = reaped
             if pid == self.drain_pid:
                 self._drain_watcher_exited(status)
                 continue
@@ -351,6 +353,15 @@ class Pool:
                 continue
             log.warning("%s died: %s after %.1fs", what, _describe(status), lived)
             self._note_exit(record.queues, lived)
+
+    def _is_orphaned_job(self, pid: int) -> bool:
+        """An exited process we adopted (as subreaper) that led a process group of our session:
+        a job child whose worker parent was killed. Whatever it left in its group is killed."""
+        return (
+            pid not in self.workers
+            and pid != self.drain_pid
+            and lifeline.leads_group_in_session(pid)
+        )
 
     def _drain_watcher_exited(self, status: int) -> None:
         self.drain_pid = None
@@ -494,6 +505,7 @@ class Pool:
         return worker.work()
 
     def _become_drain_watcher(self, started: float) -> int:
+        lifeline.die_with_parent(self.pid)
         # The signals stay unblocked-by-default here: the watcher uses default dispositions.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGER_SIGNALS)
         queues = [queue for group in self.groups or {} for queue in group]

@@ -29,7 +29,6 @@ carries on where it was when Redis answers again.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -46,7 +45,7 @@ from typing import Any, NoReturn, Optional
 import qless
 from qless.exceptions import QlessException
 
-from . import proctitle
+from . import lifeline, proctitle
 from .client import REDIS_DOWN, Outage, connect, default_redis_url, redis_is_down
 from .logs import logger, set_role
 
@@ -606,6 +605,7 @@ class Worker:
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         pid = os.fork()
         if pid == 0:  # the job child
+            lifeline.die_with_parent(self.pid)
             os.close(report_r)
             self._run_child(job, started, report_w)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
@@ -641,6 +641,8 @@ class Worker:
             report = _run_job(self._child_client, job)
             _write_report(report_fd, report)
             status = 0
+        except BrokenPipeError:
+            pass  # the worker parent is gone (and this child about to be): nothing to tell
         except BaseException:
             log.exception("job %s crashed its child process", job.get("jid"))
         finally:
@@ -697,10 +699,12 @@ class Worker:
         child = self.child
         assert child is not None
         try:
-            pid, status = os.waitpid(child.pid, os.WNOHANG)
+            # Whatever the job left running in its process group dies with it.
+            reaped = lifeline.reap(child.pid)
         except ChildProcessError:
-            pid, status = child.pid, -1
-        if pid == child.pid:
+            reaped = child.pid, -1
+        if reaped is not None:
+            status = reaped[1]
             child.report += _read_all(child.report_fd)
             os.close(child.report_fd)
             self.child = None
@@ -714,7 +718,7 @@ class Worker:
             log.warning(
                 "job child %d ignored SIGTERM for %gs; sending SIGKILL", child.pid, self.kill_grace
             )
-            _kill_group(child.pid, signal.SIGKILL)
+            lifeline.kill_group(child.pid, signal.SIGKILL)
             child.escalate_at = None
 
     def _kill_child(self, reason: str) -> None:
@@ -723,7 +727,7 @@ class Worker:
             return
         log.warning("killing job child %d: %s (%s)", child.pid, reason, describe_job(child.job))
         child.kill_reason = reason
-        _kill_group(child.pid, signal.SIGTERM)
+        lifeline.kill_group(child.pid, signal.SIGTERM)
         child.escalate_at = time.monotonic() + self.kill_grace
 
     def _heartbeat(self, child: JobChild) -> None:
@@ -826,7 +830,7 @@ class Worker:
     def _shut_down(self) -> None:
         child = self.child
         if child is not None:  # only when the loop itself failed: do not leave the job behind
-            _kill_group(child.pid, signal.SIGKILL)
+            lifeline.kill_group(child.pid, signal.SIGKILL)
             try:
                 os.waitpid(child.pid, 0)
             except ChildProcessError:
@@ -935,21 +939,6 @@ def _report_says_settled(child: JobChild) -> bool:
     """Has the child already reported its job settled? (It may not have been reaped yet.)"""
     child.report += _read_all(child.report_fd)
     return bool(_parse_report(child.report).get("settled"))
-
-
-def _kill_group(pid: int, signum: int) -> None:
-    try:
-        os.killpg(pid, signum)
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-    except OSError as error:  # pragma: no cover
-        if error.errno != errno.ESRCH:
-            raise
 
 
 def _describe_status(status: int) -> str:

@@ -104,3 +104,19 @@ class SignalMask:
             signal.Signals(s).name for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])
         )
         _record(job, blocked=blocked)
+
+
+class Spawn:
+    """Starts ``sleep 300`` in the background (in a session of its own if ``data["setsid"]``),
+    records its pid, then sleeps ``data["seconds"]`` (on its first attempt only)."""
+
+    @staticmethod
+    def process(job):
+        import subprocess
+
+        background = subprocess.Popen(
+            ["sleep", "300"], start_new_session=bool(job.data.get("setsid"))
+        )
+        _record(job, background=background.pid)
+        if job.retries_left == job.original_retries:
+            time.sleep(job.data.get("seconds", 0))
