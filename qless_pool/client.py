@@ -26,7 +26,9 @@ import redis
 from qless.exceptions import QlessException
 
 __all__ = [
+    "CONTROL_TIMEOUT",
     "DEFAULT_REDIS_URL",
+    "JOB_SOCKET_TIMEOUT",
     "REDIS_DOWN",
     "Outage",
     "connect",
@@ -44,6 +46,14 @@ DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 #: The longest pause between two attempts to reach Redis during an outage.
 MAX_OUTAGE_BACKOFF = 30.0
+#: How long the pool's own calls (a worker parent's pop, heartbeat and settling, the drain
+#: watcher's looks) wait for Redis to accept a connection or to answer. Short, so that a Redis
+#: that stalls (accepts connections and never answers) cannot keep a worker from seeing QUIT,
+#: TERM or INT for long: the worker acts on signals between calls. A call that times out is an
+#: outage, retried with backoff. A healthy Redis answers qless's calls in well under 10 ms.
+CONTROL_TIMEOUT = 3.0
+#: How long a job's own client waits for an answer: a job may send slow commands on purpose.
+JOB_SOCKET_TIMEOUT = 30.0
 
 LOCAL_EXTEND = "qless_table_extend"
 _EXTEND_DEFINITION = re.compile(r"^function\s+table\.extend\s*\(", re.MULTILINE)

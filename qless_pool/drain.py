@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Optional
 
-from .client import Outage, connect, redis_is_down
+from .client import CONTROL_TIMEOUT, Outage, connect, redis_is_down
 from .logs import logger, set_role
 from .proctitle import set_title
 
@@ -75,21 +75,28 @@ class DrainWatcher:
         set_role("drain", self.appname)
         app = f"[{self.appname}]" if self.appname else ""
         set_title(f"qless-pool-drain{app}: watching {','.join(self.queues)}")
-        self.client = connect(self.redis_url, f"{os.uname().nodename}-{os.getpid()}-drain")
+        self.client = connect(
+            self.redis_url,
+            f"{os.uname().nodename}-{os.getpid()}-drain",
+            socket_connect_timeout=CONTROL_TIMEOUT,
+            socket_timeout=CONTROL_TIMEOUT,
+        )
         empty_looks = 0
+        summary: Optional[Summary] = None
         outage = Outage(log)
         while os.getppid() == self.manager_pid:
             if outage.ready(time.monotonic()):
                 try:
                     empty_looks = empty_looks + 1 if self._drained() else 0
+                    if empty_looks >= 2:
+                        summary = self.summary()
                     outage.recovered(time.monotonic())
                 except Exception as error:
                     if not redis_is_down(error):
                         raise
                     outage.failed(time.monotonic(), error)
                     empty_looks = 0
-            if empty_looks >= 2:
-                summary = self.summary()
+            if summary is not None:
                 print(summary.line(), flush=True)
                 # The manager answers QUIT by stopping its children, this one included; the
                 # TERM must not turn the exit status (the run's verdict) into a signal.

@@ -46,7 +46,15 @@ import qless
 from qless.exceptions import QlessException
 
 from . import lifeline, proctitle
-from .client import REDIS_DOWN, Outage, connect, default_redis_url, redis_is_down
+from .client import (
+    CONTROL_TIMEOUT,
+    JOB_SOCKET_TIMEOUT,
+    REDIS_DOWN,
+    Outage,
+    connect,
+    default_redis_url,
+    redis_is_down,
+)
 from .logs import logger, set_role
 
 __all__ = [
@@ -265,12 +273,15 @@ class Subscriptions:
         self.channels.add(channel)
         return events
 
-    def _read_until_subscribed(self, channels: set[str], timeout: float = 5.0) -> list[dict]:
+    def _read_until_subscribed(self, channels: set[str]) -> list[dict]:
         events: list[dict[str, Any]] = []
         pending = set(channels)
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            message = self.pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+        deadline = time.monotonic() + CONTROL_TIMEOUT
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:  # a stalled Redis: an outage like any other call that times out
+                raise REDIS_DOWN[1](f"Redis did not confirm SUBSCRIBE {', '.join(pending)}")
+            message = self.pubsub.get_message(timeout=left)
             if message is None:
                 continue
             if message["type"] == "subscribe":
@@ -359,15 +370,22 @@ class Worker:
         self.watch_parent = watch_parent
         self.kill_grace = kill_grace
         self.appname = appname
+        # The worker's own calls time out soon (a stalled Redis must not hide a signal for
+        # long); the job's client waits longer. redis_options override both.
         self.redis_options = {
-            "socket_connect_timeout": 5.0,
-            "socket_timeout": 30.0,
+            "socket_connect_timeout": CONTROL_TIMEOUT,
+            "socket_timeout": CONTROL_TIMEOUT,
+            **(redis_options or {}),
+        }
+        self.job_redis_options = {
+            "socket_connect_timeout": CONTROL_TIMEOUT,
+            "socket_timeout": JOB_SOCKET_TIMEOUT,
             **(redis_options or {}),
         }
         self.pid = os.getpid()
         self.name = f"{socket.gethostname()}-{self.pid}"
-        self.client: Optional[JobClient] = None
-        self._child_client: Optional[JobClient] = None
+        self.client: Optional[qless.Client] = None
+        self.job_client: Optional[JobClient] = None
         # What the loop acts on. Signal handlers touch none of it: they only wake the loop.
         self.stopping = False
         self.paused = False
@@ -392,14 +410,17 @@ class Worker:
         self.subscriptions = Subscriptions(f"ql:w:{self.name}")
         set_role("worker", self.appname)
         self._install_signal_handlers()
-        self.client = connect(
-            self.redis_url, self.name, client_class=JobClient, **self.redis_options
-        )
-        # The job children's client, made once here and never used here: each child's first
-        # command opens a connection of its own (redis-py drops a pool it finds in a forked
-        # process). Building a client in every child cost about 1.5 ms of copy-on-write faults.
-        self._child_client = connect(
-            self.redis_url, self.name, client_class=JobClient, announce=False, **self.redis_options
+        self.client = connect(self.redis_url, self.name, **self.redis_options)
+        # The jobs' client, made once here. With a child per job it is never used here: each
+        # child's first command opens a connection of its own (redis-py drops a pool it finds in
+        # a forked process); building a client in every child cost about 1.5 ms of copy-on-write
+        # faults. Jobs run in this process (--no-fork-per-job) use it here.
+        self.job_client = connect(
+            self.redis_url,
+            self.name,
+            client_class=JobClient,
+            announce=not self.fork_per_job,
+            **self.job_redis_options,
         )
         log.info(
             "worker %s started on %s (%s, %s)",
@@ -638,7 +659,7 @@ class Worker:
             proctitle.set_title(proctitle.processing(job["queue"], started))
             os.setpgid(0, 0)  # its own group, so a kill reaches whatever the job started
             set_role("job", self.appname)
-            report = _run_job(self._child_client, job)
+            report = _run_job(self.job_client, job)
             _write_report(report_fd, report)
             status = 0
         except BrokenPipeError:
@@ -664,7 +685,7 @@ class Worker:
 
     def _run_in_process(self, job: dict[str, Any]) -> None:
         """--no-fork-per-job: run the job here. TERM, INT and USR1 interrupt it; QUIT waits."""
-        assert self.client is not None
+        assert self.job_client is not None
         started = time.time()
         self._set_title(proctitle.processing(job["queue"], started))
         self.subscriptions.listen_for_puts(False)
@@ -677,7 +698,7 @@ class Worker:
             signal.setitimer(signal.ITIMER_REAL, self.job_timeout)
         timed_out = False
         try:
-            report = _run_job(self.client, job)
+            report = _run_job(self.job_client, job)
         except JobInterrupted as interrupted:
             report = {}
             timed_out = interrupted.reason == "timeout"
@@ -690,7 +711,7 @@ class Worker:
                 signal.signal(signal.SIGALRM, signal.SIG_DFL)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            self.client.track_job(None)
+            self.job_client.track_job(None)
         self._finish_job(job, report, None, kill_reason, timed_out)
 
     # --- supervising the child ------------------------------------------------------------------
