@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import yaml
@@ -31,6 +33,7 @@ __all__ = [
     "DEFAULT_PATHS",
     "ENVIRONMENT_VARIABLES",
     "EX_CONFIG",
+    "MAX_WORKERS",
     "ConfigError",
     "ConfigNotFound",
     "ConfigSource",
@@ -50,6 +53,11 @@ DEFAULT_PATHS = ("qless-pool.yml", "config/qless-pool.yml")
 #: The first of these that is set names the environment when none is given.
 ENVIRONMENT_VARIABLES = ("QLESS_ENV", "RACK_ENV", "RAILS_ENV")
 CONFIG_VARIABLE = "QLESS_POOL_CONFIG"
+#: The most workers one queue list may ask for (a typo of a few digits must not fork until
+#: fork fails).
+MAX_WORKERS = 1000
+#: YAML's limit on the length of a key written the usual way (``"key": value``).
+SIMPLE_KEY_LIMIT = 1024
 
 Queues = tuple[str, ...]
 Groups = dict[Queues, int]
@@ -80,12 +88,13 @@ class ConfigNotFound(ConfigError):
 
     def __init__(self, tried: list[str]):
         self.tried = tried
-        super().__init__(
-            "qless-pool",
+        Exception.__init__(
+            self,
             "no config file found (tried "
             + ", ".join(tried)
             + f"); name one with --config or ${CONFIG_VARIABLE}",
         )
+        self.source, self.problem, self.key, self.section = "", str(self), None, None
 
 
 def environment_name(
@@ -115,9 +124,21 @@ def find_config_file(
     cwd = os.getcwd() if cwd is None else cwd
     named = os.fspath(explicit) if explicit else environ.get(CONFIG_VARIABLE)
     if named:
-        if not os.path.isfile(os.path.join(cwd, named)):
-            via = "" if explicit else f" (from ${CONFIG_VARIABLE})"
-            raise ConfigError(named, f"no such config file{via}")
+        via = "" if explicit else f" (from ${CONFIG_VARIABLE})"
+        try:
+            info = os.stat(os.path.join(cwd, named))
+        except FileNotFoundError:
+            raise ConfigError(named, f"no such config file{via}") from None
+        except NotADirectoryError:
+            raise ConfigError(
+                named, f"no such config file{via}: a part of the path is not a directory"
+            ) from None
+        except PermissionError:
+            raise ConfigError(
+                named, f"cannot be read{via}: a directory on its path cannot be searched"
+            ) from None
+        if stat.S_ISDIR(info.st_mode):
+            raise ConfigError(named, f"is a directory, not a config file{via}")
         return named
     tried = []
     for path in DEFAULT_PATHS:
@@ -128,39 +149,128 @@ def find_config_file(
 
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+#: Stands in the YAML text for the n-th ``${VAR}`` until the file's structure is read: letters
+#: and digits only, so it reads as part of whatever scalar the variable was written in.
+_MARK = re.compile(r"qlesspoolvar([0-9]+)x")
+
+
+@dataclass(frozen=True)
+class _Variable:
+    name: str
+    default: Optional[str]
+    line: int
+
+
+def _mark_variables(text: str) -> tuple[str, list[_Variable]]:
+    """The text with each ``${VAR}`` replaced by a mark, and the variables in order."""
+    variables: list[_Variable] = []
+    lines = text.splitlines(keepends=True)
+    for number, line in enumerate(lines, start=1):
+        if "${" not in line:
+            continue
+
+        def mark(match: re.Match[str], number: int = number) -> str:
+            variables.append(_Variable(match.group(1), match.group(2), number))
+            return f"qlesspoolvar{len(variables) - 1}x"
+
+        lines[number - 1] = _VARIABLE.sub(mark, line)
+    return "".join(lines), variables
+
+
+def _value_of(variable: _Variable, source: str, environ: Mapping[str, str]) -> str:
+    """Shell semantics: the default is used when the variable is unset or empty."""
+    value = environ.get(variable.name)
+    if variable.default is not None and not value:
+        return variable.default
+    if value is None:
+        raise ConfigError(
+            source,
+            f"line {variable.line}: ${{{variable.name}}} is not set in the environment "
+            f"(write ${{{variable.name}:-default}} to give a default)",
+        )
+    if "\n" in value or "\r" in value:
+        raise ConfigError(source, f"line {variable.line}: ${{{variable.name}}} holds a line break")
+    return value
 
 
 def expand_variables(text: str, source: str, environ: Mapping[str, str] | None = None) -> str:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` from the environment (shell semantics).
-
-    The default is used when the variable is unset or empty. An unset variable without a default
-    is an error (a silently empty count or queue name is worse). Comment lines are left alone, so
-    a commented-out line never fails the file. A value holding a line break is refused: it could
-    add keys to the file instead of filling in one value.
-    """
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in ``text`` from the environment (shell
+    semantics), as text. The config file itself is expanded scalar by scalar instead (see
+    :func:`parse_groups`), so that a value can never add keys or change the file's structure."""
     environ = os.environ if environ is None else environ
-    lines = text.splitlines(keepends=True)
-    for number, line in enumerate(lines, start=1):
-        if line.lstrip().startswith("#") or "${" not in line:
-            continue
+    marked, variables = _mark_variables(text)
+    return _MARK.sub(lambda m: _value_of(variables[int(m.group(1))], source, environ), marked)
 
-        def replace(match: re.Match[str], number: int = number) -> str:
-            name, default = match.group(1), match.group(2)
-            value = environ.get(name)
-            if default is not None and not value:
-                return default
-            if value is None:
+
+class _Expander:
+    """Fills in the variables of a composed YAML document, one scalar at a time.
+
+    A variable can only ever become (part of) the one scalar it was written in: whatever its
+    value, it cannot add a key, a list or a section. Where it is the whole of an unquoted
+    scalar, its value is typed as YAML would type it written there (``${N}`` holding ``3`` is
+    the number 3), and a value YAML would read as anything but one scalar (``{x: 1}``, ``- a``)
+    is refused.
+    """
+
+    def __init__(
+        self,
+        loader: yaml.SafeLoader,
+        variables: list[_Variable],
+        source: str,
+        environ: Mapping[str, str],
+    ):
+        self.loader = loader
+        self.variables = variables
+        self.source = source
+        self.environ = environ
+
+    def fill(self, node: yaml.Node, section: Optional[str] = None, key=None, depth: int = 0):
+        """Fill in ``node`` and everything below it; ``section`` and ``key`` name the place in
+        messages (depth 0 is the file's top level, depth 1 an environment section's)."""
+        if isinstance(node, yaml.ScalarNode):
+            self._scalar(node, section, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                self.fill(item, section, key, depth + 1)
+        elif isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                self.fill(key_node, section, key, depth + 1)
+                name = key_node.value if isinstance(key_node, yaml.ScalarNode) else key
+                if depth == 0 and isinstance(value_node, yaml.MappingNode):
+                    self.fill(value_node, name, None, depth + 1)
+                else:
+                    self.fill(value_node, section, name if depth <= 1 else key, depth + 1)
+
+    def _scalar(self, node: yaml.ScalarNode, section, key) -> None:
+        marks = list(_MARK.finditer(node.value))
+        if not marks:
+            return
+        values = [
+            _value_of(self.variables[int(m.group(1))], self.source, self.environ) for m in marks
+        ]
+        whole = len(marks) == 1 and marks[0].group(0) == node.value
+        if whole and node.style is None:  # unquoted: typed as if written there
+            variable = self.variables[int(marks[0].group(1))]
+            if not _is_one_scalar(values[0]):
                 raise ConfigError(
-                    source,
-                    f"line {number}: ${{{name}}} is not set in the environment "
-                    f"(write ${{{name}:-default}} to give a default)",
+                    self.source,
+                    f"line {variable.line}: ${{{variable.name}}} must be one plain value, "
+                    f"not {values[0]!r} (a variable cannot add keys, lists or sections)",
+                    key=key,
+                    section=section,
                 )
-            if "\n" in value or "\r" in value:
-                raise ConfigError(source, f"line {number}: ${{{name}}} holds a line break")
-            return value
+        filled = iter(values)
+        node.value = _MARK.sub(lambda m: next(filled), node.value)
+        if node.style is None:
+            node.tag = self.loader.resolve(yaml.ScalarNode, node.value, (True, False))
 
-        lines[number - 1] = _VARIABLE.sub(replace, line)
-    return "".join(lines)
+
+def _is_one_scalar(value: str) -> bool:
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return False
+    return not isinstance(parsed, (dict, list))
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -174,9 +284,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
         key = loader.construct_object(key_node, deep=deep)
         if key in mapping:
             mark = key_node.start_mark
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} appears twice (line {mark.line + 1})", mark
-            )
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", mark)
         mapping[key] = loader.construct_object(value_node, deep=deep)
     return mapping
 
@@ -185,27 +293,62 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 
 def parse_groups(
-    text: str, source: str, environment: str | None, environ: Mapping[str, str] | None = None
+    text: str,
+    source: str,
+    environment: str | None,
+    environ: Mapping[str, str] | None = None,
+    warn: Optional[Callable[[str], None]] = None,
 ) -> Groups:
-    """Parse a config file's text into groups for ``environment``."""
-    text = expand_variables(text, source, environ)
+    """Parse a config file's text into groups for ``environment``.
+
+    ``${VAR}`` and ``${VAR:-default}`` are filled in from ``environ`` scalar by scalar once the
+    file's structure is read (see ``_Expander``); comments are never expanded. ``warn``: see
+    :func:`resolve_groups`.
+    """
+    environ = os.environ if environ is None else environ
+    marked, variables = _mark_variables(text)
+    loader = _StrictLoader(marked)
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)
+        node = loader.get_single_node()
+        if node is not None:
+            _Expander(loader, variables, source, environ).fill(node)
+        raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
-        raise ConfigError(source, f"not valid YAML: {_describe_yaml_error(exc)}") from None
-    return resolve_groups(raw, source, environment)
+        raise ConfigError(source, f"not valid YAML: {_describe_yaml_error(exc, text)}") from None
+    finally:
+        loader.dispose()
+    return resolve_groups(raw, source, environment, warn)
 
 
-def _describe_yaml_error(exc: yaml.YAMLError) -> str:
+def _describe_yaml_error(exc: yaml.YAMLError, text: str = "") -> str:
     problem = getattr(exc, "problem", None) or str(exc)
     mark = getattr(exc, "problem_mark", None)
     if mark is None:
         return problem
-    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    described = f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    lines = text.splitlines()
+    if mark.line < len(lines) and len(lines[mark.line]) > SIMPLE_KEY_LIMIT:
+        # YAML limits a key written the usual way ("key": value) to 1024 characters.
+        described += (
+            f"; a queue list longer than {SIMPLE_KEY_LIMIT} characters must be written as an "
+            'explicit key: `? "foo,bar,..."` on one line, then `: 4` on the next'
+        )
+    return described
 
 
-def resolve_groups(raw: Any, source: str, environment: str | None) -> Groups:
-    """Apply the root/section rules to an already parsed config (a mapping, or None if empty)."""
+def resolve_groups(
+    raw: Any,
+    source: str,
+    environment: str | None,
+    warn: Optional[Callable[[str], None]] = None,
+) -> Groups:
+    """Apply the root/section rules to an already parsed config (a mapping, or None if empty).
+
+    An ``environment`` the file has no section for, while it has sections, is an error listing
+    the sections it has (a mistyped ``-E`` would otherwise run the defaults); with ``warn``
+    given (the environment came from $QLESS_ENV and the like, which are often set for other
+    reasons), it is ``warn(message)`` instead, and the defaults are used.
+    """
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
@@ -214,13 +357,24 @@ def resolve_groups(raw: Any, source: str, environment: str | None) -> Groups:
             f"the top level must be a mapping of queue lists to worker counts, not {_kind(raw)}",
         )
     defaults: dict[Any, Any] = {}
+    sections: list[Any] = []
     section: Mapping[Any, Any] | None = None
     for key, value in raw.items():
         if isinstance(value, Mapping):
+            sections.append(key)
             if environment is not None and key == environment:
                 section = value
         else:
             defaults[key] = value
+    if environment is not None and section is None and sections:
+        message = (
+            f"no section {environment!r} (the file has sections "
+            + ", ".join(repr(str(name)) for name in sections)
+            + ")"
+        )
+        if warn is None:
+            raise ConfigError(source, message)
+        warn(f"{source}: {message}; using the defaults")
     groups = _groups(defaults, source, None)
     if section is not None:
         groups.update(_groups(section, source, environment))
@@ -275,6 +429,13 @@ def _worker_count(count: Any, source: str, key: str, section: str | None) -> int
         raise ConfigError(
             source, f"the worker count must not be negative ({count})", key=key, section=section
         )
+    if count > MAX_WORKERS:
+        raise ConfigError(
+            source,
+            f"the worker count must be at most {MAX_WORKERS} ({count})",
+            key=key,
+            section=section,
+        )
     return count
 
 
@@ -317,6 +478,10 @@ class ConfigSource:
     ):
         self.environ = os.environ if environ is None else environ
         self.environment = environment_name(environment, self.environ)
+        # Named by -E (a missing section is an error) or by $QLESS_ENV and the like (a warning).
+        self.environment_given = bool(environment)
+        #: What the last load() had to say that is not an error (the manager logs it).
+        self.warnings: list[str] = []
         self.path: str | None = None
         self.mapping: RawConfig | None = None
         self.loader: ConfigLoader | None = None
@@ -333,20 +498,24 @@ class ConfigSource:
 
     def load(self) -> Groups:
         """The groups as the source says now. Raises :class:`ConfigError`."""
+        self.warnings = []
+        warn = None if self.environment_given else self.warnings.append
         if self.path is not None:
             try:
                 with open(self.path, encoding="utf-8") as file:
                     text = file.read()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(self.name, f"cannot be read: {exc}") from None
-            return parse_groups(text, self.name, self.environment, self.environ)
+            except OSError as exc:
+                raise ConfigError(self.name, f"cannot be read: {exc.strerror or exc}") from None
+            except UnicodeDecodeError as exc:
+                raise ConfigError(self.name, f"cannot be read: not UTF-8 text ({exc})") from None
+            return parse_groups(text, self.name, self.environment, self.environ, warn)
         if self.loader is not None:
             try:
                 raw = self.loader(self.environment)
             except Exception as exc:
                 raise ConfigError(self.name, f"raised {exc.__class__.__name__}: {exc}") from exc
-            return resolve_groups(raw, self.name, self.environment)
-        return resolve_groups(self.mapping, self.name, self.environment)
+            return resolve_groups(raw, self.name, self.environment, warn)
+        return resolve_groups(self.mapping, self.name, self.environment, warn)
 
     def __repr__(self) -> str:
         return f"ConfigSource({self.name!r}, environment={self.environment!r})"

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
+from processes import as_unprivileged
 
 from qless_pool.config import (
+    MAX_WORKERS,
     ConfigError,
     ConfigNotFound,
     ConfigSource,
@@ -82,11 +86,10 @@ def test_environment_chosen_by_each_variable_and_by_none(tmp_path, environ, expe
         # other environments are excluded, root-only without an environment
         ("foo: 1\nprod:\n  foo: 3\nstaging:\n  qux: 9\n", "prod", {("foo",): 3}),
         ("foo: 1\nprod:\n  foo: 3\nstaging:\n  qux: 9\n", None, {("foo",): 1}),
-        # an environment with no section gets the defaults
-        ("foo: 1\nprod:\n  foo: 3\n", "test", {("foo",): 1}),
+        # a file without sections: any environment gets the defaults
+        ("foo: 1\n", "test", {("foo",): 1}),
         # a file of sections only
         ("prod:\n  foo: 3\n", "prod", {("foo",): 3}),
-        ("prod:\n  foo: 3\n", "dev", {}),
         # count 0 means no workers, and a section can switch a default off
         ("foo: 1\nprod:\n  foo: 0\n", "prod", {("foo",): 0}),
         # whitespace around names is ignored, so these are one queue list
@@ -138,6 +141,68 @@ def test_unset_variable_without_default_names_file_line_and_variable():
     )
 
 
+@pytest.mark.parametrize(
+    ("text", "value", "where"),
+    [
+        # A mapping for a count: it dropped queue bar, or overrode another key, before.
+        ("foo: 1\nbar: ${V}\n", "{x: 1}", "key 'bar'"),
+        ("foo: 1\nbar: ${V}\n", "{foo: 50}", "key 'bar'"),
+        ("foo: 1\nbar: ${V}\n", "[1, 2]", "key 'bar'"),
+        ("foo: 1\nbar: ${V}\n", "- 1", "key 'bar'"),
+        ("foo: 1\nbar: ${V}\n", "a: b", "key 'bar'"),
+        ("prod:\n  bar: ${V}\n", "{x: 1}", "section 'prod', key 'bar'"),
+    ],
+)
+def test_a_variable_must_be_one_plain_value(text, value, where):
+    with pytest.raises(ConfigError) as error:
+        parse(text, "prod", {"V": value})
+    assert str(error.value).startswith(f"pool.yml: {where}: line ")
+    assert f"${{V}} must be one plain value, not {value!r}" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "value", "expected"),
+    [
+        # Inside quotes a value is text, whatever it holds: it cannot end the quotes.
+        ('"foo,${V}": 1\n', 'bar": 100, "baz', {("foo", 'bar": 100', '"baz'): 1}),
+        ("'${V}': 2\n", "x': 9, 'y", {("x': 9", "'y"): 2}),
+        ("${V}: 3\n", "foo", {("foo",): 3}),
+        # A count from a variable is typed as YAML types it.
+        ("foo: ${V}\n", "4", {("foo",): 4}),
+    ],
+)
+def test_a_variable_fills_in_one_scalar_and_nothing_else(text, value, expected):
+    assert parse(text, None, {"V": value}) == expected
+
+
+def test_a_variable_in_a_count_that_is_not_a_number_is_named():
+    with pytest.raises(ConfigError) as error:
+        parse('foo: "${V}"\n', None, {"V": "3"})
+    assert str(error.value) == (
+        "pool.yml: key 'foo': the worker count must be a whole number, not a string ('3')"
+    )
+
+
+def test_a_count_above_the_limit_is_refused():
+    assert parse(f"foo: {MAX_WORKERS}\n") == {("foo",): MAX_WORKERS}
+    with pytest.raises(ConfigError) as error:
+        parse("foo: 99999999999999999999999\n")
+    assert str(error.value) == (
+        "pool.yml: key 'foo': the worker count must be at most 1000 (99999999999999999999999)"
+    )
+
+
+def test_a_queue_list_longer_than_yamls_key_limit_gets_a_way_to_write_it():
+    queues = ",".join(f"queue{i}" for i in range(200))
+    with pytest.raises(ConfigError) as error:
+        parse(f'"{queues}": 4\n')
+    message = str(error.value)
+    assert message.startswith("pool.yml: not valid YAML: ")
+    assert 'must be written as an explicit key: `? "foo,bar,..."`' in message
+    # Written that way, it works.
+    assert parse(f'? "{queues}"\n: 4\n') == {tuple(queues.split(",")): 4}
+
+
 def test_variable_holding_a_line_break_is_refused():
     with pytest.raises(ConfigError, match=r"line 1: \$\{N\} holds a line break"):
         parse("foo: ${N}\n", environ={"N": "1\nevil: 100"})
@@ -183,14 +248,37 @@ def test_unparsable_yaml_names_the_file_and_the_line():
 
 
 def test_a_key_written_twice_is_an_error():
-    with pytest.raises(
-        ConfigError, match=r"pool.yml: not valid YAML: key 'foo' appears twice \(line 2\)"
-    ):
+    with pytest.raises(ConfigError) as error:
         parse("foo: 1\nfoo: 2\n")
+    # The place is said once.
+    assert str(error.value) == (
+        "pool.yml: not valid YAML: key 'foo' appears twice (line 2, column 1)"
+    )
 
 
 def test_a_bad_section_of_another_environment_is_ignored():
-    assert parse("foo: 1\nstaging:\n  foo: -1\n", "production") == {("foo",): 1}
+    text = "foo: 1\nstaging:\n  foo: -1\nproduction:\n  bar: 2\n"
+    assert parse(text, "production") == {("foo",): 1, ("bar",): 2}
+
+
+def test_an_environment_named_by_e_needs_its_section():
+    with pytest.raises(ConfigError) as error:
+        parse("foo: 1\nproduction:\n  foo: 3\nstaging:\n  foo: 2\n", "prodution")
+    assert str(error.value) == (
+        "pool.yml: no section 'prodution' (the file has sections 'production', 'staging')"
+    )
+
+
+def test_an_environment_from_a_variable_without_a_section_warns_and_uses_the_defaults(tmp_path):
+    (tmp_path / "qless-pool.yml").write_text("foo: 1\nproduction:\n  foo: 3\n")
+    source = ConfigSource(environ={"RAILS_ENV": "development"}, cwd=str(tmp_path))
+    assert source.load() == {("foo",): 1}
+    assert source.warnings == [
+        "qless-pool.yml: no section 'development' (the file has sections 'production'); "
+        "using the defaults"
+    ]
+    with pytest.raises(ConfigError, match="no section 'development'"):
+        ConfigSource("qless-pool.yml", "development", environ={}, cwd=str(tmp_path)).load()
 
 
 # --- where the file is found --------------------------------------------------------------------
@@ -252,6 +340,40 @@ def test_a_named_file_must_exist(tmp_path, explicit, environ, message):
     with pytest.raises(ConfigError) as error:
         find_config_file(explicit, environ, str(tmp_path))
     assert str(error.value) == message
+
+
+def test_a_directory_given_as_the_config_is_named_as_one(tmp_path):
+    (tmp_path / "config").mkdir()
+    with pytest.raises(ConfigError) as error:
+        find_config_file("config", {}, str(tmp_path))
+    assert str(error.value) == "config: is a directory, not a config file"
+    with pytest.raises(ConfigError) as error:
+        find_config_file(None, {"QLESS_POOL_CONFIG": "config"}, str(tmp_path))
+    assert str(error.value) == (
+        "config: is a directory, not a config file (from $QLESS_POOL_CONFIG)"
+    )
+
+
+def test_a_config_in_a_directory_that_cannot_be_searched_says_so(tmp_path):
+    shared = tempfile.mkdtemp()  # not under tmp_path, which only its owner may enter
+    try:
+        os.chmod(shared, 0o755)
+        os.mkdir(os.path.join(shared, "locked"), 0o700)
+        with open(os.path.join(shared, "locked", "pool.yml"), "w") as file:
+            file.write("foo: 1\n")
+
+        def find() -> str:
+            try:
+                find_config_file("locked/pool.yml", {}, shared)
+            except ConfigError as error:
+                return str(error)
+            return "found"
+
+        assert as_unprivileged(find) == (
+            "locked/pool.yml: cannot be read: a directory on its path cannot be searched"
+        )
+    finally:
+        shutil.rmtree(shared)
 
 
 def test_the_file_is_read_on_load_only(tmp_path):
