@@ -13,6 +13,10 @@ from qless_pool.client import connect
 # and find them for cleanup.
 become_subreaper()
 
+# The fixtures that start real workers and pools, for every test module.
+from test_manager import start_pool  # noqa: E402, F401
+from test_worker import start_worker  # noqa: E402, F401
+
 
 def pytest_report_header(config):
     binary = server_binary()

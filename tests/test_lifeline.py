@@ -10,8 +10,7 @@ import time
 
 import pytest
 from processes import alive, children, stat, wait_for
-from test_manager import start_pool  # noqa: F401 - a fixture
-from test_worker import history_events, put, runs, start_worker, wait_state  # noqa: F401
+from test_worker import history_events, put, runs, wait_state
 
 from qless_pool import lifeline
 

@@ -11,8 +11,7 @@ import time
 import pytest
 from processes import alive, descendants, wait_for
 from redis_server import RedisServer
-from test_manager import start_pool  # noqa: F401 - a fixture
-from test_worker import WAITING, put, start_worker, wait_state  # noqa: F401
+from test_worker import put, wait_state
 
 from qless_pool.client import connect
 
