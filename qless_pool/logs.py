@@ -12,11 +12,25 @@ from __future__ import annotations
 import logging
 import sys
 
-__all__ = ["configure", "logger", "set_role"]
+__all__ = ["MAX_MESSAGE", "cap", "configure", "logger", "set_role"]
 
 logger = logging.getLogger("qless_pool")
 
 _identity = {"role": "qless-pool", "appname": ""}
+
+#: The longest failure message the pool stores in qless and the longest log line it writes
+#: (a job raising an exception with a 20 MB message must not put 20 MB in Redis and the log).
+MAX_MESSAGE = 64 * 1024
+
+
+def cap(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` if it is at most ``limit`` characters, else its end (where a traceback says
+    what happened) after a line saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    note = f"[qless-pool: {{}} characters cut; the last {limit - 100} follow]\n"
+    kept = text[-(limit - 100) :]
+    return note.format(len(text) - len(kept)) + kept
 
 
 def set_role(role: str, appname: str | None = None) -> None:
@@ -30,7 +44,7 @@ class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         app = _identity["appname"]
         record.who = f"{_identity['role']}{f'[{app}]' if app else ''}[{record.process}]"
-        return super().format(record)
+        return cap(super().format(record))
 
 
 def configure(level: int | str = "INFO", stream=None, appname: str | None = None) -> None:

@@ -37,6 +37,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ from .client import (
     default_redis_url,
     redis_is_down,
 )
-from .logs import logger, set_role
+from .logs import cap, logger, set_role
 
 __all__ = [
     "RESERVERS",
@@ -172,6 +173,8 @@ class JobClient(qless.Client):
         return False
 
     def __call__(self, command: str, *args: Any) -> Any:
+        if command in ("fail", "retry"):
+            args = _cap_message(command, args)
         if not self._settles_job(command, args):
             return super().__call__(command, *args)
         if self.unreported is not None:
@@ -909,13 +912,21 @@ def _run_job(client: JobClient, job_fields: dict[str, Any]) -> dict[str, Any]:
     told, ``{"unreported": [command, *args]}``.
     """
     client.track_job(job_fields["jid"])
-    job = qless.Job(client, **job_fields)
+    queue = job_fields["queue"]
     try:
-        job.process()
-        if not client.settled:
-            # qless's Ruby workers complete a job whose function returned; qless-py leaves it
-            # running until its lock expires and then hands it to another worker.
-            job.complete()
+        try:
+            job = qless.Job(client, **job_fields)  # parses the job's data
+        except (TypeError, ValueError) as error:
+            # Not retried: the data will be just as broken the next time.
+            client(
+                "fail",
+                job_fields["jid"],
+                client.worker_name,
+                f"{queue}-BadJobData",
+                f"the job's data is not valid JSON ({error}): {cap(str(job_fields['data']), 1024)}",
+            )
+        else:
+            _process(job, client)
     except (*REDIS_DOWN, QlessException):
         if not client.settled:
             raise
@@ -924,12 +935,39 @@ def _run_job(client: JobClient, job_fields: dict[str, Any]) -> dict[str, Any]:
     return {"settled": True}
 
 
+def _process(job: qless.Job, client: JobClient) -> None:
+    try:
+        job.process()
+    except (SystemExit, KeyboardInterrupt) as exit:
+        # qless-py catches Exception only. Running it again would exit again: fail it.
+        what = f"{type(exit).__name__}({exit.args[0]!r})" if exit.args else type(exit).__name__
+        job.fail(
+            f"{job.queue_name}-SystemExit",
+            f"the job function raised {what}, which ends the process it runs in; a job must "
+            f"return or raise an exception instead\n{traceback.format_exc()}",
+        )
+        return
+    if not client.settled:
+        # qless's Ruby workers complete a job whose function returned; qless-py leaves it
+        # running until its lock expires and then hands it to another worker.
+        job.complete()
+
+
+def _cap_message(command: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """fail(jid, worker, group, message, ...) and retry(jid, queue, worker, delay, group,
+    message) with the message capped (MAX_MESSAGE)."""
+    index = 3 if command == "fail" else 5
+    if len(args) > index and isinstance(args[index], str):
+        args = (*args[:index], cap(args[index]), *args[index + 1 :])
+    return args
+
+
 def _write_report(fd: int, report: dict[str, Any]) -> None:
     data = json.dumps(report).encode()
     if len(data) > MAX_REPORT_BYTES and report.get("unreported"):
         command = list(report["unreported"])
         if command[0] == "fail":  # the failure message (a traceback) is what can be long
-            command[4] = command[4][-(MAX_REPORT_BYTES // 2) :]
+            command[4] = cap(command[4], MAX_REPORT_BYTES // 2)
         data = json.dumps({"unreported": command}).encode()[:MAX_REPORT_BYTES]
     os.write(fd, data + b"\n")
 

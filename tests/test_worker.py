@@ -221,17 +221,67 @@ def test_a_job_that_raises_is_failed_with_its_exception(start_worker, client):
     assert "this job always fails" in failure["message"]
 
 
-@pytest.mark.parametrize(
-    ("klass", "status"), [("Exit", "exited with status 3"), ("SysExit", "exited with status 70")]
-)
-def test_a_child_that_exits_without_settling_is_handed_back(start_worker, client, klass, status):
+def test_a_child_that_exits_without_settling_is_handed_back(start_worker, client):
     start_worker(["foo"])
-    jid = put(client, "foo", klass, retries=1)
+    jid = put(client, "foo", "Exit", retries=1)
     wait_state(client, jid, "failed")  # one retry, then out of retries
     job = client.jobs[jid]
     assert job.failure["group"] == "foo-DirtyExit"
-    assert status in job.failure["message"]
+    assert "exited with status 3" in job.failure["message"]
     assert history_events(client, jid).count("popped") == 2
+
+
+@pytest.mark.parametrize("fork_per_job", [True, False], ids=["fork", "in-process"])
+@pytest.mark.parametrize(
+    ("klass", "raised"), [("SysExit", "SystemExit(4)"), ("Interrupt", "KeyboardInterrupt")]
+)
+def test_a_job_that_exits_is_failed_not_run_again(
+    start_worker, client, klass, raised, fork_per_job
+):
+    worker = start_worker(["foo"], fork_per_job=fork_per_job)
+    jid = put(client, "foo", klass, retries=3)
+    wait_state(client, jid, "failed")
+    failure = client.jobs[jid].failure
+    assert failure["group"] == "foo-SystemExit"
+    assert f"the job function raised {raised}" in failure["message"]
+    assert "Traceback" in failure["message"]
+    assert history_events(client, jid).count("popped") == 1
+    assert alive(worker.pid)  # in-process too: the worker did not exit
+    later = put(client, "foo", "Noop")
+    wait_state(client, later, "complete")
+
+
+@pytest.mark.parametrize("fork_per_job", [True, False], ids=["fork", "in-process"])
+def test_job_data_that_is_not_json_is_failed_not_retried(
+    start_worker, client, redis_conn, fork_per_job
+):
+    jid = put(client, "foo", "Noop", retries=3)
+    redis_conn.hset(f"ql:j:{jid}", "data", "{not json")
+    start_worker(["foo"], fork_per_job=fork_per_job)
+    # Read from the hash: qless-py cannot make a Job of it either.
+    wait_for(lambda: redis_conn.hget(f"ql:j:{jid}", "state") == "failed", message="the failure")
+    failure = json.loads(redis_conn.hget(f"ql:j:{jid}", "failure"))
+    assert failure["group"] == "foo-BadJobData"
+    assert "the job's data is not valid JSON" in failure["message"]
+    assert "{not json" in failure["message"]
+    history = redis_conn.lrange(f"ql:j:{jid}-history", 0, -1)
+    assert sum('"popped"' in entry for entry in history) == 1
+    assert runs(redis_conn) == []  # the job function never ran
+
+
+def test_a_huge_failure_message_is_capped_in_redis_and_in_the_log(start_worker, client):
+    worker = start_worker(["foo"])
+    jid = put(client, "foo", "BigFailure", {"size": 5_000_000})
+    wait_state(client, jid, "failed")
+    message = client.jobs[jid].failure["message"]
+    assert len(message) <= 64 * 1024
+    assert message.startswith("[qless-pool: ")
+    assert "characters cut" in message.splitlines()[0]
+    assert message.rstrip().endswith("x the end")
+    wait_for(lambda: "the end" in worker.log_text(), message="the failure to be logged")
+    log = worker.log_text()
+    assert max(len(line) for line in log.splitlines()) <= 64 * 1024
+    worker.log.write_text(log.replace("x" * 1000, "x..."))  # not 64 KiB of it in the test report
 
 
 # --- supervising the child ------------------------------------------------------------------------

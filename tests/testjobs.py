@@ -120,3 +120,19 @@ class Spawn:
         _record(job, background=background.pid)
         if job.retries_left == job.original_retries:
             time.sleep(job.data.get("seconds", 0))
+
+
+class Interrupt:
+    @staticmethod
+    def process(job):
+        _record(job)
+        raise KeyboardInterrupt
+
+
+class BigFailure:
+    """Raises an exception whose message is ``data["size"]`` characters long."""
+
+    @staticmethod
+    def process(job):
+        _record(job)
+        raise ValueError("x" * job.data["size"] + " the end")
