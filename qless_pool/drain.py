@@ -44,8 +44,9 @@ class Summary:
         return 1 if self.failed else 0
 
     def line(self) -> str:
+        queues = ",".join(self.queues) or "no queues (no workers configured)"
         return (
-            f"qless-pool: drained {','.join(self.queues)}: {self.completed} completed, "
+            f"qless-pool: drained {queues}: {self.completed} completed, "
             f"{self.failed} failed in {self.elapsed:.1f}s"
         )
 
@@ -61,8 +62,11 @@ class DrainWatcher:
         interval: float,
         appname: Optional[str] = None,
         started: Optional[float] = None,
+        unserved: Sequence[str] = (),
     ):
         self.queues = list(dict.fromkeys(queues))
+        # Configured with no worker (count 0): not waited for, but worth a warning if not empty.
+        self.unserved = list(dict.fromkeys(unserved))
         self.redis_url = redis_url
         self.manager_pid = manager_pid
         self.interval = max(MIN_CHECK_INTERVAL, min(interval, 1.0))
@@ -84,9 +88,13 @@ class DrainWatcher:
         empty_looks = 0
         summary: Optional[Summary] = None
         outage = Outage(log)
+        warned = not self.unserved
         while os.getppid() == self.manager_pid:
             if outage.ready(time.monotonic()):
                 try:
+                    if not warned:
+                        self._warn_about_unserved_queues()
+                        warned = True
                     empty_looks = empty_looks + 1 if self._drained() else 0
                     if empty_looks >= 2:
                         summary = self.summary()
@@ -106,6 +114,19 @@ class DrainWatcher:
             time.sleep(min(self.interval, CONFIRM_AFTER) if empty_looks else self.interval)
         log.info("the manager is gone; the drain watcher exits")
         return 0
+
+    def _warn_about_unserved_queues(self) -> None:
+        assert self.client is not None
+        for queue in self.unserved:
+            counts = json.loads(self.client("queues", queue))
+            jobs = sum(counts[state] for state in ("waiting", "scheduled", "stalled", "depends"))
+            if jobs:
+                log.warning(
+                    "queue %s has %d job(s) but no worker (its count is 0): the drain does not "
+                    "wait for it",
+                    queue,
+                    jobs,
+                )
 
     def _drained(self) -> bool:
         assert self.client is not None

@@ -161,6 +161,8 @@ class Pool:
             self.source.name,
             _describe_groups(self.groups),
         )
+        for warning in self.source.warnings:
+            log.warning("%s", warning)
         self._emit("started")
         if self.drain:
             started = time.time()  # before the fork: the workers may finish jobs before it runs
@@ -253,6 +255,8 @@ class Pool:
             log.error("HUP: %s; keeping the current config and workers", error)
             self._emit("reloaded")
             return
+        for warning in self.source.warnings:
+            log.warning("HUP: %s", warning)
         self.groups = groups
         self.winched = False
         self.backoffs.clear()
@@ -508,14 +512,18 @@ class Pool:
         lifeline.die_with_parent(self.pid)
         # The signals stay unblocked-by-default here: the watcher uses default dispositions.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGER_SIGNALS)
-        queues = [queue for group in self.groups or {} for queue in group]
+        groups = self.groups or {}
+        # Only queues a worker serves can drain; the others are looked at once, for a warning.
+        served = [queue for group, count in groups.items() if count for queue in group]
+        unserved = [queue for group in groups for queue in group if queue not in served]
         watcher = DrainWatcher(
-            queues,
+            served,
             self.redis_url,
             self.pid,
             self.worker_options.get("interval", 5.0),
             self.appname,
             started,
+            unserved=unserved,
         )
         return run_watcher(watcher)
 

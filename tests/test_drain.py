@@ -107,3 +107,26 @@ def test_a_signal_stops_a_draining_pool_and_its_watcher(project, redis_url, clie
     assert process.wait(timeout=10) == 0  # the worker finishes its job on its own
     wait_for(lambda: not alive(watcher), message="the drain watcher to be stopped too")
     assert "drained" not in output.read_text()  # stopped, not drained
+
+
+def test_a_queue_with_no_worker_is_not_waited_for_and_its_jobs_are_warned_about(
+    project, redis_url, client
+):
+    (project / "qless-pool.yml").write_text('foo: 1\nbar: 0\n"bar,foo": 0\n')
+    done = put(client, "foo", "Noop")
+    stuck = [put(client, "bar", "Noop") for _ in range(3)]
+    result = drain(project, redis_url, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "qless-pool: drained foo: 1 completed, 0 failed" in result.stdout
+    assert client.jobs[done].state == "complete"
+    assert all(client.jobs[jid].state == "waiting" for jid in stuck)
+    warnings = [line for line in result.stderr.splitlines() if "no worker" in line]
+    assert len(warnings) == 1
+    assert "queue bar has 3 job(s) but no worker (its count is 0)" in warnings[0]
+
+
+def test_a_drain_of_a_config_with_no_workers_says_so(project, redis_url):
+    (project / "qless-pool.yml").write_text("foo: 0\n")
+    result = drain(project, redis_url, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "qless-pool: drained no queues (no workers configured): 0 completed" in result.stdout
