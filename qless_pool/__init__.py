@@ -6,15 +6,35 @@ forks a worker parent per slot, keeps the counts right and obeys Unix signals. S
 
 from __future__ import annotations
 
-from importlib import metadata
+from importlib import import_module, metadata
+from typing import Any
 
 try:
     __version__ = metadata.version("qless-pool")
 except metadata.PackageNotFoundError:  # pragma: no cover - running from an uninstalled tree
     __version__ = "0+unknown"
 
-from .client import connect, patch_qless
-from .hooks import after_prefork
-from .manager import Pool, run
+#: The public names, imported on first use: the ``qless-pool`` command hides a password given
+#: on its command line before it imports qless and redis (a few hundred milliseconds).
+_EXPORTS = {
+    "Pool": "manager",
+    "run": "manager",
+    "after_prefork": "hooks",
+    "connect": "client",
+    "patch_qless": "client",
+}
 
 __all__ = ["Pool", "__version__", "after_prefork", "connect", "patch_qless", "run"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qless_pool' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

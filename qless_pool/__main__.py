@@ -1,6 +1,25 @@
-"""``python -m qless_pool``: the same as the ``qless-pool`` command."""
+"""The ``qless-pool`` command's entry point (also ``python -m qless_pool``).
 
-from .cli import main
+Before anything heavy is imported (qless, redis and the application take a few hundred
+milliseconds), a password in the command line (``-R redis://:secret@host``) is hidden from
+``ps``: ``/proc/<pid>/cmdline`` is world-readable. Only the moment between exec and this
+module's first lines remains; ``$QLESS_URL`` keeps a password out of the command line entirely.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .proctitle import hide_secrets
+
+    hide_secrets(sys.argv)
+    from .cli import main as run_command_line
+
+    return run_command_line(argv)
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

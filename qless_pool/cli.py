@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
-from . import __version__, logs
-from .client import default_redis_url
+from . import __version__, logs, proctitle
 from .config import EX_CONFIG, ConfigError, ConfigSource, groups_to_json
 from .daemon import (
     DEFAULT_PIDFILE,
@@ -25,6 +25,7 @@ from .daemon import (
     daemonize,
 )
 from .manager import Pool, preload
+from .urls import check_redis_url, redis_url_and_origin
 from .worker import RESERVERS
 
 __all__ = ["build_parser", "main"]
@@ -44,6 +45,8 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number of seconds: {text!r}")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
     return value
@@ -268,6 +271,14 @@ def launch(args: argparse.Namespace, preloaded: bool = False) -> int:
     except ConfigError as exc:
         print(f"qless-pool: config error: {exc}", file=sys.stderr)
         return EX_CONFIG
+    # A URL that cannot work is refused here, before anything forks or detaches; a Redis that
+    # is down is not (the workers ride that out).
+    url, origin = redis_url_and_origin(args.redis)
+    try:
+        args.redis = check_redis_url(url)
+    except ValueError as error:
+        print(f"qless-pool: bad Redis URL (from {origin}): {error}", file=sys.stderr)
+        return 2
     if args.dry_run:
         print(groups_to_json(groups))
         return 0
@@ -285,20 +296,32 @@ def _run_manager(
     preloaded: bool,
 ) -> int:
     appname = args.appname or os.path.basename(os.getcwd())
+    # At once: the command line (which may hold a password) is no longer what ps shows.
+    proctitle.set_title(proctitle.manager(appname, []))
     log_files = None
-    if args.daemon or args.stdout or args.stderr:
-        log_files = LogFiles(
-            args.stdout or DEFAULT_STDOUT, args.stderr or DEFAULT_STDERR, sync=args.sync
-        )
-        log_files.open()
-    logs.configure(args.log_level, appname=appname)
-    logs.set_role("manager", appname)
 
     def fail(status: int, message: str) -> int:
-        log.error("%s", message)
-        if readiness is not None:
+        """One line for the operator: on the launching terminal (a daemon's start pipe), and in
+        the log file if one is open."""
+        if readiness is None:
+            print(f"qless-pool: {message}", file=sys.stderr)
+        else:
+            if log_files is not None:
+                log.error("%s", message)
             readiness.failed(status, message)
         return status
+
+    if args.daemon or args.stdout or args.stderr:
+        files = LogFiles(
+            args.stdout or DEFAULT_STDOUT, args.stderr or DEFAULT_STDERR, sync=args.sync
+        )
+        try:
+            files.open()
+        except DaemonError as error:
+            return fail(error.status, str(error))
+        log_files = files
+    logs.configure(args.log_level, appname=appname)
+    logs.set_role("manager", appname)
 
     pidfile_path = (
         (DEFAULT_PIDFILE if args.daemon else None) if args.pidfile is None else args.pidfile
@@ -310,7 +333,7 @@ def _run_manager(
         if args.lock:
             PoolLock(args.lock).acquire()
     except DaemonError as error:
-        return fail(1, str(error))
+        return fail(error.status, str(error))
     try:
         if not preloaded:
             try:
@@ -328,7 +351,7 @@ def _run_manager(
         pool = Pool(
             source,
             appname=appname,
-            redis_url=args.redis or default_redis_url(),
+            redis_url=args.redis,
             worker_options=worker_options(args),
             term_behaviour=args.term_behaviour,
             spawn_delay=args.spawn_delay,

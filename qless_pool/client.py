@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import pkgutil
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import qless
 import redis
 from qless.exceptions import QlessException
+
+from .urls import DEFAULT_REDIS_URL, check_redis_url, default_redis_url
 
 __all__ = [
     "CONTROL_TIMEOUT",
@@ -40,7 +40,6 @@ __all__ = [
     "use_fixed_script",
 ]
 
-DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 #: The errors that mean "Redis is not there right now" (down, restarting, loading, unreachable),
 #: as opposed to a refusal by qless (``QlessException``).
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
@@ -159,12 +158,6 @@ def redis_is_down(error: BaseException) -> bool:
     )
 
 
-def default_redis_url(environ: Mapping[str, str] | None = None) -> str:
-    """$QLESS_URL, else $REDIS_URL, else redis://localhost:6379/0."""
-    environ = os.environ if environ is None else environ
-    return environ.get("QLESS_URL") or environ.get("REDIS_URL") or DEFAULT_REDIS_URL
-
-
 def connect(
     url: str | None = None,
     worker_name: str | None = None,
@@ -180,10 +173,11 @@ def connect(
     may be a subclass of ``qless.Client``. Other keyword arguments go to
     ``redis.Redis.from_url``; the protocol is RESP2, the one qless-py was written for, unless
     ``protocol`` says otherwise. ``announce=False`` skips ``CLIENT SETINFO``. No connection is
-    opened until the first command.
+    opened until the first command. A URL that cannot be used raises ValueError.
     """
     options = {"protocol": 2, **_driver_options(announce), **redis_options}
-    client = client_class(url or default_redis_url(), hostname=worker_name, **options)
+    url = check_redis_url(url or default_redis_url())
+    client = client_class(url, hostname=worker_name, **options)
     return use_fixed_script(client)
 
 

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ __all__ = [
     "DEFAULT_PIDFILE",
     "DEFAULT_STDERR",
     "DEFAULT_STDOUT",
+    "EX_CANTCREAT",
     "DaemonError",
     "LogFiles",
     "Pidfile",
@@ -33,19 +35,49 @@ __all__ = [
 
 log = logger.getChild("daemon")
 
+#: Exit status when a pidfile, log file or lock file cannot be created (sysexits.h EX_CANTCREAT).
+EX_CANTCREAT = 73
+
 DEFAULT_PIDFILE = "tmp/pids/qless-pool.pid"
 DEFAULT_STDOUT = "log/qless-pool.stdout.log"
 DEFAULT_STDERR = "log/qless-pool.stderr.log"
 
 
 class DaemonError(Exception):
-    """A start-up problem to report to the operator (the message says what and where)."""
+    """A start-up problem to report to the operator in one line (the message says what and
+    where), and the exit status it calls for."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
 
 
-def _make_parent(path: str) -> None:
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
+def _open_file(what: str, path: str, flags: int, mode: int = 0o644) -> int:
+    """Open (creating it, and its missing directories) a file the pool writes or locks.
+
+    The pidfile and the lock must be the files they are named: a symlink is not followed, and
+    a file with other hard links (whose other name could be anything) is refused, so the pool
+    never writes through to another file. A problem is a DaemonError naming the path.
+    """
+    try:
+        fd = _create(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise DaemonError(
+                f"{what} {path} is a symlink; refusing to follow it", EX_CANTCREAT
+            ) from None
+        reason = error.strerror or str(error)
+        raise DaemonError(f"cannot create {what} {path}: {reason}", EX_CANTCREAT) from None
+    info = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = "is not a regular file"
+    elif info.st_nlink > 1:
+        problem = f"has {info.st_nlink - 1} other hard link(s); refusing to write through it"
+    if problem:
+        os.close(fd)
+        raise DaemonError(f"{what} {path} {problem}", EX_CANTCREAT)
+    return fd
 
 
 # --- the pidfile ----------------------------------------------------------------------------------
@@ -66,15 +98,7 @@ class Pidfile:
         self.owner: Optional[int] = None
 
     def acquire(self) -> None:
-        _make_parent(self.path)
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError as error:
-            if error.errno == errno.ELOOP:
-                raise DaemonError(
-                    f"pidfile {self.path} is a symlink; refusing to follow it"
-                ) from None
-            raise DaemonError(f"cannot open pidfile {self.path}: {error.strerror}") from None
+        fd = _open_file("pidfile", self.path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -147,8 +171,7 @@ class PoolLock:
         self.fd = -1
 
     def acquire(self) -> None:
-        _make_parent(self.path)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = _open_file("lock file", self.path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -168,9 +191,16 @@ class LogFiles:
         self.stdout, self.stderr, self.sync = stdout, stderr, sync
 
     def open(self) -> None:
-        for path, fd in ((self.stdout, 1), (self.stderr, 2)):
-            _make_parent(path)
-            new = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        """Open both files (raises DaemonError), then put them in place of stdout and stderr."""
+        opened = []
+        try:
+            for path in (self.stdout, self.stderr):
+                opened.append(_open_log(path))
+        except DaemonError:
+            for fd in opened:
+                os.close(fd)
+            raise
+        for new, fd in zip(opened, (1, 2)):
             os.dup2(new, fd)
             os.close(new)
         # Synced (the default): every line reaches the file when written; --nosync: buffered.
@@ -179,13 +209,56 @@ class LogFiles:
                 stream.reconfigure(line_buffering=self.sync, write_through=self.sync)
 
     def reopen(self) -> None:
+        """HUP: reopen both files; if one cannot be, keep writing to the old ones."""
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        self.open()
+        try:
+            self.open()
+        except DaemonError as error:
+            log.error("%s; still writing to the files open before", error)
+            return
         log.info("reopened %s and %s", self.stdout, self.stderr)
+
+
+def _open_log(path: str) -> int:
+    """A log file to append to (a symlink is followed: log directories often are links)."""
+    try:
+        return _create(path, os.O_WRONLY | os.O_APPEND)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise DaemonError(f"cannot create log file {path}: {reason}", EX_CANTCREAT) from None
+
+
+def _create(path: str, flags: int, mode: int = 0o644) -> int:
+    """Open ``path``, creating it and its missing directories, none of them group- or
+    world-writable whatever the umask the pool was started with (0 is not rare in init
+    scripts)."""
+    previous = os.umask(0o022)
+    try:
+        directory = os.path.dirname(path)
+        if directory:
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):  # a file where a directory should be
+                raise NotADirectoryError(
+                    errno.ENOTDIR, f"{_not_a_directory(directory)} is not a directory"
+                ) from None
+        return os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, mode)
+    finally:
+        os.umask(previous)
+
+
+def _not_a_directory(directory: str) -> str:
+    """The first component of ``directory`` that exists and is not a directory."""
+    parts = directory.split(os.sep)
+    for end in range(1, len(parts) + 1):
+        prefix = os.sep.join(parts[:end]) or os.sep
+        if os.path.exists(prefix) and not os.path.isdir(prefix):
+            return prefix
+    return directory
 
 
 # --- becoming a daemon ----------------------------------------------------------------------------

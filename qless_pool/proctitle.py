@@ -9,12 +9,23 @@ qless-0.11.4: Paused
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from importlib import metadata
 
 from setproctitle import setproctitle
 
-__all__ = ["PREFIX", "forked", "manager", "paused", "processing", "set_title", "waiting"]
+from .urls import mask_secrets
+
+__all__ = [
+    "PREFIX",
+    "forked",
+    "hide_secrets",
+    "manager",
+    "paused",
+    "processing",
+    "set_title",
+    "waiting",
+]
 
 #: Worker titles start with the qless-py version, as the Ruby gem's start with the qless one.
 PREFIX = f"qless-{metadata.version('qless-py')}"
@@ -22,6 +33,13 @@ PREFIX = f"qless-{metadata.version('qless-py')}"
 
 def set_title(title: str) -> None:
     setproctitle(title)
+
+
+def hide_secrets(argv: Sequence[str]) -> None:
+    """If the command line holds a password (in a URL), show it masked from now on."""
+    masked = [mask_secrets(arg) for arg in argv]
+    if masked != list(argv):
+        setproctitle(" ".join(masked))
 
 
 def waiting(queues: Iterable[str]) -> str:

@@ -116,3 +116,39 @@ def kill_processes_in(directory, timeout: float = 10.0) -> None:
         return not any(stat(pid) for pid in killed)
 
     wait_for(gone, timeout, message=f"processes {killed} to be gone")
+
+
+def as_unprivileged(fn):
+    """Run ``fn()`` as a user without privileges and return what it returns (or raise what it
+    raised, as RuntimeError with the message): in a forked child that drops to nobody when the
+    tests run as root, in this process otherwise. Its result must be JSON."""
+    import json
+
+    if os.geteuid() != 0:
+        return fn()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 0
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                answer = {"value": fn()}
+            except Exception as error:
+                answer = {"error": f"{type(error).__name__}: {error}"}
+            os.write(write_end, json.dumps(answer).encode())
+        except BaseException:
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    answer = json.loads(data)
+    if "error" in answer:
+        raise RuntimeError(answer["error"])
+    return answer["value"]
