@@ -13,12 +13,21 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .proctitle import hide_secrets
-
-    hide_secrets(sys.argv)
+    _hide_secrets(sys.argv)
     from .cli import main as run_command_line
 
     return run_command_line(argv)
+
+
+def _hide_secrets(argv: Sequence[str]) -> None:
+    """If the command line holds a password (in a URL), show it masked from now on."""
+    from .urls import mask_secrets
+
+    masked = [mask_secrets(arg) for arg in argv]
+    if masked != list(argv):
+        from setproctitle import setproctitle
+
+        setproctitle(" ".join(masked))
 
 
 if __name__ == "__main__":

@@ -17,16 +17,19 @@ from .daemon import (
     DEFAULT_STDERR,
     DEFAULT_STDOUT,
     DaemonError,
+    Identity,
     LogFiles,
     Pidfile,
     PoolLock,
     Readiness,
     SystemdNotifier,
     daemonize,
+    drop_privileges,
+    resolve_identity,
 )
 from .manager import Pool, preload
 from .urls import check_redis_url, redis_url_and_origin
-from .worker import RESERVERS
+from .worker import RESERVERS, check_allowed_modules, default_allowed_modules
 
 __all__ = ["build_parser", "main"]
 
@@ -181,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="run jobs in the worker process itself (cheap, trusted jobs)",
     )
     workers.add_argument(
+        "--allow-module",
+        metavar="PREFIX",
+        dest="allow_modules",
+        action="append",
+        help="run only jobs whose class is in this module or below it (myapp allows "
+        "myapp.jobs.Mail); others are failed as <queue>-ForbiddenClass; repeatable "
+        "(default: $QLESS_POOL_ALLOW_MODULES, comma-separated; none: any class)",
+    )
+    workers.add_argument(
         "--job-timeout",
         metavar="SECONDS",
         type=_positive_seconds,
@@ -226,6 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="let the log files be written in blocks instead of line by line",
     )
     daemon.add_argument(
+        "--user",
+        metavar="USER",
+        help="started as root: run as USER (name or uid) once the pidfile and log files are "
+        "open; its primary group unless --group",
+    )
+    daemon.add_argument(
+        "--group",
+        metavar="GROUP",
+        help="started as root: run as GROUP (name or gid)",
+    )
+    daemon.add_argument(
         "-l",
         "--lock",
         metavar="FILE",
@@ -252,6 +275,7 @@ def worker_options(args: argparse.Namespace) -> dict[str, Any]:
         "reserver": args.reserver,
         "fork_per_job": args.fork_per_job,
         "job_timeout": args.job_timeout,
+        "allow_modules": args.allow_modules,
     }
 
 
@@ -279,13 +303,24 @@ def launch(args: argparse.Namespace, preloaded: bool = False) -> int:
     except ValueError as error:
         print(f"qless-pool: bad Redis URL (from {origin}): {error}", file=sys.stderr)
         return 2
+    try:
+        allowed = default_allowed_modules() if args.allow_modules is None else args.allow_modules
+        args.allow_modules = list(check_allowed_modules(allowed))
+    except ValueError as error:
+        print(f"qless-pool: --allow-module: {error}", file=sys.stderr)
+        return 2
+    try:
+        identity = resolve_identity(args.user, args.group)
+    except DaemonError as error:
+        print(f"qless-pool: {error}", file=sys.stderr)
+        return error.status
     if args.dry_run:
         print(groups_to_json(groups))
         return 0
     # Everything that can be checked before detaching has been: from here on, a daemon reports
     # its start (or why it failed) through `readiness`, and the command exits with that.
     readiness = daemonize() if args.daemon else None
-    return _run_manager(args, source, groups, readiness, preloaded)
+    return _run_manager(args, source, groups, readiness, preloaded, identity)
 
 
 def _run_manager(
@@ -294,6 +329,7 @@ def _run_manager(
     groups: Any,
     readiness: Readiness | None,
     preloaded: bool,
+    identity: Identity | None = None,
 ) -> int:
     appname = args.appname or os.path.basename(os.getcwd())
     # At once: the command line (which may hold a password) is no longer what ps shows.
@@ -334,6 +370,14 @@ def _run_manager(
             PoolLock(args.lock).acquire()
     except DaemonError as error:
         return fail(error.status, str(error))
+    # The files are open: from here on, the application runs without root's privileges.
+    if identity is not None:
+        drop_privileges(identity, own=[log_files.stdout, log_files.stderr] if log_files else [])
+    elif os.geteuid() == 0:
+        log.warning(
+            "running as root: give --user (and --group) to run the pool and its jobs "
+            "unprivileged once the pidfile and log files are open"
+        )
     try:
         if not preloaded:
             try:

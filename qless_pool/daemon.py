@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import grp
 import os
+import pwd
 import socket
 import stat
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import NoReturn, Optional
 
 from .logs import logger
@@ -25,12 +28,15 @@ __all__ = [
     "DEFAULT_STDOUT",
     "EX_CANTCREAT",
     "DaemonError",
+    "Identity",
     "LogFiles",
     "Pidfile",
     "PoolLock",
     "Readiness",
     "SystemdNotifier",
     "daemonize",
+    "drop_privileges",
+    "resolve_identity",
 ]
 
 log = logger.getChild("daemon")
@@ -130,6 +136,8 @@ class Pidfile:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+            except PermissionError:  # privileges dropped since: leave it empty, hence stale
+                os.ftruncate(self.fd, 0)
         os.close(self.fd)
         self.fd, self.owner = -1, None
 
@@ -259,6 +267,71 @@ def _not_a_directory(directory: str) -> str:
         if os.path.exists(prefix) and not os.path.isdir(prefix):
             return prefix
     return directory
+
+
+# --- privileges -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Whom the pool runs as after dropping root's privileges (``--user``, ``--group``)."""
+
+    uid: int
+    gid: int
+    user: Optional[str]  # for the supplementary groups; None: --group only
+
+    def describe(self) -> str:
+        return f"uid {self.uid}" + (f" ({self.user})" if self.user else "") + f", gid {self.gid}"
+
+
+def resolve_identity(user: Optional[str], group: Optional[str]) -> Optional[Identity]:
+    """The identity ``--user``/``--group`` name (names or numbers), or None if neither is
+    given. Raises DaemonError (status 2) for an unknown user or group, or if this process
+    cannot switch to them (only root can switch to another user)."""
+    if not user and not group:
+        return None
+    uid, gid, name = os.getuid(), os.getgid(), None
+    if user:
+        try:
+            entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        except KeyError:
+            if not user.isdigit():
+                raise DaemonError(f"--user {user}: no such user", 2) from None
+            uid = int(user)
+        else:
+            uid, gid, name = entry.pw_uid, entry.pw_gid, entry.pw_name
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise DaemonError(f"--group {group}: no such group", 2) from None
+    identity = Identity(uid, gid, name)
+    if os.geteuid() != 0 and (uid, gid) != (os.geteuid(), os.getegid()):
+        raise DaemonError(
+            f"--user/--group: only root can switch to {identity.describe()} "
+            f"(this is uid {os.geteuid()})",
+            2,
+        )
+    return identity
+
+
+def drop_privileges(identity: Identity, own: Sequence[str] = ()) -> None:
+    """Become ``identity`` for good (groups, then gid, then uid), after handing it the files
+    in ``own`` (the log files, so that it can reopen them on HUP)."""
+    if os.geteuid() != 0:
+        return  # already this identity (resolve_identity checked)
+    for path in own:
+        try:
+            os.chown(path, identity.uid, identity.gid)
+        except OSError as error:
+            log.warning("cannot hand %s to %s: %s", path, identity.describe(), error.strerror)
+    if identity.user:
+        os.initgroups(identity.user, identity.gid)
+    else:
+        os.setgroups([])
+    os.setgid(identity.gid)
+    os.setuid(identity.uid)
+    log.info("dropped privileges: running as %s", identity.describe())
 
 
 # --- becoming a daemon ----------------------------------------------------------------------------

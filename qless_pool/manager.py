@@ -32,7 +32,7 @@ from .config import ConfigError, ConfigSource, Groups
 from .drain import DrainWatcher, run_watcher
 from .logs import configure as configure_logging
 from .logs import logger, set_role
-from .worker import HANDLED_SIGNALS, Worker
+from .worker import HANDLED_SIGNALS, Worker, default_allowed_modules
 
 __all__ = ["TERM_BEHAVIOURS", "Pool", "WorkerRecord", "preload", "run"]
 
@@ -78,7 +78,8 @@ class Pool:
     environment         the config section (default: $QLESS_ENV, $RACK_ENV, $RAILS_ENV)
     appname             shown in titles and log lines (default: the working directory's name)
     redis_url           for the workers (default: $QLESS_URL, $REDIS_URL, localhost)
-    worker_options      passed to every Worker: interval, reserver, fork_per_job, job_timeout
+    worker_options      passed to every Worker: interval, reserver, fork_per_job, job_timeout,
+                        allow_modules
     term_behaviour      "immediate" (default), "graceful" or "graceful-wait"
     spawn_delay         seconds between two spawns
     single_process_group  keep workers in the manager's process group
@@ -163,6 +164,12 @@ class Pool:
         )
         for warning in self.source.warnings:
             log.warning("%s", warning)
+        allowed = self.worker_options.get("allow_modules")
+        if not (default_allowed_modules() if allowed is None else allowed):
+            log.warning(
+                "no job class allowlist (--allow-module): anyone who can write to this Redis "
+                "can make the workers import any module on their sys.path and run its code"
+            )
         self._emit("started")
         if self.drain:
             started = time.time()  # before the fork: the workers may finish jobs before it runs
@@ -606,12 +613,19 @@ def run(
     ``qless_pool.run("config/qless-pool.yml", "production", preload_modules=["myapp"])``.
     Other keywords are :class:`Pool`'s (``appname``, ``redis_url``, ``term_behaviour``,
     ``spawn_delay``, ...) and the workers' (``interval``, ``reserver``, ``fork_per_job``,
-    ``job_timeout``). ``log_level=None`` leaves logging as the caller set it up. Raises
-    ConfigError for a bad config, before the application is preloaded.
+    ``job_timeout``, ``allow_modules``). ``log_level=None`` leaves logging as the caller set it
+    up. Raises ConfigError for a bad config, before the application is preloaded.
     """
     if log_level is not None:
         configure_logging(log_level, appname=options.get("appname"))
-    worker_keys = {"interval", "reserver", "fork_per_job", "job_timeout", "kill_grace"}
+    worker_keys = {
+        "interval",
+        "reserver",
+        "fork_per_job",
+        "job_timeout",
+        "kill_grace",
+        "allow_modules",
+    }
     worker_options = {k: options.pop(k) for k in list(options) if k in worker_keys}
     pool = Pool(config, environment, worker_options=worker_options, **options)
     pool.load_config()

@@ -9,17 +9,14 @@ qless-0.11.4: Paused
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from importlib import metadata
 
 from setproctitle import setproctitle
 
-from .urls import mask_secrets
-
 __all__ = [
     "PREFIX",
     "forked",
-    "hide_secrets",
     "manager",
     "paused",
     "processing",
@@ -33,13 +30,6 @@ PREFIX = f"qless-{metadata.version('qless-py')}"
 
 def set_title(title: str) -> None:
     setproctitle(title)
-
-
-def hide_secrets(argv: Sequence[str]) -> None:
-    """If the command line holds a password (in a URL), show it masked from now on."""
-    masked = [mask_secrets(arg) for arg in argv]
-    if masked != list(argv):
-        setproctitle(" ".join(masked))
 
 
 def waiting(queues: Iterable[str]) -> str:

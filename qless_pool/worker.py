@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import select
 import signal
 import socket
@@ -62,6 +63,9 @@ __all__ = [
     "RESERVERS",
     "JobClient",
     "Worker",
+    "check_allowed_modules",
+    "class_allowed",
+    "default_allowed_modules",
     "make_reserver",
 ]
 
@@ -82,6 +86,33 @@ HANDLED_SIGNALS = (
 PARENT_CHECK_INTERVAL = 1.0
 #: A report longer than this is cut (a pipe holds 64 KiB; the child must never block on it).
 MAX_REPORT_BYTES = 48 * 1024
+
+
+# --- which job classes may run ------------------------------------------------------------------
+
+#: The job class allowlist from the environment (comma-separated module prefixes).
+ALLOW_MODULES_VARIABLE = "QLESS_POOL_ALLOW_MODULES"
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def default_allowed_modules(environ: Optional[dict[str, str]] = None) -> list[str]:
+    """$QLESS_POOL_ALLOW_MODULES as a list (empty when unset)."""
+    raw = (os.environ if environ is None else environ).get(ALLOW_MODULES_VARIABLE, "")
+    return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+def check_allowed_modules(prefixes: Sequence[str]) -> tuple[str, ...]:
+    """The prefixes, each a dotted module name (ValueError otherwise)."""
+    for prefix in prefixes:
+        if not _DOTTED.match(prefix):
+            raise ValueError(f"not a module name: {prefix!r} (e.g. myapp or myapp.jobs)")
+    return tuple(prefixes)
+
+
+def class_allowed(klass: str, prefixes: Sequence[str]) -> bool:
+    """Is ``klass`` inside one of the modules ``prefixes`` names, on dotted boundaries
+    (``myapp`` allows ``myapp.jobs.Mail``, not ``myappevil.X``)? No prefixes: anything is."""
+    return not prefixes or any(klass == p or klass.startswith(p + ".") for p in prefixes)
 
 
 # --- reservers: the order in which a worker tries its queues ------------------------------------
@@ -342,6 +373,10 @@ class Worker:
     job_timeout   seconds a job may run before its child is killed and the job failed
     watch_parent  pid of the process that forked this one; exit (after the job) when it is gone
     kill_grace    seconds between SIGTERM and SIGKILL when a job child must die
+    allow_modules module prefixes a job's class must be in, else the job is failed as
+                  <queue>-ForbiddenClass before anything is imported (default:
+                  $QLESS_POOL_ALLOW_MODULES; empty: any class)
+    redis_options keyword arguments for redis-py (socket timeouts ...)
     """
 
     def __init__(
@@ -357,6 +392,7 @@ class Worker:
         kill_grace: float = 5.0,
         appname: Optional[str] = None,
         redis_options: Optional[dict[str, Any]] = None,
+        allow_modules: Optional[Sequence[str]] = None,
     ):
         if not queues:
             raise ValueError("a worker needs at least one queue")
@@ -373,6 +409,10 @@ class Worker:
         self.watch_parent = watch_parent
         self.kill_grace = kill_grace
         self.appname = appname
+        # None: $QLESS_POOL_ALLOW_MODULES, if set; empty: any job class may run.
+        self.allow_modules = check_allowed_modules(
+            default_allowed_modules() if allow_modules is None else allow_modules
+        )
         # The worker's own calls time out soon (a stalled Redis must not hide a signal for
         # long); the job's client waits longer. redis_options override both.
         self.redis_options = {
@@ -607,10 +647,25 @@ class Worker:
             self.next_poll = time.monotonic() + self.interval
             return
         self.next_poll = 0.0
-        if self.fork_per_job:
+        if not class_allowed(job["klass"], self.allow_modules):
+            self._forbid(job)
+        elif self.fork_per_job:
             self._fork_child(job)
         else:
             self._run_in_process(job)
+
+    def _forbid(self, job: dict[str, Any]) -> None:
+        """Fail a job whose class is outside the allowlist, before anything of it is imported."""
+        assert self.client is not None
+        message = (
+            f"job class {job['klass']!r} is not in a module this worker may import "
+            f"(--allow-module {' '.join(self.allow_modules)})"
+        )
+        log.warning("%s: %s; failed as %s-ForbiddenClass", describe_job(job), message, job["queue"])
+        try:
+            self.client("fail", job["jid"], self.name, f"{job['queue']}-ForbiddenClass", message)
+        except QlessException as refused:
+            log.info("%s: qless refused fail: %s", describe_job(job), refused)
 
     def _reserve(self) -> Optional[dict[str, Any]]:
         assert self.client is not None

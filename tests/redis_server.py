@@ -51,16 +51,20 @@ def _die_with_parent() -> None:
 class RedisServer:
     """One redis-server process; ``stop()`` and ``start()`` again keep the same socket."""
 
-    def __init__(self, binary: str | None = None, persistent: bool = False):
+    def __init__(
+        self, binary: str | None = None, persistent: bool = False, password: str | None = None
+    ):
         self.binary = binary or server_binary()
         # persistent: write an RDB file when stopped (SIGTERM) and load it when started again.
         self.persistent = persistent
+        self.password = password
         self.directory = tempfile.mkdtemp(prefix="qless-pool-redis-")
         self.socket = os.path.join(self.directory, "redis.sock")
         self.process: subprocess.Popen | None = None
 
     def url(self, db: int = 0) -> str:
-        return f"unix://{self.socket}?db={db}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"unix://{auth}{self.socket}?db={db}"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         command = [
@@ -73,6 +77,7 @@ class RedisServer:
             "--appendonly", "no",
             "--dir", self.directory,
             "--logfile", os.path.join(self.directory, "redis.log"),
+            *(["--requirepass", self.password] if self.password else []),
         ]  # fmt: skip
         self.process = subprocess.Popen(
             command,
@@ -83,7 +88,7 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                redis.Redis(unix_socket_path=self.socket).ping()
+                redis.Redis(unix_socket_path=self.socket, password=self.password).ping()
                 return self
             except redis.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
