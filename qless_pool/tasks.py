@@ -53,6 +53,7 @@ SETTINGS: dict[str, tuple[type, Optional[str]]] = {
     "reserver": (str, "--reserver"),
     "fork_per_job": (bool, None),
     "job_timeout": (float, "--job-timeout"),
+    "allow_modules": (list, "--allow-module"),
     "spawn_delay": (float, "--spawn-delay"),
     "term": (str, None),
     "log_level": (str, "--log-level"),
@@ -60,6 +61,8 @@ SETTINGS: dict[str, tuple[type, Optional[str]]] = {
     "stdout": (str, "--stdout"),
     "stderr": (str, "--stderr"),
     "lock": (str, "--lock"),
+    "user": (str, "--user"),
+    "group": (str, "--group"),
     "daemon": (bool, None),
     "drain": (bool, None),
     "queues": (list, None),
@@ -102,8 +105,10 @@ def _command_line(found: Mapping[str, Any]) -> list[str]:
     argv: list[str] = []
     for name, value in found.items():
         option = SETTINGS[name][1]
-        if option is not None:
-            argv += [option, str(value)]
+        if option is None:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            argv += [option, str(item)]
     if found.get("fork_per_job") is False:
         argv.append("--no-fork-per-job")
     if found.get("term"):
@@ -165,7 +170,9 @@ def _work(c: Any, queues: Optional[str] = None) -> None:
     appname = found.get("appname") or os.path.basename(os.getcwd())
     logs.configure(found.get("log_level", "INFO"), appname=appname)
     options = {
-        k: found[k] for k in ("interval", "reserver", "fork_per_job", "job_timeout") if k in found
+        k: found[k]
+        for k in ("interval", "reserver", "fork_per_job", "job_timeout", "allow_modules")
+        if k in found
     }
     Worker(queue_list, found.get("redis") or default_redis_url(), appname=appname, **options).work()
 

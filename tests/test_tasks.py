@@ -364,3 +364,16 @@ def test_invoke_demo_uses_QLESS_URL_when_set(redis_url, client):
     assert client.redis.zcard("ql:completed") == 57  # the jobs ran on this Redis
     reap_orphans()
     wait_for(_no_demo_left, message="nothing of the demo left running")
+
+
+def test_the_allow_modules_setting(project, redis_url, client):
+    (project / "invoke.yaml").write_text(
+        "qless_pool:\n  interval: 0.2\n  allow_modules: [testjobs]\n"
+    )
+    allowed = put(client, "foo", "Noop")
+    forbidden = client.queues["foo"].put("chainapp.Nothing", {})
+    result = invoke(project, redis_url, "qless.pool", "--drain")
+    assert result.returncode == 1, result.stderr  # a job failed
+    assert client.jobs[allowed].state == "complete"
+    assert client.jobs[forbidden].failure["group"] == "foo-ForbiddenClass"
+    assert "no job class allowlist" not in result.stderr
