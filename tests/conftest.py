@@ -18,6 +18,14 @@ from test_manager import start_pool  # noqa: E402, F401
 from test_worker import start_worker  # noqa: E402, F401
 
 
+def pytest_addoption(parser):
+    group = parser.getgroup("qless-pool")
+    group.addoption("--chaos-jobs", type=int, default=400, help="jobs in the chaos test")
+    group.addoption(
+        "--chaos-seconds", type=float, default=20.0, help="length of the chaos test's chaos"
+    )
+
+
 def pytest_report_header(config):
     binary = server_binary()
     return f"redis-server {server_version(binary)} ({binary})"

@@ -52,12 +52,18 @@ class RedisServer:
     """One redis-server process; ``stop()`` and ``start()`` again keep the same socket."""
 
     def __init__(
-        self, binary: str | None = None, persistent: bool = False, password: str | None = None
+        self,
+        binary: str | None = None,
+        persistent: bool = False,
+        password: str | None = None,
+        aof: bool = False,
     ):
         self.binary = binary or server_binary()
         # persistent: write an RDB file when stopped (SIGTERM) and load it when started again.
         self.persistent = persistent
         self.password = password
+        # aof: an append-only file, fsynced on every write: nothing is lost, even to SIGKILL.
+        self.aof = aof
         self.directory = tempfile.mkdtemp(prefix="qless-pool-redis-")
         self.socket = os.path.join(self.directory, "redis.sock")
         self.process: subprocess.Popen | None = None
@@ -74,7 +80,8 @@ class RedisServer:
             "--unixsocketperm", "700",
             # Two words, not "3600 1": Redis 6.2 reads the one-word form as no save points.
             "--save", *(["3600", "1"] if self.persistent else [""]),
-            "--appendonly", "no",
+            "--appendonly", "yes" if self.aof else "no",
+            *(["--appendfsync", "always"] if self.aof else []),
             "--dir", self.directory,
             "--logfile", os.path.join(self.directory, "redis.log"),
             *(["--requirepass", self.password] if self.password else []),

@@ -1,0 +1,22 @@
+"""The chaos run, small enough for every CI run (at most a minute); tests/chaos.py runs it big.
+
+``--chaos-jobs N --chaos-seconds S`` (see conftest.py) make it longer."""
+
+from __future__ import annotations
+
+import pytest
+from chaos import run_chaos
+
+
+@pytest.mark.timeout(300)
+def test_chaos_loses_nothing_and_explains_every_duplicate(request):
+    jobs = request.config.getoption("--chaos-jobs")
+    seconds = request.config.getoption("--chaos-seconds")
+    report = run_chaos(jobs, seconds)
+    assert report.problems == []
+    assert report.lost == 0
+    assert report.left_running == []
+    assert report.states["complete"] + report.states["failed"] == jobs  # none left waiting
+    # The chaos did happen.
+    assert report.children_killed and report.workers_killed
+    assert report.hups == 20 and report.pauses == 1 and report.redis_restarts == 1
