@@ -16,6 +16,8 @@ import functools
 import logging
 import pkgutil
 import re
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -36,6 +38,7 @@ __all__ = [
     "fix_script",
     "fixed_script",
     "patch_qless",
+    "pipelined",
     "redis_is_down",
     "use_fixed_script",
 ]
@@ -199,3 +202,39 @@ def patch_qless() -> None:
 
     setattr(__init__, _PATCHED, True)
     cls.__init__ = __init__
+
+
+def pipelined(client: qless.Client, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """Send qless commands in one round trip; returns each one's answer, or the
+    ``QlessException`` it was refused with (Redis being down raises, as for one command).
+
+    The script is called by its hash directly: a pipeline that knows the script would ask Redis
+    whether it has it first (``SCRIPT EXISTS``), a round trip more every time. If Redis has
+    lost it (a restart), it is loaded and the commands it refused are sent again: a command
+    refused with NOSCRIPT did not run.
+    """
+    script = client._lua
+    answers: list[Any] = [None] * len(commands)
+    todo = list(range(len(commands)))
+    for attempt in range(2):
+        pipe = client.redis.pipeline(transaction=False)
+        now = repr(time.time())
+        for index in todo:
+            command = commands[index]
+            pipe.evalsha(script.sha, 0, command[0], now, *command[1:])
+        results = pipe.execute(raise_on_error=False)
+        missing = []
+        for index, result in zip(todo, results):
+            if isinstance(result, redis.exceptions.NoScriptError) and attempt == 0:
+                missing.append(index)
+            elif isinstance(result, redis.ResponseError):
+                refused = QlessException(str(result))
+                refused.__context__ = result  # redis_is_down() looks for READONLY here
+                answers[index] = refused
+            else:
+                answers[index] = result
+        if not missing:
+            break
+        script.sha = client.redis.script_load(script.script)
+        todo = missing
+    return answers

@@ -4,6 +4,7 @@ qless-pool-manager[app]: managing [101, 102, 103]
 qless-0.11.4: Waiting for foo,bar,baz
 qless-0.11.4: Forked 230 at 1764270000
 qless-0.11.4: Processing bar since 1764270000
+qless-0.11.4: Ready for foo,bar,baz since 1764270000
 qless-0.11.4: Paused
 """
 
@@ -20,6 +21,7 @@ __all__ = [
     "manager",
     "paused",
     "processing",
+    "ready",
     "set_title",
     "waiting",
 ]
@@ -42,6 +44,11 @@ def forked(child_pid: int, since: float) -> str:
 
 def processing(queue: str, since: float) -> str:
     return f"{PREFIX}: Processing {queue} since {int(since)}"
+
+
+def ready(queues: Iterable[str], since: float) -> str:
+    """A standby job child, forked ahead, waiting for its job."""
+    return f"{PREFIX}: Ready for {','.join(queues)} since {int(since)}"
 
 
 def paused() -> str:

@@ -9,8 +9,8 @@ import subprocess
 import time
 
 import pytest
-from processes import alive, children, stat, wait_for
-from test_worker import history_events, put, runs, wait_state
+from processes import alive, children, stat, title, wait_for
+from test_worker import PROCESSING, history_events, put, runs, wait_state
 
 from qless_pool import lifeline
 
@@ -26,7 +26,7 @@ def test_a_job_child_dies_with_its_worker_and_its_job_runs_exactly_once_more(
     [worker] = pool.workers()
     jid = put(client, "foo", "Spawn", {"seconds": 300})
     wait_for(lambda: runs(redis_conn), message="the job to start")
-    [job_child] = children(worker)
+    [job_child] = [pid for pid in children(worker) if PROCESSING.match(title(pid))]
     background = runs(redis_conn)[0]["background"]
     assert alive(background)
 

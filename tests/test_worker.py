@@ -26,6 +26,7 @@ WAITING = re.compile(rf"^qless-{VERSION}: Waiting for (\S+)$")
 FORKED = re.compile(rf"^qless-{VERSION}: Forked (\d+) at (\d+)$")
 PROCESSING = re.compile(rf"^qless-{VERSION}: Processing (\S+) since (\d+)$")
 PAUSED = re.compile(rf"^qless-{VERSION}: Paused$")
+READY = re.compile(rf"^qless-{VERSION}: Ready for (\S+) since (\d+)$")
 ANY_WORKER = re.compile(rf"^qless-{VERSION}: (Waiting|Forked|Processing|Paused)")
 
 
@@ -39,7 +40,12 @@ class WorkerProcess:
         return title(self.pid)
 
     def job_child(self) -> int | None:
-        found = children(self.pid)
+        """The child running a job (not the standby, forked ahead and waiting for one)."""
+        found = [pid for pid in children(self.pid) if PROCESSING.match(title(pid))]
+        return found[0] if found else None
+
+    def standby(self) -> int | None:
+        found = [pid for pid in children(self.pid) if READY.match(title(pid))]
         return found[0] if found else None
 
     def log_text(self) -> str:

@@ -136,3 +136,11 @@ class BigFailure:
     def process(job):
         _record(job)
         raise ValueError("x" * job.data["size"] + " the end")
+
+
+class Quiet:
+    """Sleeps ``data["seconds"]`` without touching Redis."""
+
+    @staticmethod
+    def process(job):
+        time.sleep(job.data.get("seconds", 0))

@@ -1,0 +1,116 @@
+"""What qless tells a worker: puts to its queues (while it is idle), and its jobs taken away.
+
+qless publishes every put, complete, fail ... on ``ql:log`` (``{"event": "put", "queue": ...}``),
+and the events about one worker's jobs (``lock_lost``, ``canceled``, ``put`` when moved) on
+``ql:w:<worker name>``. A worker is always subscribed to its own channel, and to ``ql:log``
+only while it is idle: then a put to one of its queues starts the job at once instead of at
+the next poll. A busy worker leaves ``ql:log`` (a busy qless instance publishes a lot).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import qless
+
+from .client import CONTROL_TIMEOUT, REDIS_DOWN
+
+__all__ = ["Subscriptions"]
+
+
+@dataclass
+class Subscriptions:
+    """The worker's pubsub connection: ``ql:w:<name>`` always, ``ql:log`` while idle."""
+
+    worker_channel: str
+    pubsub: Any = None
+    idle_channel: str = "ql:log"
+    channels: set[str] = field(default_factory=set)
+
+    def fileno(self) -> Optional[int]:
+        connection = getattr(self.pubsub, "connection", None)
+        sock = getattr(connection, "_sock", None)
+        return sock.fileno() if sock is not None else None
+
+    @property
+    def listening_for_puts(self) -> bool:
+        return self.idle_channel in self.channels
+
+    def ensure(self, client: qless.Client) -> list[dict[str, Any]]:
+        """Be subscribed to the worker's own channel; returns events read on the way."""
+        if self.pubsub is None:
+            self.pubsub = client.redis.pubsub()
+            self.channels = set()
+        return self._subscribe(self.worker_channel)
+
+    def listen_for_puts(self, on: bool) -> list[dict[str, Any]]:
+        """Subscribe to ``ql:log`` (idle) or leave it (busy: a busy worker needs none of it)."""
+        if on:
+            return self._subscribe(self.idle_channel)
+        if self.listening_for_puts:
+            self.pubsub.unsubscribe(self.idle_channel)  # the confirmation is skipped by read()
+            self.channels.discard(self.idle_channel)
+        return []
+
+    def _subscribe(self, channel: str) -> list[dict[str, Any]]:
+        if channel in self.channels:
+            return []
+        self.pubsub.subscribe(channel)
+        # Wait until Redis confirms, so that whatever is published after the next pop is heard.
+        events = self._read_until_subscribed({channel})
+        self.channels.add(channel)
+        return events
+
+    def _read_until_subscribed(self, channels: set[str]) -> list[dict]:
+        events: list[dict[str, Any]] = []
+        pending = set(channels)
+        deadline = time.monotonic() + CONTROL_TIMEOUT
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:  # a stalled Redis: an outage like any other call that times out
+                raise REDIS_DOWN[1](f"Redis did not confirm SUBSCRIBE {', '.join(pending)}")
+            message = self.pubsub.get_message(timeout=left)
+            if message is None:
+                continue
+            if message["type"] == "subscribe":
+                pending.discard(message["channel"])
+            else:
+                events += self._event(message)
+        return events
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every event that has arrived, without blocking."""
+        events: list[dict[str, Any]] = []
+        if self.pubsub is None:
+            return events
+        while True:
+            # Not ignore_subscribe_messages: it returns None for a confirmation even when more
+            # messages are buffered, and None must mean "nothing left" here.
+            message = self.pubsub.get_message(timeout=0)
+            if message is None:
+                return events
+            events += self._event(message)
+
+    def _event(self, message: dict[str, Any]) -> list[dict[str, Any]]:
+        if message["type"] != "message":
+            return []
+        try:
+            event = json.loads(message["data"])
+        except (TypeError, ValueError):
+            return []
+        if not isinstance(event, dict):
+            return []
+        event["channel"] = message["channel"]
+        return [event]
+
+    def close(self) -> None:
+        if self.pubsub is not None:
+            try:
+                self.pubsub.close()
+            except Exception:  # a broken connection is what we are dropping
+                pass
+        self.pubsub = None
+        self.channels = set()

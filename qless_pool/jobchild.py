@@ -1,0 +1,518 @@
+"""The job child: forked ahead (the *standby*), given its job over a pipe, runs it, reports.
+
+A worker parent keeps one standby child forked ahead, while it is idle or while the previous
+job runs, so that a job starts with a pipe write rather than a fork::
+
+    fork (ahead)  -> title "Ready for <queues> since <epoch>", wait on the job pipe
+    job arrives   -> title "Processing <queue> since <epoch>", run the job with qless-py
+    job ends      -> one report line on the report pipe, exit
+
+The child dies with its worker parent (``lifeline.die_with_parent``), leads its own process
+group, and runs with default signal dispositions, exactly as a child forked for the job would.
+
+*Settling.* A job function that completes, fails, retries, moves or cancels its job settles it
+itself (the child's client connects then, on its first command). One that returns without
+settling it (most do) is reported ``returned``, with its data, and the worker parent completes
+it, in one round trip with its next pop: a job that never touches Redis opens no connection.
+If Redis was down when the job settled itself, the report carries the command for the parent
+to replay (see settling.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, Optional
+
+import qless
+from qless.exceptions import QlessException
+
+from . import lifeline, proctitle
+from .client import REDIS_DOWN
+from .logs import cap, logger, set_role
+from .reservation import HeldJob
+
+__all__ = [
+    "MAX_REPORT_BYTES",
+    "ChildSetup",
+    "Children",
+    "Ended",
+    "JobChild",
+    "JobClient",
+    "describe_job",
+    "fork_child",
+    "run_job",
+    "send_job",
+]
+
+log = logger.getChild("worker")
+
+#: A report longer than this is cut (a pipe holds 64 KiB; the child must never block on it).
+MAX_REPORT_BYTES = 48 * 1024
+#: Data a returned job's report carries back for the parent's ``complete``; a job whose data
+#: grew bigger completes itself.
+MAX_RETURNED_DATA = 32 * 1024
+#: A standby child that dies sooner than this after its fork is not replaced for a second.
+STANDBY_RETRY_DELAY = 1.0
+
+
+def describe_job(job: dict[str, Any]) -> str:
+    return f"job {job['jid']} ({job['klass']}) from {job['queue']}"
+
+
+# --- the job's client ---------------------------------------------------------------------------
+
+
+class JobClient(qless.Client):
+    """The job's client: it notices the command that settles its job.
+
+    complete, fail, retry, cancel, or a put of the job to another queue settle a job. Once one
+    reached Redis the job is *settled* (even if qless refused it: then the job is no longer this
+    worker's to settle), and ``outcome`` names it. When Redis is down the command is kept as
+    ``unreported``, for the worker parent to replay when Redis is back; the job's further
+    attempts to settle are refused. Failure messages are capped (logs.MAX_MESSAGE).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.track_job(None)
+
+    def track_job(self, jid: Optional[str]) -> None:
+        """Watch the commands that settle ``jid`` (None: watch nothing)."""
+        self.jid = jid
+        self.outcome: Optional[str] = None  # "complete", "fail", "retry", "move", "cancel"
+        self.group: Optional[str] = None  # of a fail or retry
+        self.unreported: Optional[list[Any]] = None
+
+    @property
+    def settled(self) -> bool:
+        return self.outcome is not None
+
+    def _settles_job(self, command: str, args: tuple[Any, ...]) -> Optional[str]:
+        if self.jid is None:
+            return None
+        if command in ("complete", "fail", "retry"):
+            return command if args and args[0] == self.jid else None
+        if command == "put":  # Job.move
+            return "move" if len(args) > 1 and args[1] == self.jid else None
+        if command == "cancel":
+            return "cancel" if self.jid in args else None
+        return None
+
+    def __call__(self, command: str, *args: Any) -> Any:
+        if command in ("fail", "retry"):
+            args = cap_message(command, args)
+        outcome = self._settles_job(command, args)
+        if outcome is None:
+            return super().__call__(command, *args)
+        if self.unreported is not None:
+            raise REDIS_DOWN[0]("Redis was unreachable; the job's outcome is kept for the worker")
+        self.outcome = outcome
+        if command == "fail" and len(args) > 2:
+            self.group = args[2]
+        elif command == "retry" and len(args) > 4:
+            self.group = args[4]
+        try:
+            return super().__call__(command, *args)
+        except REDIS_DOWN:
+            self.unreported = [command, *args]
+            raise
+
+
+def cap_message(command: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """fail(jid, worker, group, message, ...) and retry(jid, queue, worker, delay, group,
+    message) with the message capped (logs.MAX_MESSAGE)."""
+    index = 3 if command == "fail" else 5
+    if len(args) > index and isinstance(args[index], str):
+        args = (*args[:index], cap(args[index]), *args[index + 1 :])
+    return args
+
+
+# --- running one job ----------------------------------------------------------------------------
+
+
+def run_job(client: JobClient, fields: dict[str, Any], complete: bool = False) -> dict[str, Any]:
+    """Run one job with qless-py; returns the report for the worker parent.
+
+    ``{"outcome": "returned", "data": ...}``: the job function returned without settling its
+    job; the parent completes it with that data (``complete=True``: the job is completed here,
+    as a job whose data is too big to report is). ``{"outcome": "complete" | "fail" | ...}``:
+    the job settled itself. ``{"unreported": [command, ...]}``: it settled while Redis was down.
+    Every report has ``seconds``, the time the job ran.
+    """
+    started = time.monotonic()
+    client.track_job(fields["jid"])
+    queue = fields["queue"]
+    report: dict[str, Any] = {}
+    try:
+        try:
+            job = qless.Job(client, **fields)  # parses the job's data
+        except (TypeError, ValueError) as error:
+            # Not retried: the data will be just as broken the next time.
+            client(
+                "fail",
+                fields["jid"],
+                client.worker_name,
+                f"{queue}-BadJobData",
+                f"the job's data is not valid JSON ({error}): {cap(str(fields['data']), 1024)}",
+            )
+        else:
+            report = _process(job, client, complete)
+    except (*REDIS_DOWN, QlessException):
+        if not client.settled:
+            raise
+    if client.unreported is not None:
+        report = {"unreported": client.unreported}
+    elif client.settled:
+        report = {"outcome": client.outcome, "group": client.group}
+    report["seconds"] = time.monotonic() - started
+    return report
+
+
+def _process(job: qless.Job, client: JobClient, complete: bool) -> dict[str, Any]:
+    try:
+        job.process()
+    except (SystemExit, KeyboardInterrupt) as exit:
+        # qless-py catches Exception only. Running it again would exit again: fail it.
+        what = f"{type(exit).__name__}({exit.args[0]!r})" if exit.args else type(exit).__name__
+        job.fail(
+            f"{job.queue_name}-SystemExit",
+            f"the job function raised {what}, which ends the process it runs in; a job must "
+            f"return or raise an exception instead\n{traceback.format_exc()}",
+        )
+        return {}
+    if client.settled:
+        return {}
+    # qless's Ruby workers complete a job whose function returned; qless-py leaves it running
+    # until its lock expires and then hands it to another worker.
+    data = json.dumps(job.data)
+    if complete or len(data) > MAX_RETURNED_DATA:
+        job.complete()
+        return {}
+    return {"outcome": "returned", "data": data}
+
+
+# --- the worker parent's view of a job child ----------------------------------------------------
+
+
+@dataclass
+class JobChild:
+    """A forked job child, from fork to reap: waiting for its job (a standby) or running it."""
+
+    pid: int
+    report_fd: int  # the child's report pipe (read end)
+    job_fd: int = -1  # the standby's job pipe (write end); -1 once the job is sent
+    forked: float = field(default_factory=time.monotonic)
+    job: Optional[dict[str, Any]] = None  # the job as qless popped it, once it has one
+    started: float = 0.0  # epoch seconds the job was handed over, for titles
+    heartbeat_every: float = 0.0
+    next_heartbeat: float = 0.0  # monotonic
+    deadline: Optional[float] = None  # monotonic; the job timeout
+    kill_reason: Optional[str] = None
+    timed_out: bool = False
+    escalate_at: Optional[float] = None  # monotonic; SIGKILL if still alive then
+    report: bytes = b""
+
+    @property
+    def jid(self) -> str:
+        assert self.job is not None
+        return self.job["jid"]
+
+    def read_report(self) -> Optional[dict[str, Any]]:
+        """Read what the child has written; its report once the line is whole, else None."""
+        while True:
+            try:
+                chunk = os.read(self.report_fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self.report += chunk
+        if not self.report.endswith(b"\n"):
+            return None
+        return parse_report(self.report)
+
+    def close(self) -> None:
+        for fd in (self.report_fd, self.job_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.report_fd = self.job_fd = -1
+
+
+def parse_report(data: bytes) -> dict[str, Any]:
+    try:
+        report = json.loads(data.decode())
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+@dataclass(frozen=True)
+class ChildSetup:
+    """What a job child needs from its worker parent, to become a job child."""
+
+    parent_pid: int
+    queues: Sequence[str]
+    client: JobClient
+    appname: Optional[str]
+    close_fds: Sequence[int]  # the parent's own (its signal wakeup pipe)
+    parent_signals: Sequence[int]  # handled by the parent; the child restores their defaults
+
+
+def fork_child(setup: ChildSetup, job: Optional[dict[str, Any]] = None) -> JobChild:
+    """Fork a job child: for ``job`` at once, or (None) a standby that waits for one."""
+    report_r, report_w = os.pipe()
+    job_r, job_w = os.pipe() if job is None else (-1, -1)
+    # Blocked across the fork: until the child has dropped the worker's handlers, a signal for
+    # it would land in the worker's wakeup pipe and look like the worker's own.
+    signal.pthread_sigmask(signal.SIG_BLOCK, setup.parent_signals)
+    pid = os.fork()
+    if pid == 0:
+        lifeline.die_with_parent(setup.parent_pid)
+        for fd in (report_r, job_w):
+            if fd >= 0:
+                os.close(fd)
+        _become_child(setup, job, job_r, report_w)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, setup.parent_signals)
+    os.close(report_w)
+    if job_r >= 0:
+        os.close(job_r)
+    os.set_blocking(report_r, False)
+    try:
+        os.setpgid(pid, pid)  # also done by the child; whichever runs first wins
+    except OSError:
+        pass
+    return JobChild(pid=pid, report_fd=report_r, job_fd=job_w)
+
+
+def send_job(child: JobChild, job: dict[str, Any]) -> None:
+    """Hand a standby its job (the standby is blocked reading, so the write completes)."""
+    data = (json.dumps(job) + "\n").encode()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(child.job_fd, view) :]
+    os.close(child.job_fd)
+    child.job_fd = -1
+
+
+def _become_child(
+    setup: ChildSetup, job: Optional[dict[str, Any]], job_fd: int, report_fd: int
+) -> NoReturn:
+    """The job child's life after the fork: wait for its job if it has none, run it, report,
+    exit. Never returns."""
+    status = 70  # EX_SOFTWARE: something failed before the job could be reported
+    try:
+        signal.set_wakeup_fd(-1)
+        for fd in setup.close_fds:
+            os.close(fd)
+        for signum in setup.parent_signals:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, setup.parent_signals)
+        os.setpgid(0, 0)  # its own group, so a kill reaches whatever the job started
+        set_role("job", setup.appname)
+        if job is None:
+            proctitle.set_title(proctitle.ready(setup.queues, time.time()))
+            job = _wait_for_job(job_fd)
+            if job is None:  # the worker closed the pipe: not needed any more
+                status = 0
+                return  # type: ignore[misc] # the finally clause exits
+        proctitle.set_title(proctitle.processing(job["queue"], time.time()))
+        # A job that connects is named in CLIENT LIST (no round trip unless it connects).
+        pool = setup.client.redis.connection_pool
+        pool.connection_kwargs["client_name"] = f"qless-pool-job-{os.getpid()}"
+        report = run_job(setup.client, job)
+        _write_report(report_fd, report)
+        status = 0
+    except BrokenPipeError:
+        pass  # the worker parent is gone (and this child about to be): nothing to tell
+    except BaseException:
+        log.exception("job %s crashed its child process", (job or {}).get("jid"))
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # exiting regardless
+                pass
+        os._exit(status)
+
+
+def _wait_for_job(fd: int) -> Optional[dict[str, Any]]:
+    chunks = []
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        if chunk.endswith(b"\n"):
+            break
+    os.close(fd)
+    return json.loads(b"".join(chunks)) if chunks else None
+
+
+def _write_report(fd: int, report: dict[str, Any]) -> None:
+    data = json.dumps(report).encode()
+    if len(data) > MAX_REPORT_BYTES and report.get("unreported"):
+        command = list(report["unreported"])
+        if command[0] == "fail":  # the failure message (a traceback) is what can be long
+            command[4] = cap(command[4], MAX_REPORT_BYTES // 2)
+        data = json.dumps({"unreported": command}).encode()[:MAX_REPORT_BYTES]
+    os.write(fd, data + b"\n")
+
+
+# --- the worker parent's job children -----------------------------------------------------------
+
+
+@dataclass
+class Ended:
+    """A job child's run that has ended: its report (empty if it sent none) and its wait status
+    (None: it reported and is still exiting)."""
+
+    child: JobChild
+    report: dict[str, Any]
+    status: Optional[int]
+
+
+class Children:
+    """A worker parent's job children: the one running a job, the standby forked ahead for the
+    next, and the ones that reported and are exiting. At most one runs a job at a time."""
+
+    def __init__(self, setup: ChildSetup, kill_grace: float):
+        self.setup = setup
+        self.kill_grace = kill_grace
+        self.running: Optional[JobChild] = None
+        self.standby: Optional[JobChild] = None
+        self.finishing: list[JobChild] = []
+        self.standby_retry_at = 0.0  # monotonic
+
+    def __bool__(self) -> bool:
+        return bool(self.running or self.standby or self.finishing)
+
+    def start(self, popped: HeldJob, job_timeout: Optional[float]) -> JobChild:
+        """Hand ``popped`` to the standby (or, if there is none, to a child forked for it)."""
+        job = popped.job
+        child, self.standby = self.standby, None
+        if child is not None:
+            try:
+                send_job(child, job)
+            except BrokenPipeError:  # the standby died a moment ago: reaped soon, as finished
+                self.finishing.append(child)
+                child = None
+        if child is None:
+            child = fork_child(self.setup, job)
+        child.job, child.started = job, time.time()
+        child.heartbeat_every = popped.every
+        child.next_heartbeat = popped.next_heartbeat
+        child.deadline = time.monotonic() + job_timeout if job_timeout else None
+        self.running = child
+        return child
+
+    def keep_standby(self, stopping: bool) -> None:
+        """Fork the next job's child ahead, while idle or while the current job runs; stopping,
+        let it go (it exits when its job pipe closes, and is reaped)."""
+        standby = self.standby
+        if stopping:
+            if standby is not None and standby.job_fd >= 0:
+                os.close(standby.job_fd)
+                standby.job_fd = -1
+        elif standby is None and time.monotonic() >= self.standby_retry_at:
+            self.standby = fork_child(self.setup)
+
+    def supervise(self, now: float, job_timeout: Optional[float]) -> list[Ended]:
+        """Reap what has exited, read the running child's report, enforce the job timeout;
+        returns the runs that ended."""
+        ended: list[Ended] = []
+        for child in [c for c in (self.running, self.standby, *self.finishing) if c is not None]:
+            try:
+                # Whatever a job left running in its process group dies with it.
+                reaped = lifeline.reap(child.pid)
+            except ChildProcessError:
+                reaped = child.pid, -1
+            if reaped is not None:
+                ended += self._exited(child, reaped[1])
+        child = self.running
+        if child is None:
+            return ended
+        report = child.read_report()
+        if report:  # it has reported: the job is done, whenever the process itself exits
+            self.running = None
+            self.finishing.append(child)
+            return [*ended, Ended(child, report, None)]
+        if child.deadline is not None and now >= child.deadline and child.kill_reason is None:
+            child.timed_out = True
+            self.kill(f"the job ran longer than its timeout ({job_timeout:g}s)")
+        if child.escalate_at is not None and now >= child.escalate_at:
+            log.warning(
+                "job child %d ignored SIGTERM for %gs; sending SIGKILL", child.pid, self.kill_grace
+            )
+            lifeline.kill_group(child.pid, signal.SIGKILL)
+            child.escalate_at = None
+        return ended
+
+    def _exited(self, child: JobChild, status: int) -> list[Ended]:
+        ended = []
+        if child is self.standby:
+            self.standby = None
+            if child.job_fd >= 0:  # not let go: it died
+                log.warning("the standby job child %d died (%s)", child.pid, _status(status))
+                if time.monotonic() - child.forked < STANDBY_RETRY_DELAY:
+                    self.standby_retry_at = time.monotonic() + STANDBY_RETRY_DELAY
+        elif child is self.running:
+            self.running = None
+            ended.append(Ended(child, child.read_report() or {}, status))
+        else:
+            self.finishing.remove(child)
+        child.close()
+        return ended
+
+    def kill(self, reason: str) -> None:
+        """Stop the running job's child: SIGTERM to its group, SIGKILL after kill_grace."""
+        child = self.running
+        if child is None or child.kill_reason is not None:
+            return
+        assert child.job is not None
+        log.warning("killing job child %d: %s (%s)", child.pid, reason, describe_job(child.job))
+        child.kill_reason = reason
+        lifeline.kill_group(child.pid, signal.SIGTERM)
+        child.escalate_at = time.monotonic() + self.kill_grace
+
+    def wake_times(self) -> list[float]:
+        """When supervise() has something to do, besides a child exiting or reporting."""
+        child = self.running
+        times = []
+        if child is not None:
+            times.append(child.next_heartbeat)
+            if child.deadline is not None and child.kill_reason is None:
+                times.append(child.deadline)
+            if child.escalate_at is not None:
+                times.append(child.escalate_at)
+        if self.standby is None:
+            times.append(self.standby_retry_at)
+        return times
+
+    def shut_down(self) -> None:
+        """The worker is exiting: a running child (only if the loop itself failed) is killed,
+        the standby let go, and every child waited for."""
+        if self.running is not None:
+            lifeline.kill_group(self.running.pid, signal.SIGKILL)
+        for child in [c for c in (self.running, self.standby, *self.finishing) if c is not None]:
+            child.close()  # the standby exits when its job pipe closes
+            try:
+                os.waitpid(child.pid, 0)
+            except ChildProcessError:
+                pass
+        self.running = self.standby = None
+        self.finishing = []
+
+
+def _status(status: int) -> str:
+    if status < 0:
+        return "vanished"
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.WEXITSTATUS(status)}"

@@ -1,0 +1,199 @@
+"""Settling: what a worker sends to qless when a job's run has ended, and when.
+
+A run ends one of these ways, and the worker settles the job accordingly:
+
+==========================================  =================================================
+the run                                     the worker sends
+==========================================  =================================================
+the job settled itself (complete, fail,     nothing
+retry, move, cancel)
+the job function returned                   ``complete`` (with the job's data), in one round
+                                            trip with the next pop (at the latest a second
+                                            later)
+it settled itself while Redis was down      that command, when Redis is back
+it ran past ``--job-timeout``               ``fail`` as ``<queue>-TimeoutError``
+its child died, or was killed, or it was    ``retry`` as ``<queue>-DirtyExit``: it runs again,
+interrupted, without settling it            or, out of retries, fails
+==========================================  =================================================
+
+Everything but a ``complete`` is sent only if qless still says the job is running on this
+worker (``fail`` does not check its owner itself), so that a job that was taken away meanwhile
+(its lock expired and another worker has it) is left alone, and nothing is reported twice.
+
+Every finished job gets one INFO log line: its jid, class, queue, outcome and run time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import qless
+from qless.exceptions import QlessException
+
+from .client import pipelined
+from .jobchild import describe_job
+from .logs import logger
+
+__all__ = ["MAX_COMPLETE_DELAY", "Settlement", "Settler", "settlement_for"]
+
+log = logger.getChild("worker")
+
+#: The longest a returned job's ``complete`` waits for a pop to travel with.
+MAX_COMPLETE_DELAY = 1.0
+
+
+@dataclass
+class Settlement:
+    """A job whose run ended without the job settling it, and what to send for it."""
+
+    job: dict[str, Any]
+    command: list[Any]  # e.g. ["retry", jid, queue, worker, 0, group, message]
+    reason: str  # why, for the log
+    seconds: float = 0.0  # how long the job ran
+    due: float = 0.0  # monotonic: a batched complete goes by then, pop or not
+
+    @property
+    def batched(self) -> bool:
+        """Sent with the next pop: a ``complete`` (qless checks its owner itself)."""
+        return self.command[0] == "complete"
+
+
+def settlement_for(
+    job: dict[str, Any],
+    report: dict[str, Any],
+    status: Optional[int],
+    kill_reason: Optional[str],
+    timed_out: bool,
+    worker: str,
+    job_timeout: Optional[float],
+    lock_due: float,
+) -> Optional[Settlement]:
+    """How to settle ``job``, given its run's report (empty if it sent none), its child's wait
+    status (None: it ran in the worker process) and why the worker stopped it, if it did.
+    ``lock_due`` (monotonic) is when the job's lock would be due a heartbeat: a complete owed
+    goes by then (or within MAX_COMPLETE_DELAY), with a pop or without.
+    None: the job settled itself (its log line is written here)."""
+    seconds = float(report.get("seconds") or 0.0)
+    outcome = report.get("outcome")
+    if outcome == "returned" and not timed_out:
+        command = ["complete", job["jid"], worker, job["queue"], report.get("data") or "{}"]
+        due = min(lock_due, time.monotonic() + MAX_COMPLETE_DELAY)
+        return Settlement(job, command, "completed", seconds, due)
+    if outcome and outcome != "returned":
+        log.info("%s: %s in %.3fs", describe_job(job), _described(report), seconds)
+        return None
+    if report.get("unreported"):
+        command = report["unreported"]
+        reason = f"its run could not report {command[0]} (Redis was unreachable)"
+        return Settlement(job, command, reason, seconds)
+    if timed_out:
+        message = f"killed after running longer than the job timeout ({job_timeout:g}s)"
+        group = f"{job['queue']}-TimeoutError"
+        return Settlement(job, ["fail", job["jid"], worker, group, message, job["data"]], message)
+    if status is None:  # ran in the worker process
+        ended = kill_reason or "the job was interrupted"
+    else:
+        ended = describe_status(status)
+        if kill_reason:
+            ended = f"{kill_reason}: {ended}"
+    message = f"{ended}; the job did not complete or fail"
+    group = f"{job['queue']}-DirtyExit"
+    return Settlement(job, ["retry", job["jid"], job["queue"], worker, 0, group, message], message)
+
+
+def _described(report: dict[str, Any]) -> str:
+    outcome, group = report.get("outcome"), report.get("group")
+    words = {"complete": "completed", "fail": "failed", "retry": "retried", "move": "moved",
+             "cancel": "canceled"}  # fmt: skip
+    text = words.get(outcome, str(outcome))
+    return f"{text} ({group})" if group else text
+
+
+def describe_status(status: int) -> str:
+    if status < 0:
+        return "its child vanished"
+    if os.WIFSIGNALED(status):
+        return f"its child was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"its child exited with status {os.WEXITSTATUS(status)}"
+
+
+class Settler:
+    """The settlements a worker owes qless: the ones to send now, one by one, each after a look
+    at the job; and the completes to send with the next pop."""
+
+    def __init__(self, worker: str):
+        self.worker = worker
+        self.now: deque[Settlement] = deque()
+        self.batched: list[Settlement] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.now or self.batched)
+
+    def add(self, settlement: Settlement) -> None:
+        (self.batched if settlement.batched else self.now).append(settlement)
+
+    def complete_due(self) -> Optional[float]:
+        """When the batched completes must go, with or without a pop (monotonic)."""
+        return min((s.due for s in self.batched), default=None)
+
+    def send_now(self, client: qless.Client) -> None:
+        """Send the settlements that do not wait for a pop (Redis being down raises; what is
+        not sent stays)."""
+        while self.now:
+            self._send_checked(client, self.now[0])
+            self.now.popleft()
+
+    def send_with(self, client: qless.Client, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Send the batched completes and ``commands`` (a pop) in one round trip; returns the
+        answers to ``commands``."""
+        batch = self.batched
+        answers = pipelined(client, [s.command for s in batch] + [list(c) for c in commands])
+        self.batched = []
+        for settlement, answer in zip(batch, answers):
+            what = describe_job(settlement.job)
+            if isinstance(answer, QlessException):
+                log.info("%s: qless refused complete: %s", what, answer)
+            else:
+                log.info("%s: completed in %.3fs", what, settlement.seconds)
+        return answers[len(batch) :]
+
+    def _send_checked(self, client: qless.Client, settlement: Settlement) -> None:
+        job = settlement.job
+        what = describe_job(job)
+        state, owner = client.redis.hmget(f"ql:j:{job['jid']}", "state", "worker")
+        if state != "running" or owner != self.worker:
+            log.info(
+                "%s: %s; it is no longer ours (%s), nothing to do", what, settlement.reason, state
+            )
+            return
+        command = settlement.command
+        try:
+            result = client(*command)
+        except QlessException as refused:
+            log.info("%s: qless refused %s: %s", what, command[0], refused)
+            return
+        if command[0] == "retry":
+            outcome = "failed, out of retries" if int(result) < 0 else f"{result} retries left"
+            log.warning("%s handed back with retry (%s): %s", what, outcome, settlement.reason)
+        elif command[0] == "fail" and command[3].endswith("-TimeoutError"):
+            log.warning("%s: failed as %s: %s", what, command[3], settlement.reason)
+        else:
+            log.warning("%s: sent %s for it, as %s", what, command[0], settlement.reason)
+
+    def abandon(self) -> None:
+        """The worker is stopping and Redis is unreachable: say what is left unsettled."""
+        for settlement in [*self.now, *self.batched]:
+            log.warning(
+                "job %s is left running in qless: %s; Redis is unreachable, so its lock will "
+                "expire and qless will give it to another worker",
+                settlement.job["jid"],
+                settlement.reason,
+            )
+        self.now.clear()
+        self.batched = []
