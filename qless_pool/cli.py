@@ -62,6 +62,16 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qless-pool",
@@ -184,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run jobs in the worker process itself (cheap, trusted jobs)",
     )
     workers.add_argument(
+        "--prefetch",
+        metavar="N",
+        type=_positive_int,
+        help="with --no-fork-per-job, pop N jobs at a time (default: adaptive, from 1 to 32, so "
+        "that a job popped ahead never waits behind the others for more than about a second)",
+    )
+    workers.add_argument(
         "--allow-module",
         metavar="PREFIX",
         dest="allow_modules",
@@ -275,6 +292,7 @@ def worker_options(args: argparse.Namespace) -> dict[str, Any]:
         "reserver": args.reserver,
         "fork_per_job": args.fork_per_job,
         "job_timeout": args.job_timeout,
+        "prefetch": args.prefetch,
         "allow_modules": args.allow_modules,
     }
 

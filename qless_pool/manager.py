@@ -78,8 +78,8 @@ class Pool:
     environment         the config section (default: $QLESS_ENV, $RACK_ENV, $RAILS_ENV)
     appname             shown in titles and log lines (default: the working directory's name)
     redis_url           for the workers (default: $QLESS_URL, $REDIS_URL, localhost)
-    worker_options      passed to every Worker: interval, reserver, fork_per_job, job_timeout,
-                        allow_modules
+    worker_options      passed to every Worker: interval, reserver, fork_per_job, prefetch,
+                        job_timeout, allow_modules
     term_behaviour      "immediate" (default), "graceful" or "graceful-wait"
     spawn_delay         seconds between two spawns
     single_process_group  keep workers in the manager's process group
@@ -613,8 +613,8 @@ def run(
     ``qless_pool.run("config/qless-pool.yml", "production", preload_modules=["myapp"])``.
     Other keywords are :class:`Pool`'s (``appname``, ``redis_url``, ``term_behaviour``,
     ``spawn_delay``, ...) and the workers' (``interval``, ``reserver``, ``fork_per_job``,
-    ``job_timeout``, ``allow_modules``). ``log_level=None`` leaves logging as the caller set it
-    up. Raises ConfigError for a bad config, before the application is preloaded.
+    ``prefetch``, ``job_timeout``, ``allow_modules``). ``log_level=None`` leaves logging as the
+    caller set it up. Raises ConfigError for a bad config, before the application is preloaded.
     """
     if log_level is not None:
         configure_logging(log_level, appname=options.get("appname"))
@@ -625,6 +625,7 @@ def run(
         "job_timeout",
         "kill_grace",
         "allow_modules",
+        "prefetch",
     }
     worker_options = {k: options.pop(k) for k in list(options) if k in worker_keys}
     pool = Pool(config, environment, worker_options=worker_options, **options)

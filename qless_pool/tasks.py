@@ -53,6 +53,7 @@ SETTINGS: dict[str, tuple[type, Optional[str]]] = {
     "reserver": (str, "--reserver"),
     "fork_per_job": (bool, None),
     "job_timeout": (float, "--job-timeout"),
+    "prefetch": (int, "--prefetch"),
     "allow_modules": (list, "--allow-module"),
     "spawn_delay": (float, "--spawn-delay"),
     "term": (str, None),
@@ -171,7 +172,14 @@ def _work(c: Any, queues: Optional[str] = None) -> None:
     logs.configure(found.get("log_level", "INFO"), appname=appname)
     options = {
         k: found[k]
-        for k in ("interval", "reserver", "fork_per_job", "job_timeout", "allow_modules")
+        for k in (
+            "interval",
+            "reserver",
+            "fork_per_job",
+            "prefetch",
+            "job_timeout",
+            "allow_modules",
+        )
         if k in found
     }
     Worker(queue_list, found.get("redis") or default_redis_url(), appname=appname, **options).work()
