@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
-from . import __version__, logs, proctitle
+from . import __version__, logs, metrics, proctitle
 from .config import EX_CONFIG, ConfigError, ConfigSource, groups_to_json
 from .daemon import (
     DEFAULT_PIDFILE,
@@ -69,6 +69,23 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
+    return value
+
+
+def _whole_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _whole_number(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
     return value
 
 
@@ -201,6 +218,34 @@ def build_parser() -> argparse.ArgumentParser:
         "that a job popped ahead never waits behind the others for more than about a second)",
     )
     workers.add_argument(
+        "--max-jobs",
+        metavar="N",
+        type=_positive_int,
+        help="a worker exits after N jobs (plus --max-jobs-jitter) and is replaced",
+    )
+    workers.add_argument(
+        "--max-jobs-jitter",
+        metavar="M",
+        type=_whole_number,
+        default=0,
+        help="add a random 0 to M to each worker's --max-jobs, so that they do not all "
+        "restart at once (default: 0)",
+    )
+    workers.add_argument(
+        "--max-memory",
+        metavar="MB",
+        type=_positive_int,
+        help="a worker whose memory (RSS) is above MB after a job is replaced; a job child "
+        "above it is killed and its job handed back",
+    )
+    workers.add_argument(
+        "--graceful-timeout",
+        metavar="SECONDS",
+        type=_positive_seconds,
+        help="a job still running SECONDS after its worker was told to stop gracefully (QUIT, a "
+        "graceful TERM, HUP, recycling) is killed and handed back (default: none, it finishes)",
+    )
+    workers.add_argument(
         "--allow-module",
         metavar="PREFIX",
         dest="allow_modules",
@@ -273,6 +318,23 @@ def build_parser() -> argparse.ArgumentParser:
         "(a deploy can wait for them all with: flock FILE true)",
     )
 
+    observe = parser.add_argument_group(
+        "watching the pool", "qless-pool status [-p PIDFILE | --pid PID] [--json] [--watch [S]] "
+        "[--check] shows what a running pool is doing (qless-pool status --help)"
+    )  # fmt: skip
+    observe.add_argument(
+        "--metrics-port",
+        metavar="PORT",
+        type=_port,
+        help="serve Prometheus metrics on PORT at /metrics (needs qless-pool[metrics])",
+    )
+    observe.add_argument(
+        "--metrics-address",
+        metavar="ADDR",
+        default="127.0.0.1",
+        help="the address --metrics-port listens on (default: 127.0.0.1)",
+    )
+
     other = parser.add_argument_group("other")
     other.add_argument(
         "--log-level",
@@ -294,10 +356,19 @@ def worker_options(args: argparse.Namespace) -> dict[str, Any]:
         "job_timeout": args.job_timeout,
         "prefetch": args.prefetch,
         "allow_modules": args.allow_modules,
+        "max_jobs": args.max_jobs,
+        "max_jobs_jitter": args.max_jobs_jitter,
+        "max_memory": args.max_memory * 1024 * 1024 if args.max_memory else None,
+        "graceful_timeout": args.graceful_timeout,
     }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["status"]:
+        from . import status
+
+        return status.main(argv[1:])
     return launch(build_parser().parse_args(argv))
 
 
@@ -332,6 +403,12 @@ def launch(args: argparse.Namespace, preloaded: bool = False) -> int:
     except DaemonError as error:
         print(f"qless-pool: {error}", file=sys.stderr)
         return error.status
+    if args.metrics_port:
+        try:
+            metrics.require()
+        except metrics.MetricsError as error:
+            print(f"qless-pool: {error}", file=sys.stderr)
+            return error.status
     if args.dry_run:
         print(groups_to_json(groups))
         return 0
@@ -388,6 +465,12 @@ def _run_manager(
             PoolLock(args.lock).acquire()
     except DaemonError as error:
         return fail(error.status, str(error))
+    listener = None
+    if args.metrics_port:  # bound before dropping privileges: a port below 1024 works too
+        try:
+            listener = metrics.bind(args.metrics_address, args.metrics_port)
+        except metrics.MetricsError as error:
+            return fail(error.status, str(error))
     # The files are open: from here on, the application runs without root's privileges.
     if identity is not None:
         drop_privileges(identity, own=[log_files.stdout, log_files.stderr] if log_files else [])
@@ -396,6 +479,10 @@ def _run_manager(
             "running as root: give --user (and --group) to run the pool and its jobs "
             "unprivileged once the pidfile and log files are open"
         )
+    metrics_directory = None
+    if listener is not None:
+        # Before the application is loaded (and imports prometheus_client).
+        metrics_directory = metrics.prepare()
     try:
         if not preloaded:
             try:
@@ -423,9 +510,12 @@ def _run_manager(
             lifecycle=lifecycle,
             close_in_workers=[pidfile.fd] if pidfile else [],
             drain=args.drain,
+            metrics_listener=listener,
         )
         pool.groups = groups
         return pool.run()
     finally:
         if pidfile is not None:
             pidfile.release()
+        if metrics_directory is not None:
+            metrics.discard(metrics_directory)

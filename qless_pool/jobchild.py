@@ -217,6 +217,7 @@ class JobChild:
     kill_reason: Optional[str] = None
     timed_out: bool = False
     escalate_at: Optional[float] = None  # monotonic; SIGKILL if still alive then
+    memory_check_at: float = 0.0  # monotonic; --max-memory (its job's first second is free)
     report: bytes = b""
 
     @property
@@ -409,6 +410,7 @@ class Children:
         child.heartbeat_every = popped.every
         child.next_heartbeat = popped.next_heartbeat
         child.deadline = time.monotonic() + job_timeout if job_timeout else None
+        child.memory_check_at = time.monotonic() + 1.0
         self.running = child
         return child
 

@@ -27,12 +27,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-from . import hooks, lifeline, proctitle
+from . import hooks, lifeline, proctitle, state
 from .config import ConfigError, ConfigSource, Groups
 from .drain import DrainWatcher, run_watcher
 from .logs import configure as configure_logging
 from .logs import logger, set_role
-from .worker import HANDLED_SIGNALS, Worker, default_allowed_modules
+from .urls import check_redis_url, default_redis_url, mask_secrets
+from .worker import HANDLED_SIGNALS, RECYCLED, Worker, default_allowed_modules
 
 __all__ = ["TERM_BEHAVIOURS", "Pool", "WorkerRecord", "preload", "run"]
 
@@ -91,6 +92,8 @@ class Pool:
     close_in_workers    file descriptors a worker closes right after the fork (the pidfile's)
     drain               stop (gracefully) once the configured queues are empty; the exit
                         status is then 1 if a job failed during the run (see drain.py)
+    metrics_listener    a bound socket to serve Prometheus /metrics on, from a helper process
+                        (metrics.py; $PROMETHEUS_MULTIPROC_DIR must be set before preloading)
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class Pool:
         lifecycle: Optional[Callable[[str, Pool], None]] = None,
         close_in_workers: Sequence[int] = (),
         drain: bool = False,
+        metrics_listener: Optional[Any] = None,
     ):
         if term_behaviour not in TERM_BEHAVIOURS:
             raise ValueError(f"term_behaviour must be one of {', '.join(TERM_BEHAVIOURS)}")
@@ -116,7 +120,7 @@ class Pool:
             config if isinstance(config, ConfigSource) else ConfigSource(config, environment)
         )
         self.appname = appname if appname is not None else os.path.basename(os.getcwd())
-        self.redis_url = redis_url
+        self.redis_url = check_redis_url(redis_url or default_redis_url())
         self.worker_options = dict(worker_options or {})
         self.term_behaviour = term_behaviour
         self.spawn_delay = spawn_delay
@@ -127,6 +131,10 @@ class Pool:
         self.close_in_workers = tuple(close_in_workers)
         self.drain = drain
         self.drain_pid: Optional[int] = None
+        # --metrics-port: the bound socket, served by a helper process (metrics.py).
+        self.metrics_listener = metrics_listener
+        self.metrics_pid: Optional[int] = None
+        self.metrics_restart_at = 0.0
         self.exit_status = 0
         self.groups: Optional[Groups] = None
         self.workers: dict[int, WorkerRecord] = {}
@@ -136,9 +144,13 @@ class Pool:
         self.stopping: Optional[str] = None  # None, "wait" (for the workers) or "now"
         self.next_spawn_at = 0.0
         self.pid = os.getpid()
+        self.started = time.time()
+        self.state: Optional[state.PoolState] = None  # for qless-pool status (state.py)
+        self.restarts = {"died": 0, "recycled": 0, "reload": 0}
         self._wakeup_r = self._wakeup_w = -1
         self._title = ""
         self._worker_count = -1
+        self._published: Any = None
 
     # --- start and the loop ---------------------------------------------------------------------
 
@@ -151,9 +163,11 @@ class Pool:
         """Run the pool until a signal (or drain mode) ends it; returns the exit status: 0, or in
         drain mode 1 if a job failed."""
         self.pid = os.getpid()
+        self.started = time.time()
         set_role("manager", self.appname)
         if self.groups is None:
             self.load_config()
+        self._open_state()
         self._install_signal_handlers()
         # A job child whose worker was killed comes to us, so that what it left is killed too.
         subreaper = lifeline.become_subreaper()
@@ -174,6 +188,7 @@ class Pool:
         if self.drain:
             started = time.time()  # before the fork: the workers may finish jobs before it runs
             self.drain_pid = self._fork(lambda: self._become_drain_watcher(started))
+        self._keep_metrics_helper()
         self.reconcile()
         self._update_title()
         self._emit("ready")
@@ -190,11 +205,14 @@ class Pool:
                     break
                 if self.stopping is None:
                     self.reconcile()
+                    self._keep_metrics_helper()
                 self._update_title()
         finally:
             self._restore_signal_handlers()
             if subreaper:
                 lifeline.become_subreaper(False)
+            if self.state is not None:
+                self.state.remove()
         log.info("manager exiting")
         return self.exit_status
 
@@ -268,6 +286,7 @@ class Pool:
         self.winched = False
         self.backoffs.clear()
         log.info("HUP: config %s; restarting every worker gracefully", _describe_groups(groups))
+        self.restarts["reload"] += sum(not w.retiring for w in self.workers.values())
         self.signal_workers(signal.SIGQUIT)
         self.reconcile()
         self._emit("reloaded")
@@ -327,6 +346,8 @@ class Pool:
             self._emit("stopping")
             if self.drain_pid is not None:
                 _kill(self.drain_pid, signal.SIGTERM)  # if it asked for the stop, it has exited
+            if self.metrics_pid is not None:
+                _kill(self.metrics_pid, signal.SIGTERM)
         self.stopping = how
 
     def _forward(self, signum: int) -> None:
@@ -353,16 +374,30 @@ class Pool:
             if pid == self.drain_pid:
                 self._drain_watcher_exited(status)
                 continue
+            if pid == self.metrics_pid:
+                self.metrics_pid = None
+                if not self.stopping:
+                    log.error("the metrics helper exited (%s); restarting it", _describe(status))
+                    self.metrics_restart_at = time.monotonic() + FIRST_BACKOFF
+                continue
             record = self.workers.pop(pid, None)
             if record is None:
                 log.debug("reaped %d, not one of our workers (%s)", pid, _describe(status))
                 continue
+            if self.state is not None:
+                self.state.forget_worker(pid)
             lived = time.monotonic() - record.started_at
             what = f"worker {pid} ({','.join(record.queues)})"
             if record.retiring:
                 log.info("%s stopped: %s after %.1fs", what, _describe(status), lived)
                 continue
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == RECYCLED:
+                # It said why when it decided to go; a recycle is not a failed start.
+                log.debug("%s recycled after %.1fs", what, lived)
+                self.restarts["recycled"] += 1
+                continue
             log.warning("%s died: %s after %.1fs", what, _describe(status), lived)
+            self.restarts["died"] += 1
             self._note_exit(record.queues, lived)
 
     def _is_orphaned_job(self, pid: int) -> bool:
@@ -370,7 +405,7 @@ class Pool:
         a job child whose worker parent was killed. Whatever it left in its group is killed."""
         return (
             pid not in self.workers
-            and pid != self.drain_pid
+            and pid not in (self.drain_pid, self.metrics_pid)
             and lifeline.leads_group_in_session(pid)
         )
 
@@ -461,8 +496,9 @@ class Pool:
         log.info("spawned worker %d for %s", pid, ",".join(queues))
         return pid
 
-    def _fork(self, body: Callable[[], int]) -> int:
-        """Fork a child that drops the manager's state, runs ``body`` and exits with its status."""
+    def _fork(self, body: Callable[[], int], keep: Sequence[int] = ()) -> int:
+        """Fork a child that drops the manager's state, runs ``body`` and exits with its status;
+        of the manager's own descriptors it keeps ``keep`` only."""
         # Blocked across the fork; a worker unblocks them once its own handlers are in place.
         signal.pthread_sigmask(signal.SIG_BLOCK, MANAGER_SIGNALS)
         try:
@@ -475,8 +511,10 @@ class Pool:
         status = 1
         try:
             signal.set_wakeup_fd(-1)
-            for fd in (self._wakeup_r, self._wakeup_w, *self.close_in_workers):
-                os.close(fd)
+            listener = [self.metrics_listener.fileno()] if self.metrics_listener else []
+            for fd in (self._wakeup_r, self._wakeup_w, *self.close_in_workers, *listener):
+                if fd not in keep:
+                    os.close(fd)
             for signum in MANAGER_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
             # The worker unblocks its own signals once its handlers are in place; these it
@@ -506,6 +544,8 @@ class Pool:
             self.redis_url,
             watch_parent=self.pid,
             appname=self.appname,
+            state_path=self.state.worker_path(os.getpid()) if self.state else None,
+            metrics=self.metrics_listener is not None,
             **self.worker_options,
         )
         try:
@@ -534,6 +574,30 @@ class Pool:
         )
         return run_watcher(watcher)
 
+    def _keep_metrics_helper(self) -> None:
+        if (
+            self.metrics_listener is None
+            or self.metrics_pid is not None
+            or self.state is None
+            or time.monotonic() < self.metrics_restart_at
+        ):
+            return
+        self.metrics_pid = self._fork(
+            self._become_metrics_helper, keep=[self.metrics_listener.fileno()]
+        )
+
+    def _become_metrics_helper(self) -> int:
+        from . import metrics
+
+        lifeline.die_with_parent(self.pid)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGER_SIGNALS)
+        set_role("metrics", self.appname)
+        address, port = self.metrics_listener.getsockname()[:2]
+        app = f"[{self.appname}]" if self.appname else ""
+        proctitle.set_title(f"qless-pool-metrics{app}: serving http://{address}:{port}/metrics")
+        assert self.state is not None
+        return metrics.serve(self.metrics_listener, self.state.directory, self.redis_url)
+
     def _update_title(self) -> None:
         title = proctitle.manager(self.appname, self.workers)
         if title != self._title:
@@ -542,6 +606,74 @@ class Pool:
         if len(self.workers) != self._worker_count:
             self._worker_count = len(self.workers)
             self._emit("workers")
+        self._publish_state()
+
+    # --- the state qless-pool status reads (state.py) -------------------------------------------
+
+    def _open_state(self) -> None:
+        try:
+            self.state = state.PoolState(self.pid)
+        except OSError as error:
+            log.warning("no state for qless-pool status: %s", error)
+
+    def _publish_state(self) -> None:
+        """Rewrite manager.json when anything in it has changed (spawns, reaps, signals)."""
+        if self.state is None:
+            return
+        now = time.monotonic()
+        desired = self.desired() if self.groups is not None else {}
+        backoffs = {q: b.until for q, b in self.backoffs.items() if b.failures and b.until > now}
+        snapshot = (
+            tuple(self.workers.values()),
+            tuple(desired.items()),
+            tuple(backoffs.items()),
+            self.stopping,
+            tuple(self.restarts.values()),
+            self.metrics_pid,
+        )
+        if snapshot == self._published:
+            return
+        self._published = snapshot
+        wall = time.time() - now  # monotonic -> epoch
+        groups = []
+        for queues in dict.fromkeys([*desired, *(w.queues for w in self.workers.values())]):
+            groups.append(
+                {
+                    "queues": list(queues),
+                    "desired": desired.get(queues, 0),
+                    "live": len(self._active(queues)),
+                    "backoff_until": wall + backoffs[queues] if queues in backoffs else None,
+                }
+            )
+        data = {
+            "version": 1,
+            "pid": self.pid,
+            "started": self.started,
+            "appname": self.appname,
+            "config": self.source.name,
+            "environment": self.source.environment,
+            "redis_url": self.redis_url,
+            "redis_shown": mask_secrets(self.redis_url),
+            "stopping": self.stopping,
+            "winched": self.winched,
+            "groups": groups,
+            "workers": [
+                {
+                    "pid": w.pid,
+                    "queues": list(w.queues),
+                    "started": wall + w.started_at,
+                    "retiring": w.retiring,
+                }
+                for w in self.workers.values()
+            ],
+            "restarts": dict(self.restarts),
+            "drain_pid": self.drain_pid,
+            "metrics_pid": self.metrics_pid,
+        }
+        try:
+            self.state.write_manager(data)
+        except OSError as error:
+            log.warning("cannot write the pool's state: %s", error)
 
     def _emit(self, event: str) -> None:
         if self.lifecycle is not None:

@@ -29,7 +29,7 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -40,7 +40,11 @@ from .client import pipelined
 from .jobchild import describe_job
 from .logs import logger
 
-__all__ = ["MAX_COMPLETE_DELAY", "Settlement", "Settler", "settlement_for"]
+__all__ = ["MAX_COMPLETE_DELAY", "Settlement", "Settler", "settled_outcome", "settlement_for"]
+
+#: What a job's settling is called in the metrics (qless_pool_jobs_total{outcome}).
+OUTCOMES = {"complete": "completed", "fail": "failed", "retry": "retried", "put": "moved",
+            "move": "moved", "cancel": "canceled"}  # fmt: skip
 
 log = logger.getChild("worker")
 
@@ -108,11 +112,15 @@ def settlement_for(
 
 
 def _described(report: dict[str, Any]) -> str:
-    outcome, group = report.get("outcome"), report.get("group")
-    words = {"complete": "completed", "fail": "failed", "retry": "retried", "move": "moved",
-             "cancel": "canceled"}  # fmt: skip
-    text = words.get(outcome, str(outcome))
+    group = report.get("group")
+    text = settled_outcome(report)
     return f"{text} ({group})" if group else text
+
+
+def settled_outcome(report: dict[str, Any]) -> str:
+    """How a job that settled itself ended: completed, failed, retried, moved or canceled."""
+    outcome = report.get("outcome")
+    return OUTCOMES.get(outcome, str(outcome))
 
 
 def describe_status(status: int) -> str:
@@ -127,8 +135,9 @@ class Settler:
     """The settlements a worker owes qless: the ones to send now, one by one, each after a look
     at the job; and the completes to send with the next pop."""
 
-    def __init__(self, worker: str):
+    def __init__(self, worker: str, observe: Optional[Callable[[dict, str, float], None]] = None):
         self.worker = worker
+        self.observe = observe or (lambda job, outcome, seconds: None)
         self.now: deque[Settlement] = deque()
         self.batched: list[Settlement] = []
 
@@ -161,6 +170,7 @@ class Settler:
                 log.info("%s: qless refused complete: %s", what, answer)
             else:
                 log.info("%s: completed in %.3fs", what, settlement.seconds)
+                self.observe(settlement.job, "completed", settlement.seconds)
         return answers[len(batch) :]
 
     def _send_checked(self, client: qless.Client, settlement: Settlement) -> None:
@@ -178,8 +188,11 @@ class Settler:
         except QlessException as refused:
             log.info("%s: qless refused %s: %s", what, command[0], refused)
             return
+        exhausted = command[0] == "retry" and int(result) < 0
+        outcome = "failed" if exhausted else OUTCOMES.get(command[0], command[0])
+        self.observe(job, outcome, settlement.seconds)
         if command[0] == "retry":
-            outcome = "failed, out of retries" if int(result) < 0 else f"{result} retries left"
+            outcome = "failed, out of retries" if exhausted else f"{result} retries left"
             log.warning("%s handed back with retry (%s): %s", what, outcome, settlement.reason)
         elif command[0] == "fail" and command[3].endswith("-TimeoutError"):
             log.warning("%s: failed as %s: %s", what, command[3], settlement.reason)

@@ -54,6 +54,12 @@ SETTINGS: dict[str, tuple[type, Optional[str]]] = {
     "fork_per_job": (bool, None),
     "job_timeout": (float, "--job-timeout"),
     "prefetch": (int, "--prefetch"),
+    "max_jobs": (int, "--max-jobs"),
+    "max_jobs_jitter": (int, "--max-jobs-jitter"),
+    "max_memory": (int, "--max-memory"),
+    "graceful_timeout": (float, "--graceful-timeout"),
+    "metrics_port": (int, "--metrics-port"),
+    "metrics_address": (str, "--metrics-address"),
     "allow_modules": (list, "--allow-module"),
     "spawn_delay": (float, "--spawn-delay"),
     "term": (str, None),
@@ -129,6 +135,11 @@ def _setup(c: Any) -> None:
     from .manager import preload
 
     found = settings(c)
+    if found.get("metrics_port"):
+        from . import metrics
+
+        # prometheus_client picks its mode when first imported: before the application is.
+        metrics.prepare()
     preload(found.get("preload", ()), found.get("include", ()))
 
 

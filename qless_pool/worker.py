@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import select
 import signal
 import socket
@@ -51,6 +52,7 @@ from .client import (
 from .events import Subscriptions
 from .jobchild import Children, ChildSetup, JobClient, describe_job, run_job
 from .logs import logger, set_role
+from .metrics import JobMeter
 from .reservation import (
     RESERVERS,
     HeldJob,
@@ -62,10 +64,12 @@ from .reservation import (
     give_back_command,
     make_reserver,
 )
-from .settling import Settler, settlement_for
+from .settling import Settler, settled_outcome, settlement_for
+from .state import WorkerSlot, private_bytes, rss_bytes
 
 __all__ = [
     "HANDLED_SIGNALS",
+    "RECYCLED",
     "RESERVERS",
     "JobClient",
     "Worker",
@@ -92,6 +96,10 @@ HANDLED_SIGNALS = (
 INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 #: How often the worker wakes at least, to notice that the process that forked it is gone.
 PARENT_CHECK_INTERVAL = 1.0
+#: How often the worker looks at its own (after a job) or its job child's memory.
+MEMORY_CHECK_INTERVAL = 1.0
+#: The exit status of a worker that stopped to be replaced (--max-jobs, --max-memory).
+RECYCLED = 75
 
 
 # --- the worker parent --------------------------------------------------------------------------
@@ -124,8 +132,17 @@ class Worker:
     allow_modules module prefixes a job's class must be in, else the job is failed as
                   <queue>-ForbiddenClass before anything is imported (default:
                   $QLESS_POOL_ALLOW_MODULES; empty: any class)
+    max_jobs      exit (to be replaced) after this many jobs, plus a random number from 0 to
+                  max_jobs_jitter, so that workers do not all restart at once
+    max_memory    bytes: exit (to be replaced) when this process's RSS is above it after a job;
+                  a job child above it is killed and its job handed back
+    graceful_timeout  seconds a job may go on running once the worker is told to stop
+                  gracefully (QUIT, parent gone, recycling); then it is killed and handed back
+    state_path    the worker's record for qless-pool status (state.py)
     appname       shown in log lines
     redis_options keyword arguments for redis-py (socket timeouts ...)
+
+    The exit status is 0, or RECYCLED when the worker stopped for --max-jobs or --max-memory.
     """
 
     def __init__(
@@ -143,6 +160,12 @@ class Worker:
         appname: Optional[str] = None,
         redis_options: Optional[dict[str, Any]] = None,
         allow_modules: Optional[Sequence[str]] = None,
+        max_jobs: Optional[int] = None,
+        max_jobs_jitter: int = 0,
+        max_memory: Optional[int] = None,
+        graceful_timeout: Optional[float] = None,
+        state_path: Optional[str] = None,
+        metrics: bool = False,
     ):
         if not queues:
             raise ValueError("a worker needs at least one queue")
@@ -157,6 +180,11 @@ class Worker:
         self.fork_per_job = fork_per_job
         self.prefetch = Prefetch(prefetch)
         self.job_timeout = job_timeout
+        self.job_limit = max_jobs + random.randint(0, max_jobs_jitter) if max_jobs else None
+        self.max_memory = max_memory
+        self.graceful_timeout = graceful_timeout
+        self.state_path = state_path
+        self.metrics = metrics
         self.watch_parent = watch_parent
         self.kill_grace = kill_grace
         self.appname = appname
@@ -191,6 +219,13 @@ class Worker:
         self.subscriptions = Subscriptions(f"ql:w:{self.name}")
         self.next_poll = 0.0
         self.jobs_done = 0
+        self.recycling: Optional[str] = None  # why this worker stops to be replaced
+        self.stop_deadline: Optional[float] = None  # monotonic: --graceful-timeout
+        self.slot: Optional[WorkerSlot] = None
+        self.meter: Optional[JobMeter] = None
+        self._next_memory_check = 0.0
+        self._recorded: Any = None
+        self._job_deadline: Optional[float] = None  # monotonic: a job in this process
         self._in_job = False  # a job runs in this process: interrupting signals raise into it
         self._wakeup_r = self._wakeup_w = -1
         self._title = ""
@@ -204,10 +239,15 @@ class Worker:
         """Run until QUIT (after the current job), TERM/INT, or the parent's death. Returns 0."""
         self.pid = os.getpid()
         self.name = f"{socket.gethostname()}-{self.pid}"
-        self.settler = Settler(self.name)
+        self.settler = Settler(self.name, self._observe)
         self.subscriptions = Subscriptions(f"ql:w:{self.name}")
         set_role("worker", self.appname)
         self._install_signal_handlers()
+        if self.state_path:
+            self.slot = WorkerSlot(self.state_path)
+            self.slot.update("starting")
+        if self.metrics:
+            self.meter = JobMeter()
         self.client = connect(self.redis_url, self.name, **self.redis_options)
         # The jobs' client, made once here. With a child per job it is never used here: each
         # child's first command opens a connection of its own (redis-py drops a pool it finds in
@@ -242,7 +282,7 @@ class Worker:
                 self._turn()
         finally:
             self._shut_down()
-        return 0
+        return RECYCLED if self.recycling else 0
 
     @property
     def child(self) -> Any:
@@ -262,6 +302,7 @@ class Worker:
         self._check_parent()
         now = time.monotonic()
         self._supervise_children(now)
+        self._check_limits(now)
         if self.outage.ready(now):
             try:
                 self._talk_to_redis(now)
@@ -323,6 +364,10 @@ class Worker:
             for due in (self.settler.complete_due(), self.holding.next_heartbeat()):
                 if due is not None:
                     wake.append(due)
+        if self.stop_deadline is not None:
+            wake.append(self.stop_deadline)
+        if self.child is not None and self.max_memory is not None:
+            wake.append(self.child.memory_check_at)
         if self.children is not None:
             wake += self.children.wake_times()
         child = self.child
@@ -352,6 +397,7 @@ class Worker:
             signal.signal(signum, self._interrupt_job if interrupting else _record_signal)
         if not self.fork_per_job:
             signal.signal(signal.SIGALRM, self._interrupt_job)
+            signal.signal(signal.SIGQUIT, self._quit_during_job)
         # The pool manager forks workers with these signals blocked, so that one sent between
         # the fork and this point waits for the handlers instead of killing the worker.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
@@ -360,11 +406,32 @@ class Worker:
         # Only while a job runs in this process (--no-fork-per-job): the loop cannot turn until
         # the job returns, so the signal has to stop the job where it is. The wakeup pipe still
         # records the signal for the loop.
-        if self._in_job:
-            self._in_job = False
-            reason = "timeout" if signum == signal.SIGALRM else None
-            name = signal.Signals(signum).name
-            raise JobInterrupted(reason or f"interrupted by {name}")
+        if not self._in_job:
+            return
+        self._in_job = False
+        if signum != signal.SIGALRM:
+            raise JobInterrupted(f"interrupted by {signal.Signals(signum).name}")
+        if self.stop_deadline is not None and time.monotonic() >= self.stop_deadline - 0.01:
+            raise JobInterrupted(self._graceful_timeout_reason())
+        raise JobInterrupted("timeout")
+
+    def _quit_during_job(self, signum: int, frame: Any) -> None:
+        # The loop handles QUIT once the job returns; a graceful timeout must start now.
+        if self._in_job and self.graceful_timeout is not None and self.stop_deadline is None:
+            self.stop_deadline = time.monotonic() + self.graceful_timeout
+            self._arm_alarm()
+
+    def _arm_alarm(self) -> None:
+        """SIGALRM at the job's timeout or the graceful stop's deadline, whichever is first."""
+        deadlines = [d for d in (self._job_deadline, self.stop_deadline) if d is not None]
+        if deadlines:
+            signal.setitimer(signal.ITIMER_REAL, max(0.001, min(deadlines) - time.monotonic()))
+
+    def _graceful_timeout_reason(self) -> str:
+        return (
+            f"still running {self.graceful_timeout:g}s after the worker was told to stop "
+            f"(--graceful-timeout)"
+        )
 
     def _handle_signals(self) -> None:
         try:
@@ -379,6 +446,12 @@ class Worker:
     def handle_sigquit(self) -> None:
         if not self.stopping:
             log.info("QUIT: finishing the current job, then exiting")
+        self._stop_gracefully()
+
+    def _stop_gracefully(self) -> None:
+        """Take no new job; the current one finishes (within --graceful-timeout, if given)."""
+        if self.graceful_timeout is not None and self.stop_deadline is None:
+            self.stop_deadline = time.monotonic() + self.graceful_timeout
         self.stopping = True
 
     def handle_sigterm(self) -> None:
@@ -426,7 +499,7 @@ class Worker:
                 "the process that started this worker (%d) is gone; exiting after the current job",
                 self.watch_parent,
             )
-            self.stopping = True
+            self._stop_gracefully()
 
     # --- events from qless ----------------------------------------------------------------------
 
@@ -569,12 +642,16 @@ class Worker:
         """--no-fork-per-job: run the job here. TERM, INT and USR1 interrupt it; QUIT waits."""
         assert self.job_client is not None
         job = popped.job
-        self._set_title(proctitle.processing(job["queue"], time.time()))
+        started_at = time.time()
+        self._set_title(proctitle.processing(job["queue"], started_at))
+        self._record_state("processing", job, started_at)
         self.subscriptions.listen_for_puts(False)
         started = time.monotonic()
         kill_reason = None
-        if self.job_timeout:
-            signal.setitimer(signal.ITIMER_REAL, self.job_timeout)
+        self._job_deadline = started + self.job_timeout if self.job_timeout else None
+        alarm = self._job_deadline is not None or self.stop_deadline is not None
+        if alarm:
+            self._arm_alarm()
         self._in_job = True
         try:
             report = run_job(self.job_client, job)
@@ -583,8 +660,9 @@ class Worker:
             kill_reason = interrupted.reason
         finally:
             self._in_job = False
-            if self.job_timeout:
+            if alarm or self.stop_deadline is not None:
                 signal.setitimer(signal.ITIMER_REAL, 0)
+            self._job_deadline = None
             self.job_client.track_job(None)
         self.prefetch.ran(report["seconds"])
         timed_out = kill_reason == "timeout"
@@ -608,16 +686,78 @@ class Worker:
         )
         if settlement is not None:
             self.settler.add(settlement)
+        else:
+            self._observe(job, settled_outcome(report), float(report.get("seconds") or 0.0))
+        if self.job_limit is not None and self.jobs_done >= self.job_limit:
+            self._recycle(f"it ran {self.jobs_done} jobs (--max-jobs)")
+        if self.max_memory is not None and time.monotonic() >= self._next_memory_check:
+            self._next_memory_check = time.monotonic() + MEMORY_CHECK_INTERVAL
+            rss = rss_bytes(os.getpid())
+            if rss is not None and rss > self.max_memory:
+                self._recycle(
+                    f"its RSS {rss >> 20} MB is above --max-memory {self.max_memory >> 20} MB"
+                )
+
+    def _observe(self, job: dict[str, Any], outcome: str, seconds: float) -> None:
+        """One job's outcome, for the metrics: completed, failed, retried, moved, canceled."""
+        if self.meter is not None:
+            self.meter.finished(job["queue"], outcome, seconds)
+
+    def _recycle(self, why: str) -> None:
+        """Stop gracefully, to be replaced by the manager (a recycle, not a failure)."""
+        if self.recycling or self.stopping:
+            return
+        self.recycling = why
+        log.info("worker %s recycling: %s", self.name, why)
+        self._stop_gracefully()
+
+    def _check_limits(self, now: float) -> None:
+        """The graceful stop's deadline, and the running job child's memory."""
+        child = self.child
+        deadline = self.stop_deadline
+        if deadline is not None and now >= deadline and (child is not None or self.holding):
+            self._terminate(self._graceful_timeout_reason())
+        if child is None or self.max_memory is None or now < child.memory_check_at:
+            return
+        child.memory_check_at = now + MEMORY_CHECK_INTERVAL
+        used = private_bytes(child.pid)
+        if used is not None and used > self.max_memory:
+            self._kill_child(
+                f"its own memory {used >> 20} MB went above --max-memory {self.max_memory >> 20} MB"
+            )
 
     # --- titles and the end ---------------------------------------------------------------------
 
     def _update_title(self) -> None:
-        if self.child is not None:
-            self._set_title(proctitle.forked(self.child.pid, self.child.started))
+        child = self.child
+        if child is not None:
+            self._set_title(proctitle.forked(child.pid, child.started))
+            self._record_state("processing", child.job, child.started)
         elif self.paused:
             self._set_title(proctitle.paused())
+            self._record_state("paused")
         elif not self.holding:
             self._set_title(proctitle.waiting(self.queues))
+            self._record_state("stopping" if self.stopping else "waiting")
+
+    def _record_state(
+        self, state: str, job: Optional[dict[str, Any]] = None, started: float = 0.0
+    ) -> None:
+        """The worker's record for qless-pool status, rewritten when something in it changed."""
+        slot = self.slot
+        if slot is None:
+            return
+        standby = self.children.standby if self.children is not None else None
+        child = self.child
+        now = (state, job and job["jid"], self.jobs_done, standby, child, len(self.holding))
+        if now == self._recorded:
+            return
+        self._recorded = now
+        slot.jobs_done = self.jobs_done
+        slot.child_pid = child.pid if child is not None else 0
+        slot.standby_pid = standby.pid if standby is not None else 0
+        slot.held = len(self.holding)
+        slot.update(state, job, started)
 
     def _set_title(self, title: str) -> None:
         if title != self._title:
@@ -627,6 +767,8 @@ class Worker:
     def _shut_down(self) -> None:
         if self.children is not None:
             self.children.shut_down()
+        if self.slot is not None:
+            self.slot.update("stopping")
         self.settler.abandon()
         self.subscriptions.close()
         if self.client is not None and self.outage.since is None:

@@ -292,7 +292,7 @@ class Chaos:
                 )
                 # The job body's own Redis call failed while Redis restarted: its exception.
                 outage = group.endswith("-ConnectionError") and report.redis_restarts
-                if group.split("-", 1)[-1] != expected and not (explained and hit[jid] or outage):
+                if group.split("-", 1)[-1] != expected and not ((explained and hit[jid]) or outage):
                     report.problems.append(f"{jid} ({kind}) failed as {group}")
             counted = int(redis.get(f"chaos:runs:{jid}") or 0)
             expected_runs = next(n for k, _, n in KINDS if k == kind)

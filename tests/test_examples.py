@@ -76,6 +76,8 @@ def test_systemd_unit_settings_fit_a_graceful_stop():
     assert "--term-graceful-wait" in args
     job_timeout = float(args[args.index("--job-timeout") + 1])
     assert int(service["TimeoutStopSec"]) > job_timeout
+    # A stuck job is handed back before systemd's SIGKILL.
+    assert float(args[args.index("--graceful-timeout") + 1]) < int(service["TimeoutStopSec"])
 
 
 def test_systemd_analyze_verifies_the_unit(tmp_path):
@@ -105,6 +107,8 @@ def test_monit_checks_the_control_file(tmp_path):
     assert "Control file syntax OK" in result.stdout
     start = next(line for line in control.read_text().splitlines() if "start program" in line)
     assert "--daemon" in qless_pool_args(start.split('"')[1].split("-c ", 1)[1].strip("'"))
+    health = next(line for line in control.read_text().splitlines() if "check program" in line)
+    assert health.split('"')[1].endswith("qless-pool status --check'")
 
 
 # --- LSB init script ------------------------------------------------------------------------------
@@ -198,5 +202,13 @@ def test_kubernetes_grace_period_covers_a_graceful_term():
     assert "--daemon" not in args and "-d" not in args  # the container's main process
     job_timeout = float(args[args.index("--job-timeout") + 1])
     assert pod["terminationGracePeriodSeconds"] > job_timeout
+    graceful = float(args[args.index("--graceful-timeout") + 1])
+    assert graceful < pod["terminationGracePeriodSeconds"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        command = container[probe]["exec"]["command"]
+        assert command[:2] == ["qless-pool", "status"] and "--check" in command
+        from qless_pool.status import build_parser as status_parser
+
+        status_parser().parse_args(command[2:])
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"] == labels

@@ -57,7 +57,8 @@ class PoolProcess:
         return [int(pid) for pid in match.group(2).split(", ") if pid]
 
     def workers(self) -> list[int]:
-        return children(self.pid)
+        """The worker parents (not the drain watcher or the metrics helper)."""
+        return [pid for pid in children(self.pid) if not title(pid).startswith("qless-pool-")]
 
     def worker_titles(self) -> dict[int, str]:
         return {pid: title(pid) for pid in self.workers()}

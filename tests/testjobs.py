@@ -144,3 +144,15 @@ class Quiet:
     @staticmethod
     def process(job):
         time.sleep(job.data.get("seconds", 0))
+
+
+class Hog:
+    """Holds ``data["mb"]`` megabytes, then sleeps ``data["seconds"]``."""
+
+    @staticmethod
+    def process(job):
+        _record(job)
+        ballast = bytearray(job.data["mb"] * 1024 * 1024)
+        for i in range(0, len(ballast), 4096):  # touch every page: it is resident
+            ballast[i] = 1
+        time.sleep(job.data.get("seconds", 0))

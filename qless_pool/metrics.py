@@ -1,0 +1,264 @@
+"""Prometheus metrics (the optional extra: ``pip install 'qless-pool[metrics]'``).
+
+``--metrics-port PORT`` (and ``--metrics-address ADDR``, default 127.0.0.1): the manager binds
+the port at start, and a helper process it forks serves ``/metrics`` on it. The manager itself
+stays Redis-free and thread-free; the helper dies with it.
+
+- ``qless_pool_jobs_total{queue, outcome}`` and ``qless_pool_job_duration_seconds{queue}``: counted
+  by each worker parent for the jobs it runs (a job child's run is reported to its parent, so job
+  children write nothing), in prometheus_client's multiprocess mode: every worker writes its own
+  file and the helper adds them up at scrape time. The files of workers that have exited are
+  folded into one file per metric type, so that recycled workers do not pile files up.
+- ``qless_pool_workers{state}``, ``qless_pool_worker_restarts_total{reason}``: read from the
+  pool's state files (state.py) at scrape time.
+- ``qless_pool_queue_jobs{queue, state}``: qless's counts, read from Redis at scrape time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from collections import Counter as Tally
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any, Optional
+
+from .logs import logger
+
+__all__ = ["JobMeter", "MetricsError", "bind", "discard", "prepare", "serve"]
+
+log = logger.getChild("metrics")
+
+MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, float("inf"))
+QUEUE_STATES = ("waiting", "running", "scheduled", "stalled", "depends", "recurring")
+WORKER_STATES = ("starting", "waiting", "processing", "paused", "stopping", "retiring")
+
+
+class MetricsError(Exception):
+    """Metrics asked for and not possible (the extra is not installed, the port is taken)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def available() -> bool:
+    # Not imported here: prometheus_client picks its mode when first imported, and that must
+    # come after prepare().
+    try:
+        return importlib.util.find_spec("prometheus_client") is not None
+    except ValueError:  # in sys.modules as None: blocked
+        return False
+
+
+def require() -> None:
+    if not available():
+        raise MetricsError(
+            "--metrics-port needs prometheus_client: pip install 'qless-pool[metrics]'", 2
+        )
+
+
+def prepare(base: Optional[str] = None) -> str:
+    """Make the multiprocess directory and point $PROMETHEUS_MULTIPROC_DIR at it (before the
+    application is loaded: prometheus_client decides its mode when first imported). A directory
+    the environment already names (the application's own) is used as it is."""
+    if os.environ.get(MULTIPROC_VARIABLE):
+        return os.environ[MULTIPROC_VARIABLE]
+    from .state import private_base
+
+    directory = tempfile.mkdtemp(prefix="metrics-", dir=base or private_base())
+    os.environ[MULTIPROC_VARIABLE] = directory
+    return directory
+
+
+def discard(directory: str) -> None:
+    """Remove the multiprocess directory, if prepare() made it."""
+    from .state import private_base
+
+    if os.path.dirname(directory) == private_base():
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def bind(address: str, port: int) -> socket.socket:
+    """The listening socket, bound by the manager at start so that a taken port fails it."""
+    try:
+        infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, where = infos[0]
+        listener = socket.socket(family, kind, proto)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(where)
+        listener.listen(16)
+    except OSError as error:
+        raise MetricsError(
+            f"cannot serve metrics on {address}:{port}: {error.strerror or error}", 69
+        ) from None
+    listener.set_inheritable(False)
+    return listener
+
+
+class JobMeter:
+    """A worker parent's job counts (multiprocess mode: written to its own file)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Histogram
+
+        # Not registered: the application may have a registry of its own; the files are what
+        # the helper reads.
+        self.jobs = Counter(
+            "qless_pool_jobs_total",
+            "Jobs run by the pool's workers, by queue and outcome",
+            ["queue", "outcome"],
+            registry=None,
+        )
+        self.duration = Histogram(
+            "qless_pool_job_duration_seconds",
+            "How long the pool's jobs ran, by queue",
+            ["queue"],
+            buckets=BUCKETS,
+            registry=None,
+        )
+
+    def finished(self, queue: str, outcome: str, seconds: float) -> None:
+        self.jobs.labels(queue, outcome).inc()
+        self.duration.labels(queue).observe(seconds)
+
+
+# --- the helper process -------------------------------------------------------------------------
+
+
+def serve(listener: socket.socket, pool_directory: str, redis_url: str) -> int:
+    """The metrics helper's body: serve /metrics until the manager is gone (it dies with it)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    multiproc = os.environ[MULTIPROC_VARIABLE]
+    MultiProcessCollector(registry, path=multiproc)
+    registry.register(PoolCollector(pool_directory, redis_url))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] != "/metrics":
+                self.send_error(404)
+                return
+            fold_dead_processes(multiproc)
+            body = generate_latest(registry)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("%s %s", self.address_string(), format % args)
+
+    server = HTTPServer(listener.getsockname()[:2], Handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = listener
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    server.serve_forever()
+    return 0
+
+
+class PoolCollector:
+    """The workers by state, the restarts, and the queues' counts, read at scrape time."""
+
+    def __init__(self, pool_directory: str, redis_url: str):
+        self.directory = pool_directory
+        self.redis_url = redis_url
+        self.client: Any = None
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from .state import read_manager, read_worker
+
+        manager = read_manager(self.directory) or {}
+        states: Tally = Tally({state: 0 for state in WORKER_STATES})
+        for worker in manager.get("workers", []):
+            record = read_worker(os.path.join(self.directory, f"worker-{worker['pid']}"))
+            state = "retiring" if worker.get("retiring") else (record or {}).get("state")
+            states[state or "starting"] += 1
+        workers = GaugeMetricFamily(
+            "qless_pool_workers", "The pool's worker parents, by state", labels=["state"]
+        )
+        for state, count in states.items():
+            workers.add_metric([state], count)
+        yield workers
+        restarts = CounterMetricFamily(
+            "qless_pool_worker_restarts",
+            "Worker parents replaced, by reason: died, recycled, reload",
+            labels=["reason"],
+        )
+        for reason, count in (manager.get("restarts") or {}).items():
+            restarts.add_metric([reason], count)
+        yield restarts
+        queues = GaugeMetricFamily(
+            "qless_pool_queue_jobs", "qless's jobs of the pool's queues, by state",
+            labels=["queue", "state"],
+        )  # fmt: skip
+        for queue, counts in self._queue_counts(manager).items():
+            for state in QUEUE_STATES:
+                queues.add_metric([queue, state], counts.get(state, 0))
+        yield queues
+
+    def _queue_counts(self, manager: dict[str, Any]) -> dict[str, dict[str, int]]:
+        names = list(
+            dict.fromkeys(q for group in manager.get("groups", []) for q in group["queues"])
+        )
+        try:
+            if self.client is None:
+                from .client import CONTROL_TIMEOUT, connect
+
+                self.client = connect(
+                    self.redis_url,
+                    f"{socket.gethostname()}-{os.getpid()}-metrics",
+                    socket_connect_timeout=CONTROL_TIMEOUT,
+                    socket_timeout=CONTROL_TIMEOUT,
+                )
+            return {name: json.loads(self.client("queues", name)) for name in names}
+        except Exception as error:  # Redis away: the other metrics are still worth serving
+            log.warning("qless_pool_queue_jobs: cannot read the queues: %s", error)
+            self.client = None
+            return {}
+
+
+def fold_dead_processes(directory: str, alive: Optional[Sequence[int]] = None) -> None:
+    """Fold the files of exited processes into ``<type>_archive.db``: their counts stay, and the
+    number of files stays bounded however often workers are recycled."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    for path in glob.glob(os.path.join(directory, "*.db")):
+        kind, _, rest = os.path.basename(path)[:-3].partition("_")
+        if kind not in ("counter", "histogram") or not rest.isdigit():
+            continue
+        pid = int(rest)
+        if (pid in alive) if alive is not None else _alive(pid):
+            continue
+        archive = MmapedDict(os.path.join(directory, f"{kind}_archive.db"))
+        try:
+            for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(path):
+                old, _ = archive.read_value(key)
+                archive.write_value(key, old + value, timestamp)
+        finally:
+            archive.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,246 @@
+"""A running pool's state, for ``qless-pool status``, health checks and the metrics helper.
+
+The manager stays Redis-free and single-threaded, and reading the state must never block or
+slow the pool, so the state is files that the pool writes and anyone may read at any time::
+
+    <runtime root>/qless-pool-<uid>/<manager pid>/     0700, the pool's user only
+        manager.json        0600  the manager: config, groups (desired and live), worker table;
+                                  rewritten (atomically) when any of it changes
+        worker-<pid>        0600  one per worker parent: a fixed-size record it rewrites in place
+                                  (a shared memory map, no system call) at each job
+        metrics/                  prometheus_client's multiprocess files (--metrics-port)
+
+The runtime root is ``$QLESS_POOL_RUNTIME_DIR``, else ``/dev/shm`` (memory, and not hidden by
+systemd's PrivateTmp), else the temp directory. ``qless-pool status`` finds a pool's directory
+from the manager's pid and user, so it works for a pool started any way (the command, Invoke,
+``qless_pool.run()``, systemd) as long as both agree on the root.
+
+A worker's record is written as a seqlock: an odd sequence number while it changes, so a reader
+that catches it half-written reads again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import mmap
+import os
+import shutil
+import stat
+import struct
+import tempfile
+import time
+from collections.abc import Mapping
+from typing import Any, Optional
+
+__all__ = [
+    "RUNTIME_VARIABLE",
+    "PoolState",
+    "WorkerSlot",
+    "pool_directory",
+    "private_base",
+    "private_bytes",
+    "read_manager",
+    "read_worker",
+    "rss_bytes",
+    "runtime_root",
+]
+
+RUNTIME_VARIABLE = "QLESS_POOL_RUNTIME_DIR"
+MANAGER_FILE = "manager.json"
+
+#: A worker's record: sequence, state, job started (epoch), updated (epoch), jobs done,
+#: child pid, standby pid, held jobs, then the job's jid, queue and class (UTF-8, NUL-padded).
+_RECORD = struct.Struct("<QBxxxddQiiI64s128s256s")
+RECORD_SIZE = 512
+STATES = ("starting", "waiting", "processing", "paused", "stopping")
+
+
+def runtime_root(environ: Optional[Mapping[str, str]] = None) -> str:
+    environ = os.environ if environ is None else environ
+    if environ.get(RUNTIME_VARIABLE):
+        return environ[RUNTIME_VARIABLE]
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def pool_directory(pid: int, uid: int, root: Optional[str] = None) -> str:
+    return os.path.join(root or runtime_root(), f"qless-pool-{uid}", str(pid))
+
+
+def _private_directory(path: str) -> None:
+    """Make ``path`` a directory only this user may use; refuse one someone else made."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise OSError(errno.EPERM, f"{path} is not a directory of this user")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+
+
+def private_base(root: Optional[str] = None) -> str:
+    """``<runtime root>/qless-pool-<uid>``, made (0700) if need be."""
+    base = os.path.join(root or runtime_root(), f"qless-pool-{os.getuid()}")
+    _private_directory(base)
+    return base
+
+
+class PoolState:
+    """The manager's side: the pool's directory, its manager.json, the workers' record paths."""
+
+    def __init__(self, pid: int, root: Optional[str] = None):
+        self.pid = pid
+        self.directory = os.path.join(private_base(root), str(pid))
+        # A directory of an earlier process with this pid (killed with -9) is stale.
+        shutil.rmtree(self.directory, ignore_errors=True)
+        _private_directory(self.directory)
+
+    def worker_path(self, pid: int) -> str:
+        return os.path.join(self.directory, f"worker-{pid}")
+
+    def write_manager(self, data: dict[str, Any]) -> None:
+        path = os.path.join(self.directory, MANAGER_FILE)
+        temporary = f"{path}.{os.getpid()}"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            json.dump(data, file)
+        os.replace(temporary, path)
+
+    def forget_worker(self, pid: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.worker_path(pid))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class WorkerSlot:
+    """The worker's side: its record, rewritten in place."""
+
+    def __init__(self, path: str):
+        self.path = path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, RECORD_SIZE)
+            self.map = mmap.mmap(fd, RECORD_SIZE)
+        finally:
+            os.close(fd)
+        self.sequence = 0
+        self.jobs_done = 0
+        self.child_pid = 0
+        self.standby_pid = 0
+        self.held = 0
+
+    def update(
+        self,
+        state: str,
+        job: Optional[Mapping[str, Any]] = None,
+        started: float = 0.0,
+    ) -> None:
+        """Record ``state`` (one of STATES) and the current job, if any."""
+        self.sequence += 1
+        struct.pack_into("<Q", self.map, 0, self.sequence)  # odd: being written
+        _RECORD.pack_into(
+            self.map,
+            0,
+            self.sequence,
+            STATES.index(state),
+            started,
+            time.time(),
+            self.jobs_done,
+            self.child_pid,
+            self.standby_pid,
+            self.held,
+            _encoded(job, "jid", 64),
+            _encoded(job, "queue", 128),
+            _encoded(job, "klass", 256),
+        )
+        self.sequence += 1
+        struct.pack_into("<Q", self.map, 0, self.sequence)
+
+    def close(self, remove: bool = True) -> None:
+        self.map.close()
+        if remove:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def _encoded(job: Optional[Mapping[str, Any]], key: str, size: int) -> bytes:
+    if not job:
+        return b""
+    return str(job.get(key, "")).encode()[:size]
+
+
+def read_worker(path: str) -> Optional[dict[str, Any]]:
+    """A worker's record as a dict, or None if there is none (yet)."""
+    try:
+        with open(path, "rb") as file:
+            for _ in range(100):
+                file.seek(0)
+                data = file.read(_RECORD.size)
+                if len(data) < _RECORD.size:
+                    return None
+                fields = _RECORD.unpack(data)
+                file.seek(0)
+                again = struct.unpack("<Q", file.read(8))[0]
+                if fields[0] % 2 == 0 and again == fields[0]:
+                    break
+            else:
+                return None
+    except FileNotFoundError:
+        return None
+    _, state, started, updated, done, child, standby, held, jid, queue, klass = fields
+    job = None
+    if jid.rstrip(b"\0"):
+        job = {
+            "jid": jid.rstrip(b"\0").decode(errors="replace"),
+            "queue": queue.rstrip(b"\0").decode(errors="replace"),
+            "klass": klass.rstrip(b"\0").decode(errors="replace"),
+            "started": started,
+        }
+    return {
+        "state": STATES[state] if state < len(STATES) else "unknown",
+        "updated": updated,
+        "jobs_done": done,
+        "job_child": child or None,
+        "standby": standby or None,
+        "held": held,
+        "job": job,
+    }
+
+
+def rss_bytes(pid: int) -> Optional[int]:
+    """A process's resident memory, from /proc (None where there is none)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as file:
+            return int(file.read().split()[1]) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def private_bytes(pid: int) -> Optional[int]:
+    """The memory a process holds that it shares with no other (a job child: what its job added
+    to what it shares, copy-on-write, with its worker), from /proc/<pid>/smaps_rollup."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as file:
+            for line in file:
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    total += int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        return None
+    return total
+
+
+def read_manager(directory: str) -> Optional[dict[str, Any]]:
+    try:
+        with open(os.path.join(directory, MANAGER_FILE)) as file:
+            return json.load(file)
+    except (FileNotFoundError, ValueError):
+        return None

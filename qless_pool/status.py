@@ -1,0 +1,285 @@
+"""``qless-pool status``: what a running pool is doing, as text, JSON or a health check.
+
+    qless-pool status [-p PIDFILE | --pid PID] [--json] [--watch [SECONDS]] [--check] [-R URL]
+
+The pool is found by its pidfile (default: the daemon's, tmp/pids/qless-pool.pid) or its
+manager's pid; what it does comes from the files it keeps for this (state.py), its workers'
+memory from /proc, and its queues' counts from Redis, read by this command itself (the manager
+never talks to Redis). ``--check`` reads no Redis at all.
+
+Exit status: 0; with ``--check``, 0 when the pool is healthy (the manager is alive and every
+group has its count), 1 when a group is short (a worker in respawn backoff, one just died) or the
+pool is stopping, 3 when no pool is running (a stale or missing pidfile). 2 for a bad option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from .state import pool_directory, read_manager, read_worker, rss_bytes
+
+__all__ = ["EX_NO_POOL", "collect", "main", "render"]
+
+EX_NO_POOL = 3
+DEFAULT_PIDFILE = "tmp/pids/qless-pool.pid"
+QUEUE_COLUMNS = ("waiting", "running", "scheduled", "stalled", "depends", "recurring")
+
+
+class NoPool(Exception):
+    """No pool is running where we were told to look."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qless-pool status",
+        description="Show what a running pool is doing: its manager, groups, workers and queues.",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "-p",
+        "--pidfile",
+        metavar="FILE",
+        default=DEFAULT_PIDFILE,
+        help=f"the pool's pidfile (default: {DEFAULT_PIDFILE})",
+    )
+    where.add_argument("--pid", type=int, metavar="PID", help="the manager's pid")
+    parser.add_argument("--json", action="store_true", help="one JSON object (see README)")
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=float,
+        metavar="SECONDS",
+        help="refresh in place every SECONDS (default 2) until Ctrl-C",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="no output; exit 0 if healthy, 1 if short of workers or stopping, 3 if no pool",
+    )
+    parser.add_argument(
+        "-R", "--redis", metavar="URL", help="qless's Redis (default: the pool's own)"
+    )
+    return parser
+
+
+def find_manager(pidfile: Optional[str], pid: Optional[int]) -> int:
+    """The manager's pid, if it is a live qless-pool manager (NoPool otherwise)."""
+    if pid is None:
+        try:
+            with open(pidfile or DEFAULT_PIDFILE) as file:
+                pid = int(file.read().strip() or 0)
+        except FileNotFoundError:
+            raise NoPool(f"no pidfile {pidfile}: no pool is running (give --pid?)") from None
+        except (OSError, ValueError) as error:
+            raise NoPool(f"cannot read pidfile {pidfile}: {error}") from None
+        if not pid:
+            raise NoPool(f"pidfile {pidfile} is empty: no pool is running")
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            title = file.read().decode(errors="replace")
+    except OSError:
+        raise NoPool(f"no process {pid}: no pool is running (stale pidfile?)") from None
+    if not title.startswith("qless-pool-manager"):
+        raise NoPool(f"process {pid} is not a qless-pool manager ({title.split(chr(0))[0]!r})")
+    return pid
+
+
+def collect(pid: int, redis_url: Optional[str] = None, queues: bool = True) -> dict[str, Any]:
+    """Everything about the pool whose manager is ``pid``, as one JSON-ready dict."""
+    try:
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        uid = os.getuid()
+    directory = pool_directory(pid, uid)
+    manager = read_manager(directory)
+    if manager is None:
+        raise NoPool(
+            f"pool {pid} keeps no state in {directory} (is $QLESS_POOL_RUNTIME_DIR the same?)"
+        )
+    now = time.time()
+    workers = []
+    for entry in manager.get("workers", []):
+        record = read_worker(os.path.join(directory, f"worker-{entry['pid']}")) or {}
+        job = record.get("job")
+        if job and record.get("state") == "processing":
+            job = {**job, "running_for": round(now - job["started"], 3)}
+        else:
+            job = None
+        state = record.get("state", "starting")
+        workers.append(
+            {
+                "pid": entry["pid"],
+                "queues": entry["queues"],
+                "state": "retiring" if entry.get("retiring") else state,
+                "retiring": bool(entry.get("retiring")),
+                "uptime": round(now - entry["started"], 1),
+                "job": job,
+                "jobs_done": record.get("jobs_done", 0),
+                "rss_bytes": rss_bytes(entry["pid"]),
+                "job_child": record.get("job_child"),
+                "standby": record.get("standby"),
+                "held": record.get("held", 0),
+            }
+        )
+    groups = [
+        {
+            "queues": group["queues"],
+            "desired": group["desired"],
+            "live": group["live"],
+            "backoff_until": group["backoff_until"],
+        }
+        for group in manager.get("groups", [])
+    ]
+    problems = []
+    if manager.get("stopping"):
+        problems.append(f"the pool is stopping ({manager['stopping']})")
+    for group in groups:
+        if group["live"] < group["desired"]:
+            why = " (respawn backoff)" if group["backoff_until"] else ""
+            problems.append(
+                f"{','.join(group['queues'])}: {group['live']} of {group['desired']} workers{why}"
+            )
+    snapshot: dict[str, Any] = {
+        "manager": {
+            "pid": pid,
+            "started": manager["started"],
+            "uptime": round(now - manager["started"], 1),
+            "appname": manager.get("appname"),
+            "config": manager.get("config"),
+            "environment": manager.get("environment"),
+            "redis": manager.get("redis_shown"),
+            "stopping": manager.get("stopping"),
+            "restarts": manager.get("restarts", {}),
+            "rss_bytes": rss_bytes(pid),
+        },
+        "groups": groups,
+        "workers": workers,
+        "healthy": not problems,
+        "problems": problems,
+    }
+    if queues:
+        snapshot.update(_queues(manager, redis_url or manager.get("redis_url")))
+    return snapshot
+
+
+def _queues(manager: dict[str, Any], redis_url: Optional[str]) -> dict[str, Any]:
+    from .client import CONTROL_TIMEOUT, connect
+
+    names = list(dict.fromkeys(q for group in manager.get("groups", []) for q in group["queues"]))
+    try:
+        client = connect(
+            redis_url,
+            f"{os.uname().nodename}-{os.getpid()}-status",
+            socket_connect_timeout=CONTROL_TIMEOUT,
+            socket_timeout=CONTROL_TIMEOUT,
+        )
+        failed = json.loads(client("failed"))
+        counts = {}
+        for name in names:
+            queue = json.loads(client("queues", name))
+            counts[name] = {column: queue.get(column, 0) for column in QUEUE_COLUMNS}
+            counts[name]["failed"] = {
+                group: count
+                for group, count in failed.items()
+                if group.startswith(f"{name}-") or group == f"failed-retries-{name}"
+            }
+    except Exception as error:
+        return {"queues": {}, "redis_error": f"{type(error).__name__}: {error}"}
+    return {"queues": counts, "redis_error": None}
+
+
+def render(snapshot: dict[str, Any]) -> str:
+    """The snapshot as text for a terminal."""
+    manager = snapshot["manager"]
+    app = f"[{manager['appname']}]" if manager.get("appname") else ""
+    environment = f" ({manager['environment']})" if manager.get("environment") else ""
+    lines = [
+        f"qless-pool-manager{app} pid {manager['pid']}, up {_duration(manager['uptime'])}, "
+        f"config {manager['config']}{environment}, Redis {manager['redis']}",
+    ]
+    restarts = manager.get("restarts") or {}
+    if any(restarts.values()):
+        lines.append(
+            "restarts: " + ", ".join(f"{n} {reason}" for reason, n in restarts.items() if n)
+        )
+    lines.append("health: " + ("ok" if snapshot["healthy"] else "; ".join(snapshot["problems"])))
+    lines += ["", "GROUP" + " " * 21 + "WORKERS"]
+    for group in snapshot["groups"]:
+        backoff = ""
+        if group["backoff_until"]:
+            backoff = f"  (respawn backoff, {max(0, group['backoff_until'] - time.time()):.0f}s)"
+        lines.append(f"{','.join(group['queues']):<25} {group['live']}/{group['desired']}{backoff}")
+    lines += ["", f"{'PID':<8}{'QUEUES':<20}{'STATE':<12}{'DONE':>7}{'RSS':>8}  JOB"]
+    for worker in snapshot["workers"]:
+        rss = f"{worker['rss_bytes'] >> 20}M" if worker["rss_bytes"] else "-"
+        job = worker["job"]
+        what = (
+            f"{job['jid']} ({job['klass']}) from {job['queue']}, {_duration(job['running_for'])}"
+            if job
+            else ""
+        )
+        lines.append(
+            f"{worker['pid']:<8}{','.join(worker['queues'])[:19]:<20}{worker['state']:<12}"
+            f"{worker['jobs_done']:>7}{rss:>8}  {what}"
+        )
+    if "queues" in snapshot:
+        lines.append("")
+        if snapshot.get("redis_error"):
+            lines.append(f"queues: Redis unreachable ({snapshot['redis_error']})")
+        else:
+            header = f"{'QUEUE':<20}" + "".join(f"{c.upper():>10}" for c in QUEUE_COLUMNS)
+            lines.append(header + "  FAILED")
+            for name, counts in snapshot["queues"].items():
+                failed = ", ".join(f"{g} {n}" for g, n in counts["failed"].items()) or "0"
+                lines.append(
+                    f"{name[:19]:<20}" + "".join(f"{counts[c]:>10}" for c in QUEUE_COLUMNS)
+                    + f"  {failed}"
+                )  # fmt: skip
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s"
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        pid = find_manager(args.pidfile, args.pid)
+        if args.check:
+            return 0 if collect(pid, queues=False)["healthy"] else 1
+        if args.watch is None:
+            snapshot = collect(pid, args.redis)
+            print(json.dumps(snapshot, indent=2) if args.json else render(snapshot))
+            return 0
+        while True:
+            snapshot = collect(pid, args.redis)
+            text = json.dumps(snapshot, indent=2) if args.json else render(snapshot)
+            # Home, then clear: the screen is redrawn in place, like top.
+            sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
+            sys.stdout.flush()
+            time.sleep(args.watch)
+            find_manager(args.pidfile, args.pid)
+    except NoPool as error:
+        if not args.check:
+            print(f"qless-pool status: {error}", file=sys.stderr)
+        return EX_NO_POOL
+    except KeyboardInterrupt:
+        return 0

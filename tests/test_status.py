@@ -1,0 +1,329 @@
+"""Watching and steering a running pool: qless-pool status, recycling, the graceful timeout,
+Prometheus metrics. Real pools, real jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from processes import alive, children, title, wait_for
+from test_worker import put, runs, state, wait_state
+
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "qless-pool")
+
+
+def status(pool, *args, timeout=30):
+    return subprocess.run(
+        [SCRIPT, "status", "--pid", str(pool.pid), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=pool.directory,
+    )  # fmt: skip
+
+
+def status_json(pool) -> dict:
+    result = status(pool, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# --- qless-pool status ----------------------------------------------------------------------------
+
+
+def test_status_shows_the_manager_groups_workers_and_queues(start_pool, client):
+    pool = start_pool(
+        "-E", "production", config='foo: 1\nproduction:\n  "bar,foo": 2\n', expect=None
+    )
+    pool.wait_for_workers({"foo": 1, "bar,foo": 2})
+    jid = put(client, "bar", "Sleep", {"seconds": 30})
+    done = [put(client, "foo", "Noop") for _ in range(3)]
+    failed = put(client, "foo", "Fail")
+    for finished in [*done, failed]:
+        wait_state(client, finished, "complete", "failed")
+    wait_state(client, jid, "running")
+    later = put(client, "bar", "Noop", delay=600)
+    snapshot = wait_for(
+        lambda: (s := status_json(pool)) and any(w["job"] for w in s["workers"]) and s
+    )
+    manager = snapshot["manager"]
+    assert manager["pid"] == pool.pid
+    assert (manager["appname"], manager["config"], manager["environment"]) == (
+        "testapp", "qless-pool.yml", "production",
+    )  # fmt: skip
+    assert snapshot["groups"] == [
+        {"queues": ["foo"], "desired": 1, "live": 1, "backoff_until": None},
+        {"queues": ["bar", "foo"], "desired": 2, "live": 2, "backoff_until": None},
+    ]
+    # The workers are the manager's children, as ps shows them.
+    workers = {w["pid"]: w for w in snapshot["workers"]}
+    assert sorted(workers) == sorted(pool.workers())
+    busy = next(w for w in workers.values() if w["job"])
+    assert busy["state"] == "processing"
+    assert busy["job"]["jid"] == jid
+    assert (busy["job"]["klass"], busy["job"]["queue"]) == ("testjobs.Sleep", "bar")
+    assert busy["job"]["running_for"] >= 0
+    assert title(busy["job_child"]).startswith("qless-") and "Processing bar" in title(
+        busy["job_child"]
+    )
+    assert {w["state"] for w in workers.values() if w is not busy} == {"waiting"}
+    assert sum(w["jobs_done"] for w in workers.values()) == 4
+    assert all(w["rss_bytes"] > 1 << 20 for w in workers.values())
+    assert snapshot["healthy"] is True and snapshot["problems"] == []
+    assert snapshot["queues"]["bar"]["running"] == 1
+    assert snapshot["queues"]["bar"]["scheduled"] == 1
+    assert snapshot["queues"]["foo"]["failed"] == {"foo-ValueError": 1}
+    client.jobs[later].cancel()
+    # The text: the same, for a terminal.
+    text = status(pool)
+    assert text.returncode == 0
+    assert f"qless-pool-manager[testapp] pid {pool.pid}" in text.stdout
+    assert re.search(r"^bar,foo\s+2/2$", text.stdout, re.MULTILINE)
+    assert re.search(
+        rf"^{busy['pid']}\s+bar,foo\s+processing\s+\d+\s+\d+M\s+{jid}", text.stdout, re.M
+    )
+    assert re.search(r"^foo\s+0\s+0\s+0\s+0\s+0\s+0\s+foo-ValueError 1$", text.stdout, re.M)
+
+
+def test_check_exit_codes(start_pool, client, tmp_path):
+    pool = start_pool(config="foo: 1\n", expect={"foo": 1})
+    assert status(pool, "--check").returncode == 0
+    assert status(pool, "--check").stdout == ""
+    jid = put(client, "foo", "Sleep", {"seconds": 30})
+    wait_state(client, jid, "running")
+    pool.send(signal.SIGQUIT)  # stopping: waits for the job
+    wait_for(lambda: status(pool, "--check").returncode == 1, message="check says 1 (stopping)")
+    client.jobs[jid].cancel()  # the job child is killed; the pool ends
+    pool.process.wait(timeout=15)
+    assert status(pool, "--check").returncode == 3  # no pool any more
+    # A stale pidfile, and none at all.
+    (tmp_path / "stale.pid").write_text(f"{pool.pid}\n")
+    for args in (["-p", str(tmp_path / "stale.pid")], ["-p", str(tmp_path / "none.pid")]):
+        result = subprocess.run(
+            [SCRIPT, "status", "--check", *args], capture_output=True, text=True, timeout=30
+        )
+        assert (result.returncode, result.stdout, result.stderr) == (3, "", "")
+    result = subprocess.run(
+        [SCRIPT, "status", "-p", str(tmp_path / "none.pid")], capture_output=True, text=True
+    )
+    assert result.returncode == 3 and "no pool is running" in result.stderr
+
+
+def test_check_says_1_while_a_group_is_short(start_pool):
+    pool = start_pool("-m", "poolapp", config="foo: 1\n", env={"POOLAPP_HOOK_FAILS": "1"})
+    pool.wait_log("backing off")
+    assert status(pool, "--check").returncode == 1
+    snapshot = status_json(pool)
+    assert snapshot["healthy"] is False
+    assert any("foo: 0 of 1 workers" in problem for problem in snapshot["problems"])
+
+
+def test_watch_refreshes_until_ctrl_c(start_pool):
+    pool = start_pool(config="foo: 1\n", expect={"foo": 1})
+    process = subprocess.Popen(
+        [SCRIPT, "status", "--pid", str(pool.pid), "--watch", "0.2"],
+        stdout=subprocess.PIPE, text=True, cwd=pool.directory,
+    )  # fmt: skip
+    try:
+        time.sleep(1.0)  # several refreshes
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=10)
+    finally:
+        process.kill()
+    assert process.returncode == 0
+    assert out.count("\x1b[H\x1b[2J") >= 2
+    assert out.count(f"pid {pool.pid}") >= 2
+
+
+def test_the_state_is_private_and_removed_at_exit(start_pool):
+    pool = start_pool(config="foo: 1\n", expect={"foo": 1})
+    root = os.environ.get("QLESS_POOL_RUNTIME_DIR", "/dev/shm")
+    directory = os.path.join(root, f"qless-pool-{os.getuid()}", str(pool.pid))
+    wait_for(lambda: os.path.exists(os.path.join(directory, "manager.json")))
+    assert os.stat(directory).st_mode & 0o777 == 0o700
+    for name in os.listdir(directory):
+        assert os.stat(os.path.join(directory, name)).st_mode & 0o077 == 0, name
+    pool.send(signal.SIGQUIT)
+    pool.process.wait(timeout=15)
+    assert not os.path.exists(directory)
+
+
+# --- recycling ------------------------------------------------------------------------------------
+
+
+def test_a_worker_is_recycled_after_max_jobs(start_pool, client, redis_conn):
+    pool = start_pool("--max-jobs", "3", config="foo: 1\n", expect={"foo": 1})
+    [first] = pool.workers()
+    jids = [put(client, "foo", "Noop") for _ in range(7)]
+    for jid in jids:
+        wait_state(client, jid, "complete")
+    workers = [run["ppid"] for run in runs(redis_conn)]
+    assert workers[:3] == [first] * 3 and workers[3] != first  # 3 jobs each, then replaced
+    assert len(set(workers)) == 3
+    pool.wait_log("recycling: it ran 3 jobs (--max-jobs)", count=2)
+    log = pool.log_text()
+    assert "died" not in log and "backing off" not in log  # a recycle is not a failure
+    assert status_json(pool)["manager"]["restarts"]["recycled"] >= 2
+
+
+def test_max_jobs_jitter_spreads_the_restarts(start_pool, client, redis_conn):
+    pool = start_pool("--max-jobs", "2", "--max-jobs-jitter", "3", config="foo: 1\n")
+    pool.wait_for_workers({"foo": 1})
+    jids = [put(client, "foo", "Noop") for _ in range(40)]
+    for jid in jids:
+        wait_state(client, jid, "complete")
+    per_worker = {}
+    for run in runs(redis_conn):
+        per_worker[run["ppid"]] = per_worker.get(run["ppid"], 0) + 1
+    full = list(per_worker.values())[:-1]  # the last worker has not reached its limit
+    assert all(2 <= n <= 5 for n in full), full
+    assert len(set(full)) > 1  # not all the same
+
+
+def test_a_worker_above_max_memory_is_recycled(start_pool, client):
+    # Every worker parent holds more than 5 MB: each recycles after its first job.
+    pool = start_pool("--max-memory", "5", config="foo: 1\n", expect={"foo": 1})
+    jids = [put(client, "foo", "Noop") for _ in range(2)]
+    for jid in jids:
+        wait_state(client, jid, "complete")
+    pool.wait_log("is above --max-memory 5 MB")
+
+
+def test_a_job_child_above_max_memory_is_killed_and_handed_back(start_pool, client):
+    pool = start_pool("--max-memory", "200", config="foo: 1\n", expect={"foo": 1})
+    jid = put(client, "foo", "Hog", {"mb": 400, "seconds": 30}, retries=1)
+    # Killed on each attempt (about a second in), handed back once, then out of retries.
+    wait_state(client, jid, "failed", timeout=20)
+    failure = client.jobs[jid].failure
+    assert failure["group"] == "foo-DirtyExit"
+    assert "its own memory" in failure["message"]
+    assert "went above --max-memory 200 MB" in failure["message"]
+    assert pool.log_text().count("went above --max-memory 200 MB (job") == 2
+    assert pool.workers()  # the worker parent itself is fine
+
+
+# --- the shutdown deadline ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fork_per_job", [True, False], ids=["fork", "in-process"])
+def test_graceful_timeout_cuts_a_stuck_job_short_on_quit(start_pool, client, fork_per_job):
+    args = ["--graceful-timeout", "1"] + ([] if fork_per_job else ["--no-fork-per-job"])
+    pool = start_pool(*args, config="foo: 1\n", expect={"foo": 1})
+    jid = put(client, "foo", "Sleep", {"seconds": 60}, retries=3)
+    wait_state(client, jid, "running")
+    sent = time.monotonic()
+    pool.send(signal.SIGQUIT)
+    assert pool.process.wait(timeout=15) == 0
+    took = time.monotonic() - sent
+    assert 0.9 <= took < 10
+    job = client.jobs[jid]
+    assert (job.state, job.retries_left) == ("waiting", 2)
+    assert job.failure["group"] == "foo-DirtyExit"
+    assert "after the worker was told to stop (--graceful-timeout)" in job.failure["message"]
+
+
+def test_without_graceful_timeout_quit_waits_for_the_job(start_pool, client):
+    pool = start_pool(config="foo: 1\n", expect={"foo": 1})
+    jid = put(client, "foo", "Sleep", {"seconds": 2})
+    wait_state(client, jid, "running")
+    pool.send(signal.SIGQUIT)
+    assert pool.process.wait(timeout=15) == 0
+    assert state(client, jid) == "complete"
+
+
+# --- Prometheus metrics ---------------------------------------------------------------------------
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_metrics_after_real_jobs(start_pool, client):
+    port = free_port()
+    pool = start_pool(
+        "--metrics-port", str(port), "--max-jobs", "4", config='foo: 2\n"bar,foo": 1\n'
+    )
+    pool.wait_for_workers({"foo": 2, "bar,foo": 1})
+    ok = [put(client, "foo", "Noop") for _ in range(10)]
+    failing = [put(client, "bar", "Fail") for _ in range(2)]
+    exiting = put(client, "bar", "Exit", retries=1)
+    for jid in [*ok, *failing, exiting]:
+        wait_state(client, jid, "complete", "failed")
+    slow = put(client, "bar", "Sleep", {"seconds": 30})
+    wait_state(client, slow, "running")
+    waiting = put(client, "foo", "Noop", delay=600)
+
+    def settled(samples):
+        return samples.get('qless_pool_jobs_total{outcome="completed",queue="foo"}') == 10
+
+    samples = wait_for(lambda: (s := scrape(port)) and settled(s) and s)
+    # The Exit job was handed back once, then failed out of retries.
+    assert samples['qless_pool_jobs_total{outcome="failed",queue="bar"}'] == 3
+    assert samples['qless_pool_jobs_total{outcome="retried",queue="bar"}'] == 1
+    assert samples['qless_pool_job_duration_seconds_count{queue="foo"}'] == 10
+    assert samples['qless_pool_job_duration_seconds_bucket{le="+Inf",queue="foo"}'] == 10
+    assert samples['qless_pool_workers{state="processing"}'] == 1
+    assert samples['qless_pool_workers{state="waiting"}'] == 2
+    assert samples['qless_pool_queue_jobs{queue="bar",state="running"}'] == 1
+    assert samples['qless_pool_queue_jobs{queue="foo",state="scheduled"}'] == 1
+    # 13 jobs with --max-jobs 4: workers were recycled, and their counts were kept.
+    assert samples['qless_pool_worker_restarts_total{reason="recycled"}'] >= 2
+    assert samples['qless_pool_worker_restarts_total{reason="died"}'] == 0
+    helpers = [p for p in children(pool.pid) if title(p).startswith("qless-pool-metrics")]
+    assert len(helpers) == 1
+    client.jobs[waiting].cancel()
+    # The helper dies with the manager.
+    pool.process.kill()
+    pool.process.wait(timeout=10)
+    wait_for(lambda: not alive(helpers[0]), timeout=2, message="the metrics helper to die")
+
+
+def test_metrics_without_the_extra_is_refused(tmp_path):
+    (tmp_path / "qless-pool.yml").write_text("foo: 1\n")
+    script = (
+        "import sys; sys.modules['prometheus_client'] = None; "
+        "from qless_pool.__main__ import main; "
+        "sys.exit(main(['--metrics-port', '9999', '--dry-run']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "qless-pool: --metrics-port needs prometheus_client: pip install 'qless-pool[metrics]'\n"
+    )
+
+
+def test_a_metrics_port_in_use_fails_the_start(tmp_path, redis_url):
+    import socket
+
+    (tmp_path / "qless-pool.yml").write_text("foo: 1\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [SCRIPT, "-R", redis_url, "--metrics-port", str(port)],
+            cwd=tmp_path, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert result.returncode == 69
+    assert f"cannot serve metrics on 127.0.0.1:{port}: Address already in use" in result.stderr
