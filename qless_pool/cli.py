@@ -27,9 +27,10 @@ from .daemon import (
     drop_privileges,
     resolve_identity,
 )
-from .manager import Pool, preload
+from .hooks import preload
+from .manager import Pool
+from .reservation import RESERVERS, check_allowed_modules, default_allowed_modules
 from .urls import check_redis_url, redis_url_and_origin
-from .worker import RESERVERS, check_allowed_modules, default_allowed_modules
 
 __all__ = ["build_parser", "main"]
 

@@ -10,12 +10,9 @@ job runs, so that a job starts with a pipe write rather than a fork::
 The child dies with its worker parent (``lifeline.die_with_parent``), leads its own process
 group, and runs with default signal dispositions, exactly as a child forked for the job would.
 
-*Settling.* A job function that completes, fails, retries, moves or cancels its job settles it
-itself (the child's client connects then, on its first command). One that returns without
-settling it (most do) is reported ``returned``, with its data, and the worker parent completes
-it, in one round trip with its next pop: a job that never touches Redis opens no connection.
-If Redis was down when the job settled itself, the report carries the command for the parent
-to replay (see settling.py).
+The job runs as running.py says; its report tells the worker parent how it went (settling.py
+says what the parent then sends qless). The job's client connects only on the job's first
+command: a job that never touches Redis opens no connection.
 """
 
 from __future__ import annotations
@@ -25,18 +22,14 @@ import os
 import signal
 import sys
 import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Optional
 
-import qless
-from qless.exceptions import QlessException
-
 from . import lifeline, proctitle
-from .client import REDIS_DOWN
 from .logs import cap, logger, set_role
 from .reservation import HeldJob
+from .running import JobClient, describe_job, run_job
 
 __all__ = [
     "MAX_REPORT_BYTES",
@@ -44,10 +37,7 @@ __all__ = [
     "Children",
     "Ended",
     "JobChild",
-    "JobClient",
-    "describe_job",
     "fork_child",
-    "run_job",
     "send_job",
 ]
 
@@ -55,147 +45,8 @@ log = logger.getChild("worker")
 
 #: A report longer than this is cut (a pipe holds 64 KiB; the child must never block on it).
 MAX_REPORT_BYTES = 48 * 1024
-#: Data a returned job's report carries back for the parent's ``complete``; a job whose data
-#: grew bigger completes itself.
-MAX_RETURNED_DATA = 32 * 1024
 #: A standby child that dies sooner than this after its fork is not replaced for a second.
 STANDBY_RETRY_DELAY = 1.0
-
-
-def describe_job(job: dict[str, Any]) -> str:
-    return f"job {job['jid']} ({job['klass']}) from {job['queue']}"
-
-
-# --- the job's client ---------------------------------------------------------------------------
-
-
-class JobClient(qless.Client):
-    """The job's client: it notices the command that settles its job.
-
-    complete, fail, retry, cancel, or a put of the job to another queue settle a job. Once one
-    reached Redis the job is *settled* (even if qless refused it: then the job is no longer this
-    worker's to settle), and ``outcome`` names it. When Redis is down the command is kept as
-    ``unreported``, for the worker parent to replay when Redis is back; the job's further
-    attempts to settle are refused. Failure messages are capped (logs.MAX_MESSAGE).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.track_job(None)
-
-    def track_job(self, jid: Optional[str]) -> None:
-        """Watch the commands that settle ``jid`` (None: watch nothing)."""
-        self.jid = jid
-        self.outcome: Optional[str] = None  # "complete", "fail", "retry", "move", "cancel"
-        self.group: Optional[str] = None  # of a fail or retry
-        self.unreported: Optional[list[Any]] = None
-
-    @property
-    def settled(self) -> bool:
-        return self.outcome is not None
-
-    def _settles_job(self, command: str, args: tuple[Any, ...]) -> Optional[str]:
-        if self.jid is None:
-            return None
-        if command in ("complete", "fail", "retry"):
-            return command if args and args[0] == self.jid else None
-        if command == "put":  # Job.move
-            return "move" if len(args) > 1 and args[1] == self.jid else None
-        if command == "cancel":
-            return "cancel" if self.jid in args else None
-        return None
-
-    def __call__(self, command: str, *args: Any) -> Any:
-        if command in ("fail", "retry"):
-            args = cap_message(command, args)
-        outcome = self._settles_job(command, args)
-        if outcome is None:
-            return super().__call__(command, *args)
-        if self.unreported is not None:
-            raise REDIS_DOWN[0]("Redis was unreachable; the job's outcome is kept for the worker")
-        self.outcome = outcome
-        if command == "fail" and len(args) > 2:
-            self.group = args[2]
-        elif command == "retry" and len(args) > 4:
-            self.group = args[4]
-        try:
-            return super().__call__(command, *args)
-        except REDIS_DOWN:
-            self.unreported = [command, *args]
-            raise
-
-
-def cap_message(command: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """fail(jid, worker, group, message, ...) and retry(jid, queue, worker, delay, group,
-    message) with the message capped (logs.MAX_MESSAGE)."""
-    index = 3 if command == "fail" else 5
-    if len(args) > index and isinstance(args[index], str):
-        args = (*args[:index], cap(args[index]), *args[index + 1 :])
-    return args
-
-
-# --- running one job ----------------------------------------------------------------------------
-
-
-def run_job(client: JobClient, fields: dict[str, Any], complete: bool = False) -> dict[str, Any]:
-    """Run one job with qless-py; returns the report for the worker parent.
-
-    ``{"outcome": "returned", "data": ...}``: the job function returned without settling its
-    job; the parent completes it with that data (``complete=True``: the job is completed here,
-    as a job whose data is too big to report is). ``{"outcome": "complete" | "fail" | ...}``:
-    the job settled itself. ``{"unreported": [command, ...]}``: it settled while Redis was down.
-    Every report has ``seconds``, the time the job ran.
-    """
-    started = time.monotonic()
-    client.track_job(fields["jid"])
-    queue = fields["queue"]
-    report: dict[str, Any] = {}
-    try:
-        try:
-            job = qless.Job(client, **fields)  # parses the job's data
-        except (TypeError, ValueError) as error:
-            # Not retried: the data will be just as broken the next time.
-            client(
-                "fail",
-                fields["jid"],
-                client.worker_name,
-                f"{queue}-BadJobData",
-                f"the job's data is not valid JSON ({error}): {cap(str(fields['data']), 1024)}",
-            )
-        else:
-            report = _process(job, client, complete)
-    except (*REDIS_DOWN, QlessException):
-        if not client.settled:
-            raise
-    if client.unreported is not None:
-        report = {"unreported": client.unreported}
-    elif client.settled:
-        report = {"outcome": client.outcome, "group": client.group}
-    report["seconds"] = time.monotonic() - started
-    return report
-
-
-def _process(job: qless.Job, client: JobClient, complete: bool) -> dict[str, Any]:
-    try:
-        job.process()
-    except (SystemExit, KeyboardInterrupt) as exit:
-        # qless-py catches Exception only. Running it again would exit again: fail it.
-        what = f"{type(exit).__name__}({exit.args[0]!r})" if exit.args else type(exit).__name__
-        job.fail(
-            f"{job.queue_name}-SystemExit",
-            f"the job function raised {what}, which ends the process it runs in; a job must "
-            f"return or raise an exception instead\n{traceback.format_exc()}",
-        )
-        return {}
-    if client.settled:
-        return {}
-    # qless's Ruby workers complete a job whose function returned; qless-py leaves it running
-    # until its lock expires and then hands it to another worker.
-    data = json.dumps(job.data)
-    if complete or len(data) > MAX_RETURNED_DATA:
-        job.complete()
-        return {}
-    return {"outcome": "returned", "data": data}
 
 
 # --- the worker parent's view of a job child ----------------------------------------------------

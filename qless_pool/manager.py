@@ -16,7 +16,6 @@ reads the pipe. The manager never talks to Redis: an outage cannot touch it.
 from __future__ import annotations
 
 import gc
-import importlib
 import os
 import select
 import signal
@@ -30,12 +29,15 @@ from typing import Any, Optional
 from . import hooks, lifeline, proctitle, state
 from .config import ConfigError, ConfigSource, Groups
 from .drain import DrainWatcher, run_watcher
+from .hooks import preload
+from .limits import RECYCLED
 from .logs import configure as configure_logging
 from .logs import logger, set_role
+from .reservation import default_allowed_modules
 from .urls import check_redis_url, default_redis_url, mask_secrets
-from .worker import HANDLED_SIGNALS, RECYCLED, Worker, default_allowed_modules
+from .worker import HANDLED_SIGNALS, Worker
 
-__all__ = ["TERM_BEHAVIOURS", "Pool", "WorkerRecord", "preload", "run"]
+__all__ = ["TERM_BEHAVIOURS", "Pool", "WorkerRecord", "run"]
 
 log = logger.getChild("manager")
 
@@ -699,36 +701,6 @@ def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exit status {os.WEXITSTATUS(status)}"
-
-
-# --- preloading the application -------------------------------------------------------------------
-
-
-def preload(specs: Iterable[str], include: Sequence[str] = ()) -> None:
-    """Import (and call) the application in the manager, before any worker is forked.
-
-    ``specs`` are ``module`` or ``module:callable``; ``include`` directories go on sys.path
-    (the working directory always does). The collector is off while the application loads,
-    and its objects are then frozen (``gc.freeze``), so that no collection in a worker writes
-    to them: they stay shared, copy-on-write, between the manager and every worker.
-    """
-    for directory in [*include, os.getcwd()]:
-        path = os.path.abspath(directory)
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    gc.disable()
-    try:
-        for spec in specs:
-            module_name, _, attribute = spec.partition(":")
-            module = importlib.import_module(module_name)
-            if attribute:
-                target: Any = module
-                for part in attribute.split("."):
-                    target = getattr(target, part)
-                target()
-    finally:
-        gc.freeze()
-        gc.enable()
 
 
 def run(

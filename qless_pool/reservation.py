@@ -25,6 +25,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from qless.exceptions import QlessException
+
+from .client import pipelined
+from .logs import logger
+
 __all__ = [
     "ALLOW_MODULES_VARIABLE",
     "RESERVERS",
@@ -39,6 +44,8 @@ __all__ = [
     "default_allowed_modules",
     "make_reserver",
 ]
+
+log = logger.getChild("worker")
 
 # --- reservers: the order in which a worker tries its queues ------------------------------------
 
@@ -219,11 +226,31 @@ class Holding:
     def next_heartbeat(self) -> Optional[float]:
         return min((held.next_heartbeat for held in self.jobs), default=None)
 
-    def give_back(self) -> list[dict[str, Any]]:
-        """Empty the holding; returns the jobs, for the worker to put back."""
+    def heartbeat(self, client: Any, worker: str, now: float) -> None:
+        """Heartbeat the held jobs that are due, in one round trip; a job qless refuses one is
+        no longer ours: it is dropped, not run."""
+        due = self.due_heartbeats(now)
+        if not due:
+            return
+        answers = pipelined(client, [["heartbeat", held.jid, worker] for held in due])
+        for held, answer in zip(due, answers):
+            if isinstance(answer, QlessException):
+                self.drop(held.jid)
+                log.warning("job %s: qless refused its heartbeat (%s); not run", held.jid, answer)
+            else:
+                held.heartbeaten(now)
+
+    def give_back(self, client: Any) -> None:
+        """Return every held job to its queue (one round trip), and forget them."""
         jobs = [held.job for held in self.jobs]
         self.jobs.clear()
-        return jobs
+        answers = pipelined(client, [give_back_command(job) for job in jobs])
+        for job, answer in zip(jobs, answers):
+            what = f"job {job['jid']} ({job['klass']}) from {job['queue']}"
+            if isinstance(answer, QlessException):
+                log.info("%s: could not give it back: %s", what, answer)
+            else:
+                log.info("%s: given back to its queue, not started", what)
 
 
 def heartbeat_every(job: dict[str, Any], popped_at: float) -> float:

@@ -199,6 +199,23 @@ class Settler:
         else:
             log.warning("%s: sent %s for it, as %s", what, command[0], settlement.reason)
 
+    def forbid(self, client: qless.Client, job: dict[str, Any], allowed: Sequence[str]) -> None:
+        """Fail a job whose class is outside the allowlist (--allow-module), before anything of
+        it is imported."""
+        message = (
+            f"job class {job['klass']!r} is not in a module this worker may import "
+            f"(--allow-module {' '.join(allowed)})"
+        )
+        what = describe_job(job)
+        group = f"{job['queue']}-ForbiddenClass"
+        log.warning("%s: %s; failed as %s", what, message, group)
+        try:
+            client("fail", job["jid"], self.worker, group, message)
+        except QlessException as refused:
+            log.info("%s: qless refused fail: %s", what, refused)
+            return
+        self.observe(job, "failed", 0.0)
+
     def abandon(self) -> None:
         """The worker is stopping and Redis is unreachable: say what is left unsettled."""
         for settlement in [*self.now, *self.batched]:

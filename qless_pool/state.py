@@ -133,6 +133,27 @@ class WorkerSlot:
         self.child_pid = 0
         self.standby_pid = 0
         self.held = 0
+        self._recorded: Any = None
+
+    def record(
+        self,
+        state: str,
+        job: Optional[Mapping[str, Any]],
+        started: float,
+        jobs_done: int,
+        child_pid: Optional[int],
+        standby_pid: Optional[int],
+        held: int,
+    ) -> None:
+        """update(), if anything has changed since the last record (the loop calls this on
+        every turn)."""
+        now = (state, job and job.get("jid"), jobs_done, child_pid, standby_pid, held)
+        if now == self._recorded:
+            return
+        self._recorded = now
+        self.jobs_done, self.held = jobs_done, held
+        self.child_pid, self.standby_pid = child_pid or 0, standby_pid or 0
+        self.update(state, job, started)
 
     def update(
         self,

@@ -132,7 +132,7 @@ def _command_line(found: Mapping[str, Any]) -> list[str]:
 
 def _setup(c: Any) -> None:
     """Load the application in this process (the `preload` setting's modules)."""
-    from .manager import preload
+    from .hooks import preload
 
     found = settings(c)
     if found.get("metrics_port"):

@@ -11,10 +11,13 @@ job child's report pipe, and each turn does the next due thing::
 The life of a job, one step per module::
 
     reservation.py  pop it (the first of the queues with a job; several at once in-process)
-    jobchild.py     hand it to the standby child forked ahead (or run it in this process);
-                    the child runs qless-py's Job.process and reports how it went
+    jobchild.py     hand it to the standby child forked ahead (or run it in this process),
+    running.py      which runs qless-py's Job.process and reports how it went
     settling.py     send qless what the run calls for: nothing, complete (with the next pop),
                     a replayed outcome, fail (job timeout) or retry (<queue>-DirtyExit)
+
+Beside them: events.py (what qless publishes), limits.py (--max-jobs, --max-memory,
+--graceful-timeout), state.py (the record qless-pool status reads).
 
 While a job runs the worker heartbeats it and kills its child when qless says the job was taken
 away (``lock_lost``, ``canceled``, or ``put`` to another queue on ``ql:w:<name>``). While idle it
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import select
 import signal
 import socket
@@ -46,38 +48,27 @@ from .client import (
     Outage,
     connect,
     default_redis_url,
-    pipelined,
     redis_is_down,
 )
 from .events import Subscriptions
-from .jobchild import Children, ChildSetup, JobClient, describe_job, run_job
+from .jobchild import Children, ChildSetup
+from .limits import MEMORY_CHECK_INTERVAL, RECYCLED, Limits
 from .logs import logger, set_role
 from .metrics import JobMeter
 from .reservation import (
-    RESERVERS,
     HeldJob,
     Holding,
     Prefetch,
     check_allowed_modules,
     class_allowed,
     default_allowed_modules,
-    give_back_command,
     make_reserver,
 )
+from .running import InProcess, JobClient, describe_job
 from .settling import Settler, settled_outcome, settlement_for
-from .state import WorkerSlot, private_bytes, rss_bytes
+from .state import WorkerSlot
 
-__all__ = [
-    "HANDLED_SIGNALS",
-    "RECYCLED",
-    "RESERVERS",
-    "JobClient",
-    "Worker",
-    "check_allowed_modules",
-    "class_allowed",
-    "default_allowed_modules",
-    "make_reserver",
-]
+__all__ = ["HANDLED_SIGNALS", "Worker"]
 
 log = logger.getChild("worker")
 
@@ -92,28 +83,11 @@ HANDLED_SIGNALS = (
     signal.SIGCONT,
     signal.SIGCHLD,
 )
-#: These interrupt a job running in the worker process (and SIGALRM, its timeout).
-INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 #: How often the worker wakes at least, to notice that the process that forked it is gone.
 PARENT_CHECK_INTERVAL = 1.0
-#: How often the worker looks at its own (after a job) or its job child's memory.
-MEMORY_CHECK_INTERVAL = 1.0
-#: The exit status of a worker that stopped to be replaced (--max-jobs, --max-memory).
-RECYCLED = 75
 
 
 # --- the worker parent --------------------------------------------------------------------------
-
-
-class JobInterrupted(BaseException):
-    """Raised into a job running in the worker process by TERM, INT, USR1 or its timeout.
-
-    A BaseException, so that qless-py's Job.process does not turn it into a job failure.
-    """
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 class Worker:
@@ -180,9 +154,7 @@ class Worker:
         self.fork_per_job = fork_per_job
         self.prefetch = Prefetch(prefetch)
         self.job_timeout = job_timeout
-        self.job_limit = max_jobs + random.randint(0, max_jobs_jitter) if max_jobs else None
-        self.max_memory = max_memory
-        self.graceful_timeout = graceful_timeout
+        self.limits = Limits(max_jobs, max_jobs_jitter, max_memory, graceful_timeout)
         self.state_path = state_path
         self.metrics = metrics
         self.watch_parent = watch_parent
@@ -213,6 +185,7 @@ class Worker:
         self.terminating = False  # TERM/INT: held jobs go back, nothing more runs
         self.paused = False
         self.children: Optional[Children] = None  # with a child per job
+        self.in_process: Optional[InProcess] = None  # without
         self.holding = Holding()  # popped ahead (jobs in this process)
         self.settler = Settler(self.name)
         self.outage = Outage(log)
@@ -223,10 +196,6 @@ class Worker:
         self.stop_deadline: Optional[float] = None  # monotonic: --graceful-timeout
         self.slot: Optional[WorkerSlot] = None
         self.meter: Optional[JobMeter] = None
-        self._next_memory_check = 0.0
-        self._recorded: Any = None
-        self._job_deadline: Optional[float] = None  # monotonic: a job in this process
-        self._in_job = False  # a job runs in this process: interrupting signals raise into it
         self._wakeup_r = self._wakeup_w = -1
         self._title = ""
 
@@ -242,7 +211,6 @@ class Worker:
         self.settler = Settler(self.name, self._observe)
         self.subscriptions = Subscriptions(f"ql:w:{self.name}")
         set_role("worker", self.appname)
-        self._install_signal_handlers()
         if self.state_path:
             self.slot = WorkerSlot(self.state_path)
             self.slot.update("starting")
@@ -260,6 +228,9 @@ class Worker:
             announce=not self.fork_per_job,
             **self.job_redis_options,
         )
+        if not self.fork_per_job:
+            self.in_process = InProcess(self.job_client, self.job_timeout)
+        self._install_signal_handlers()
         if self.fork_per_job:
             setup = ChildSetup(
                 parent_pid=self.pid,
@@ -366,7 +337,7 @@ class Worker:
                     wake.append(due)
         if self.stop_deadline is not None:
             wake.append(self.stop_deadline)
-        if self.child is not None and self.max_memory is not None:
+        if self.child is not None and self.limits.max_memory is not None:
             wake.append(self.child.memory_check_at)
         if self.children is not None:
             wake += self.children.wake_times()
@@ -384,7 +355,7 @@ class Worker:
     # --- signals --------------------------------------------------------------------------------
 
     def _install_signal_handlers(self) -> None:
-        # The handlers do nothing but, for a job running in this process, interrupt it; Python's
+        # The handlers do nothing (but, for a job running in this process, stop it): Python's
         # C-level handler writes each signal's number to the wakeup pipe, which the loop reads.
         # So no signal is lost and none does the loop's work in a handler.
         self._wakeup_r, self._wakeup_w = os.pipe()
@@ -393,45 +364,25 @@ class Worker:
             os.set_inheritable(fd, False)
         signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
         for signum in HANDLED_SIGNALS:
-            interrupting = signum in INTERRUPTING_SIGNALS and not self.fork_per_job
-            signal.signal(signum, self._interrupt_job if interrupting else _record_signal)
-        if not self.fork_per_job:
-            signal.signal(signal.SIGALRM, self._interrupt_job)
+            signal.signal(signum, _record_signal)
+        if self.in_process is not None:
+            self.in_process.install()
             signal.signal(signal.SIGQUIT, self._quit_during_job)
         # The pool manager forks workers with these signals blocked, so that one sent between
         # the fork and this point waits for the handlers instead of killing the worker.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
-    def _interrupt_job(self, signum: int, frame: Any) -> None:
-        # Only while a job runs in this process (--no-fork-per-job): the loop cannot turn until
-        # the job returns, so the signal has to stop the job where it is. The wakeup pipe still
-        # records the signal for the loop.
-        if not self._in_job:
-            return
-        self._in_job = False
-        if signum != signal.SIGALRM:
-            raise JobInterrupted(f"interrupted by {signal.Signals(signum).name}")
-        if self.stop_deadline is not None and time.monotonic() >= self.stop_deadline - 0.01:
-            raise JobInterrupted(self._graceful_timeout_reason())
-        raise JobInterrupted("timeout")
-
     def _quit_during_job(self, signum: int, frame: Any) -> None:
         # The loop handles QUIT once the job returns; a graceful timeout must start now.
-        if self._in_job and self.graceful_timeout is not None and self.stop_deadline is None:
-            self.stop_deadline = time.monotonic() + self.graceful_timeout
-            self._arm_alarm()
+        if self.in_process is not None and self.in_process.running:
+            self._start_graceful_timeout()
 
-    def _arm_alarm(self) -> None:
-        """SIGALRM at the job's timeout or the graceful stop's deadline, whichever is first."""
-        deadlines = [d for d in (self._job_deadline, self.stop_deadline) if d is not None]
-        if deadlines:
-            signal.setitimer(signal.ITIMER_REAL, max(0.001, min(deadlines) - time.monotonic()))
-
-    def _graceful_timeout_reason(self) -> str:
-        return (
-            f"still running {self.graceful_timeout:g}s after the worker was told to stop "
-            f"(--graceful-timeout)"
-        )
+    def _start_graceful_timeout(self) -> None:
+        timeout = self.limits.graceful_timeout
+        if timeout is not None and self.stop_deadline is None:
+            self.stop_deadline = time.monotonic() + timeout
+            if self.in_process is not None:
+                self.in_process.stop_by(self.stop_deadline)
 
     def _handle_signals(self) -> None:
         try:
@@ -450,8 +401,7 @@ class Worker:
 
     def _stop_gracefully(self) -> None:
         """Take no new job; the current one finishes (within --graceful-timeout, if given)."""
-        if self.graceful_timeout is not None and self.stop_deadline is None:
-            self.stop_deadline = time.monotonic() + self.graceful_timeout
+        self._start_graceful_timeout()
         self.stopping = True
 
     def handle_sigterm(self) -> None:
@@ -563,35 +513,17 @@ class Worker:
 
     def _start(self, popped: HeldJob) -> None:
         if not class_allowed(popped.job["klass"], self.allow_modules):
-            self._forbid(popped.job)
+            assert self.client is not None
+            self.settler.forbid(self.client, popped.job, self.allow_modules)
         elif self.fork_per_job:
             self._start_child(popped)
         else:
             self._run_in_process(popped)
 
-    def _forbid(self, job: dict[str, Any]) -> None:
-        """Fail a job whose class is outside the allowlist, before anything of it is imported."""
-        assert self.client is not None
-        message = (
-            f"job class {job['klass']!r} is not in a module this worker may import "
-            f"(--allow-module {' '.join(self.allow_modules)})"
-        )
-        log.warning("%s: %s; failed as %s-ForbiddenClass", describe_job(job), message, job["queue"])
-        try:
-            self.client("fail", job["jid"], self.name, f"{job['queue']}-ForbiddenClass", message)
-        except QlessException as refused:
-            log.info("%s: qless refused fail: %s", describe_job(job), refused)
-
     def _give_back_held(self) -> None:
         """TERM/INT: return the jobs held but not started to their queue, retries intact."""
         assert self.client is not None
-        jobs = self.holding.give_back()
-        answers = pipelined(self.client, [give_back_command(job) for job in jobs])
-        for job, answer in zip(jobs, answers):
-            if isinstance(answer, QlessException):
-                log.info("%s: could not give it back: %s", describe_job(job), answer)
-            else:
-                log.info("%s: given back to its queue, not started", describe_job(job))
+        self.holding.give_back(self.client)
 
     # --- a job in a child -----------------------------------------------------------------------
 
@@ -612,61 +544,36 @@ class Worker:
             )  # fmt: skip
 
     def _heartbeat(self, now: float) -> None:
-        """Heartbeat the running job and the held ones that are due (one round trip)."""
+        """Heartbeat the running job and the held ones that are due."""
         assert self.client is not None
         child = self.child
-        running = child is not None and now >= child.next_heartbeat
-        held = self.holding.due_heartbeats(now)
-        if not running and not held:
-            return
-        jids = [child.jid] if running else []
-        jids += [h.jid for h in held]
-        # No data argument: the job may have changed its data; ours is stale.
-        answers = pipelined(self.client, [["heartbeat", jid, self.name] for jid in jids])
-        if running:
+        if child is not None and now >= child.next_heartbeat:
             child.next_heartbeat = now + child.heartbeat_every
-            refused = answers.pop(0)
-            settled = (child.read_report() or {}).get("outcome")
-            if isinstance(refused, QlessException) and child.kill_reason is None and not settled:
-                self._kill_child(f"qless refused its heartbeat ({refused})")
-        for h, answer in zip(held, answers):
-            if isinstance(answer, QlessException):
-                self.holding.drop(h.jid)
-                log.warning("%s: qless refused its heartbeat (%s); not run", h.jid, answer)
-            else:
-                h.heartbeaten(now)
+            try:
+                # No data argument: the job may have changed its data; ours is stale.
+                self.client("heartbeat", child.jid, self.name)
+            except QlessException as refused:
+                settled = (child.read_report() or {}).get("outcome")
+                if child.kill_reason is None and not settled:
+                    self._kill_child(f"qless refused its heartbeat ({refused})")
+        self.holding.heartbeat(self.client, self.name, now)
 
     # --- a job in this process ------------------------------------------------------------------
 
     def _run_in_process(self, popped: HeldJob) -> None:
         """--no-fork-per-job: run the job here. TERM, INT and USR1 interrupt it; QUIT waits."""
-        assert self.job_client is not None
+        assert self.in_process is not None
         job = popped.job
         started_at = time.time()
         self._set_title(proctitle.processing(job["queue"], started_at))
         self._record_state("processing", job, started_at)
         self.subscriptions.listen_for_puts(False)
-        started = time.monotonic()
-        kill_reason = None
-        self._job_deadline = started + self.job_timeout if self.job_timeout else None
-        alarm = self._job_deadline is not None or self.stop_deadline is not None
-        if alarm:
-            self._arm_alarm()
-        self._in_job = True
-        try:
-            report = run_job(self.job_client, job)
-        except JobInterrupted as interrupted:
-            report = {"seconds": time.monotonic() - started}
-            kill_reason = interrupted.reason
-        finally:
-            self._in_job = False
-            if alarm or self.stop_deadline is not None:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-            self._job_deadline = None
-            self.job_client.track_job(None)
+        report, reason = self.in_process.run(job)
         self.prefetch.ran(report["seconds"])
-        timed_out = kill_reason == "timeout"
-        self._finish_job(job, report, None, kill_reason, timed_out, popped.next_heartbeat)
+        if reason == "graceful":
+            reason = self.limits.graceful_reason()
+        timed_out = reason == "timeout"
+        self._finish_job(job, report, None, reason, timed_out, popped.next_heartbeat)
 
     def _finish_job(
         self,
@@ -688,15 +595,9 @@ class Worker:
             self.settler.add(settlement)
         else:
             self._observe(job, settled_outcome(report), float(report.get("seconds") or 0.0))
-        if self.job_limit is not None and self.jobs_done >= self.job_limit:
-            self._recycle(f"it ran {self.jobs_done} jobs (--max-jobs)")
-        if self.max_memory is not None and time.monotonic() >= self._next_memory_check:
-            self._next_memory_check = time.monotonic() + MEMORY_CHECK_INTERVAL
-            rss = rss_bytes(os.getpid())
-            if rss is not None and rss > self.max_memory:
-                self._recycle(
-                    f"its RSS {rss >> 20} MB is above --max-memory {self.max_memory >> 20} MB"
-                )
+        why = self.limits.worker_done(self.jobs_done)
+        if why:
+            self._recycle(why)
 
     def _observe(self, job: dict[str, Any], outcome: str, seconds: float) -> None:
         """One job's outcome, for the metrics: completed, failed, retried, moved, canceled."""
@@ -716,15 +617,12 @@ class Worker:
         child = self.child
         deadline = self.stop_deadline
         if deadline is not None and now >= deadline and (child is not None or self.holding):
-            self._terminate(self._graceful_timeout_reason())
-        if child is None or self.max_memory is None or now < child.memory_check_at:
-            return
-        child.memory_check_at = now + MEMORY_CHECK_INTERVAL
-        used = private_bytes(child.pid)
-        if used is not None and used > self.max_memory:
-            self._kill_child(
-                f"its own memory {used >> 20} MB went above --max-memory {self.max_memory >> 20} MB"
-            )
+            self._terminate(self.limits.graceful_reason())
+        if child is not None and now >= child.memory_check_at:
+            child.memory_check_at = now + MEMORY_CHECK_INTERVAL
+            reason = self.limits.child_over(child.pid)
+            if reason:
+                self._kill_child(reason)
 
     # --- titles and the end ---------------------------------------------------------------------
 
@@ -743,21 +641,14 @@ class Worker:
     def _record_state(
         self, state: str, job: Optional[dict[str, Any]] = None, started: float = 0.0
     ) -> None:
-        """The worker's record for qless-pool status, rewritten when something in it changed."""
-        slot = self.slot
-        if slot is None:
-            return
-        standby = self.children.standby if self.children is not None else None
-        child = self.child
-        now = (state, job and job["jid"], self.jobs_done, standby, child, len(self.holding))
-        if now == self._recorded:
-            return
-        self._recorded = now
-        slot.jobs_done = self.jobs_done
-        slot.child_pid = child.pid if child is not None else 0
-        slot.standby_pid = standby.pid if standby is not None else 0
-        slot.held = len(self.holding)
-        slot.update(state, job, started)
+        """The worker's record for qless-pool status (state.py)."""
+        if self.slot is not None:
+            standby = self.children.standby if self.children is not None else None
+            child = self.child
+            self.slot.record(
+                state, job, started, self.jobs_done, child and child.pid,
+                standby and standby.pid, len(self.holding),
+            )  # fmt: skip
 
     def _set_title(self, title: str) -> None:
         if title != self._title:
