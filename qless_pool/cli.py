@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from importlib import metadata
-from typing import Any
+from typing import Any, Optional
 
 from . import __version__, logs, metrics, proctitle
 from .config import EX_CONFIG, ConfigError, ConfigSource, groups_to_json
@@ -387,12 +387,11 @@ def launch(args: argparse.Namespace, preloaded: bool = False) -> int:
         return EX_CONFIG
     # A URL that cannot work is refused here, before anything forks or detaches; a Redis that
     # is down is not (the workers ride that out).
-    url, origin = redis_url_and_origin(args.redis)
-    try:
-        args.redis = check_redis_url(url)
-    except ValueError as error:
-        print(f"qless-pool: bad Redis URL (from {origin}): {error}", file=sys.stderr)
+    problem = bad_redis_url(args.redis)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
+    args.redis = redis_url_and_origin(args.redis)[0]
     try:
         allowed = default_allowed_modules() if args.allow_modules is None else args.allow_modules
         args.allow_modules = list(check_allowed_modules(allowed))
@@ -417,6 +416,17 @@ def launch(args: argparse.Namespace, preloaded: bool = False) -> int:
     # its start (or why it failed) through `readiness`, and the command exits with that.
     readiness = daemonize() if args.daemon else None
     return _run_manager(args, source, groups, readiness, preloaded, identity)
+
+
+def bad_redis_url(given: Optional[str]) -> Optional[str]:
+    """The one-line complaint about the Redis URL to use (``given``, else the environment's, else
+    the default), or None if it can work."""
+    url, origin = redis_url_and_origin(given)
+    try:
+        check_redis_url(url)
+    except ValueError as error:
+        return f"qless-pool: bad Redis URL (from {origin}): {error}"
+    return None
 
 
 def _run_manager(

@@ -601,7 +601,7 @@ class Pool:
         return metrics.serve(self.metrics_listener, self.state.directory, self.redis_url)
 
     def _update_title(self) -> None:
-        title = proctitle.manager(self.appname, self.workers)
+        title = proctitle.manager(self.appname, self.workers.values())
         if title != self._title:
             proctitle.set_title(title)
             self._title = title

@@ -1,6 +1,7 @@
 """Process titles, as ``ps`` shows them (the public contract, DESIGN.md "Process titles")::
 
 qless-pool-manager[app]: managing [101, 102, 103]
+qless-pool-manager[app]: managing [104, 105] retiring [101, 102]     (during a HUP)
 qless-0.11.4: Waiting for foo,bar,baz
 qless-0.11.4: Forked 230 at 1764270000
 qless-0.11.4: Processing bar since 1764270000
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from importlib import metadata
+from typing import Any
 
 from setproctitle import setproctitle
 
@@ -55,6 +57,13 @@ def paused() -> str:
     return f"{PREFIX}: Paused"
 
 
-def manager(appname: str | None, pids: Iterable[int]) -> str:
+def manager(appname: str | None, workers: Iterable[Any]) -> str:
+    """``workers``: pids, or records with ``pid`` and ``retiring`` (told to stop: during a HUP,
+    the old workers finishing their jobs are listed apart from the new ones)."""
     app = f"[{appname}]" if appname else ""
-    return f"qless-pool-manager{app}: managing [{', '.join(str(pid) for pid in pids)}]"
+    active, retiring = [], []
+    for worker in workers:
+        pid = getattr(worker, "pid", worker)
+        (retiring if getattr(worker, "retiring", False) else active).append(str(pid))
+    title = f"qless-pool-manager{app}: managing [{', '.join(active)}]"
+    return f"{title} retiring [{', '.join(retiring)}]" if retiring else title

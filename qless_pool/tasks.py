@@ -75,18 +75,32 @@ SETTINGS: dict[str, tuple[type, Optional[str]]] = {
     "queues": (list, None),
 }
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+#: Our variables, taken out of the environment when this module is imported (Invoke imports
+#: the tasks before it reads the environment). Invoke would otherwise cast each to the type
+#: invoke.yaml gives the setting, and fail before any task runs: a list can take no variable
+#: (UncastableEnvVar), and int("0.5") raises. Here every one is read as the settings say.
+ENVIRONMENT_PREFIX = "INVOKE_QLESS_POOL_"
+_TAKEN = {
+    name: os.environ.pop(name) for name in list(os.environ) if name.startswith(ENVIRONMENT_PREFIX)
+}
 
 
 def settings(c: Any) -> dict[str, Any]:
-    """The ``qless_pool`` settings, typed: ``INVOKE_QLESS_POOL_<NAME>``, else the Invoke config.
+    """The ``qless_pool`` settings, typed: ``INVOKE_QLESS_POOL_<NAME>``, else the Invoke config
+    (``invoke.yaml``).
 
-    The environment is read here too, because Invoke loads ``INVOKE_*`` variables only for
-    settings it already has defaults for, and (for a pre-task) only from the root collection.
+    The environment is read here, not by Invoke: Invoke loads ``INVOKE_*`` variables only for
+    settings it already knows of, only from the root collection for a pre-task, and casts them
+    to the file's types (see _TAKEN).
     """
     configured = c.config.get("qless_pool", None) or {}
     found: dict[str, Any] = {}
     for name, (kind, _) in SETTINGS.items():
-        raw = os.environ.get(f"INVOKE_QLESS_POOL_{name.upper()}")
+        variable = f"{ENVIRONMENT_PREFIX}{name.upper()}"
+        raw = os.environ.get(variable, _TAKEN.get(variable))
         if raw is None:
             raw = configured.get(name) if isinstance(configured, Mapping) else None
         if raw is not None:
@@ -98,13 +112,26 @@ def _typed(name: str, kind: type, raw: Any) -> Any:
     if kind is list:
         if isinstance(raw, str):
             return [part for part in raw.replace(",", " ").split() if part]
-        return [str(part) for part in raw]
-    if kind is bool:
-        return raw if isinstance(raw, bool) else str(raw).strip().lower() in _TRUE
-    try:
-        return kind(raw)
-    except (TypeError, ValueError):
-        raise Exit(f"qless_pool.{name}: not a {kind.__name__}: {raw!r}", code=2) from None
+        if isinstance(raw, (list, tuple)):
+            return [str(part) for part in raw]
+    elif kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+    elif kind is int and isinstance(raw, float):
+        if raw.is_integer():
+            return int(raw)
+    elif not isinstance(raw, bool):  # YAML's yes/no are not numbers or names
+        try:
+            return kind(raw)
+        except (TypeError, ValueError):
+            pass
+    what = {list: "a list", bool: "true or false", int: "a whole number", float: "a number"}
+    raise Exit(
+        f"qless_pool.{name}: must be {what.get(kind, 'a string')}, not {raw!r}", code=2
+    ) from None
 
 
 def _command_line(found: Mapping[str, Any]) -> list[str]:
@@ -152,6 +179,10 @@ def _pool(
     config: Optional[str] = None,
     environment: Optional[str] = None,
     redis: Optional[str] = None,
+    interval: Optional[str] = None,
+    job_timeout: Optional[str] = None,
+    reserver: Optional[str] = None,
+    no_fork_per_job: bool = False,
     daemon: bool = False,
     drain: bool = False,
 ) -> None:
@@ -161,6 +192,7 @@ def _pool(
     found = settings(c)
     flags = {"config": config, "environment": environment, "redis": redis}
     found.update({name: value for name, value in flags.items() if value})
+    found.update(_worker_flags(interval, job_timeout, reserver, no_fork_per_job))
     found.update({name: True for name, value in (("daemon", daemon), ("drain", drain)) if value})
     args = build_parser().parse_args(_command_line(found))
     status = launch(args, preloaded=True)
@@ -168,13 +200,42 @@ def _pool(
         raise Exit(code=status)
 
 
-def _work(c: Any, queues: Optional[str] = None) -> None:
+def _worker_flags(
+    interval: Optional[str],
+    job_timeout: Optional[str],
+    reserver: Optional[str],
+    no_fork_per_job: bool,
+) -> dict[str, Any]:
+    """The worker options given as task flags, typed as the settings are."""
+    flags: dict[str, Any] = {}
+    for name, value in (("interval", interval), ("job_timeout", job_timeout)):
+        if value is not None:
+            flags[name] = _typed(name, float, value)
+    if reserver:
+        flags["reserver"] = reserver
+    if no_fork_per_job:
+        flags["fork_per_job"] = False
+    return flags
+
+
+def _work(
+    c: Any,
+    queues: Optional[str] = None,
+    redis: Optional[str] = None,
+    interval: Optional[str] = None,
+    job_timeout: Optional[str] = None,
+    reserver: Optional[str] = None,
+    no_fork_per_job: bool = False,
+) -> None:
     """Run one worker in the foreground on --queues (or $QUEUES), like rake qless:work."""
     from . import logs
-    from .client import default_redis_url
+    from .cli import bad_redis_url
     from .worker import Worker
 
     found = settings(c)
+    if redis:
+        found["redis"] = redis
+    found.update(_worker_flags(interval, job_timeout, reserver, no_fork_per_job))
     names = queues or os.environ.get("QUEUES") or ",".join(found.get("queues", []))
     queue_list = [name.strip() for name in names.split(",") if name.strip()]
     if not queue_list:
@@ -193,18 +254,36 @@ def _work(c: Any, queues: Optional[str] = None) -> None:
         )
         if k in found
     }
-    Worker(queue_list, found.get("redis") or default_redis_url(), appname=appname, **options).work()
+    url = found.get("redis")
+    problem = bad_redis_url(url)
+    if problem:
+        raise Exit(problem, code=2)
+    try:
+        worker = Worker(queue_list, url, appname=appname, **options)
+    except ValueError as error:  # a bad reserver, interval ...
+        raise Exit(f"qless.work: {error}", code=2) from None
+    worker.work()
 
 
+_WORKER_HELP = {
+    "redis": "qless's Redis URL (setting: redis)",
+    "interval": "seconds between an idle worker's polls (setting: interval)",
+    "job-timeout": "kill a job running longer and fail it (setting: job_timeout)",
+    "reserver": "ordered, round-robin or shuffled-round-robin (setting: reserver)",
+    "no-fork-per-job": "run jobs in the worker process (setting: fork_per_job: false)",
+}
 _HELP = {
     "pool": {
         "config": "the pool's YAML file (setting: config)",
         "environment": "the config section to use (setting: environment)",
-        "redis": "qless's Redis URL (setting: redis)",
+        **_WORKER_HELP,
         "daemon": "detach and run in the background (setting: daemon)",
         "drain": "run until the queues are empty, then stop; exit 1 if a job failed",
     },
-    "work": {"queues": "comma-separated queue names, in priority order (or $QUEUES)"},
+    "work": {
+        "queues": "comma-separated queue names, in priority order (or $QUEUES)",
+        **_WORKER_HELP,
+    },
 }
 
 
@@ -224,7 +303,9 @@ def collection(setup: Iterable[Task] = (), pool_setup: Iterable[Task] = ()) -> C
         help=_HELP["pool"],
         auto_shortflags=False,  # -d, -a ... would not mean what they mean to qless-pool
     )
-    work_task = Task(_work, name="work", pre=[setup_task], help=_HELP["work"])
+    work_task = Task(
+        _work, name="work", pre=[setup_task], help=_HELP["work"], auto_shortflags=False
+    )
     pool = Collection("pool")
     pool.add_task(pool_task, default=True)
     pool.add_task(pool_setup_task, name="setup")

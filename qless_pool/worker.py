@@ -29,6 +29,7 @@ logged once, retried with a capped backoff, and ridden out.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import signal
@@ -40,7 +41,7 @@ from typing import Any, Optional
 import qless
 from qless.exceptions import QlessException
 
-from . import proctitle
+from . import logs, proctitle
 from .client import (
     CONTROL_TIMEOUT,
     JOB_SOCKET_TIMEOUT,
@@ -208,6 +209,8 @@ class Worker:
         """Run until QUIT (after the current job), TERM/INT, or the parent's death. Returns 0."""
         self.pid = os.getpid()
         self.name = f"{socket.gethostname()}-{self.pid}"
+        if not logger.handlers and not logging.getLogger().handlers:
+            logs.configure("INFO")  # a bare Worker(...).work(): say what it does
         self.settler = Settler(self.name, self._observe)
         self.subscriptions = Subscriptions(f"ql:w:{self.name}")
         set_role("worker", self.appname)
@@ -242,11 +245,12 @@ class Worker:
             )
             self.children = Children(setup, self.kill_grace)
         log.info(
-            "worker %s started on %s (%s, %s)",
+            "worker %s started on %s (%s, %s, polling every %gs)",
             self.name,
             ",".join(self.queues),
             "a child per job" if self.fork_per_job else "jobs in process",
             type(self.reserver).__name__,
+            self.interval,
         )
         try:
             while not self._finished():

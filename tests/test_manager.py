@@ -26,7 +26,9 @@ from test_worker import FORKED, PAUSED, PROCESSING, WAITING, history_events, put
 
 TESTS = Path(__file__).resolve().parent
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "qless-pool")
-MANAGER = re.compile(r"^qless-pool-manager(\[[^\]]*\])?: managing \[([0-9, ]*)\]$")
+MANAGER = re.compile(
+    r"^qless-pool-manager(\[[^\]]*\])?: managing \[([0-9, ]*)\]( retiring \[([0-9, ]*)\])?$"
+)
 README_CONFIG = """\
 foo: 1
 bar: 2
@@ -51,10 +53,16 @@ class PoolProcess:
         return title(self.pid)
 
     def managed(self) -> list[int]:
-        """The pids the manager's title lists."""
+        """The pids the manager's title lists (the retiring ones too)."""
         match = MANAGER.match(self.title())
         assert match, self.title()
-        return [int(pid) for pid in match.group(2).split(", ") if pid]
+        listed = f"{match.group(2)}, {match.group(4) or ''}"
+        return [int(pid) for pid in listed.split(", ") if pid]
+
+    def retiring(self) -> list[int]:
+        match = MANAGER.match(self.title())
+        assert match, self.title()
+        return [int(pid) for pid in (match.group(4) or "").split(", ") if pid]
 
     def workers(self) -> list[int]:
         """The worker parents (not the drain watcher or the metrics helper)."""
@@ -203,12 +211,17 @@ def test_the_manager_never_talks_to_redis(start_pool, tmp_path):
 def test_hup_reloads_the_counts_and_restarts_every_worker_gracefully(start_pool, client):
     pool = start_pool(config="foo: 1\nbar: 1\n", expect={"foo": 1, "bar": 1})
     old = pool.workers()
-    jid = put(client, "foo", "Sleep", {"seconds": 1.5})
+    jid = put(client, "foo", "Sleep", {"seconds": 3})
     wait_state(client, jid, "running")
+    wait_for(lambda: any(FORKED.match(title(pid)) for pid in old), message="a busy worker")
     (pool.directory / "qless-pool.yml").write_text("foo: 2\nbaz: 1\n")
     pool.send(signal.SIGHUP)
-    # The replacements start at once; the old foo worker finishes its job meanwhile.
+    # The replacements start at once; the old foo worker finishes its job meanwhile, and the
+    # manager's title lists it apart.
     wait_for(lambda: pool.waiting() == {"foo": 2, "baz": 1})
+    [busy] = [pid for pid, text in zip(old, map(title, old)) if FORKED.match(text)]
+    assert pool.retiring() == [busy]  # still finishing its job
+    assert sorted(pool.managed()) == sorted(pool.workers())
     wait_for(lambda: not any(alive(pid) for pid in old), message="the old workers to exit")
     assert state_of(client, jid) == "complete"
     assert history_events(client, jid).count("popped") == 1
@@ -555,3 +568,31 @@ def test_run_from_a_plain_script(redis_url, tmp_path, client):
         kill_processes_in(tmp_path)
         process.wait(timeout=10)
         reap_orphans()
+
+
+# --- one log line per job -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fork_per_job", [True, False], ids=["fork", "in-process"])
+def test_one_info_line_per_finished_job(start_pool, client, fork_per_job):
+    args = [] if fork_per_job else ["--no-fork-per-job"]
+    pool = start_pool(*args, config="foo: 1\n", expect={"foo": 1})
+    done, failed = put(client, "foo", "Noop"), put(client, "foo", "Fail")
+    wait_state(client, done, "complete")
+    wait_state(client, failed, "failed")
+    pool.wait_log(f"job {failed} (testjobs.Fail) from foo: failed (foo-ValueError) in ")
+    log = pool.log_text()
+    assert re.search(
+        rf"INFO: job {done} \(testjobs\.Noop\) from foo: completed in \d+\.\d{{3}}s$", log, re.M
+    )
+    assert log.count(f"job {done} ") == 1
+
+
+def test_log_level_warning_hides_the_job_lines(start_pool, client):
+    pool = start_pool("--log-level", "warning", config="foo: 1\n")
+    pool.wait_for_workers({"foo": 1})
+    jid = put(client, "foo", "Noop")
+    wait_state(client, jid, "complete")
+    pool.send(signal.SIGQUIT)
+    pool.process.wait(timeout=15)
+    assert jid not in pool.log_text()

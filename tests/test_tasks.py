@@ -350,19 +350,27 @@ def test_invoke_demo_end_to_end_with_an_embedded_redis():
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "qless-pool demo: embedded redis-server" in out
-    assert "enqueued 60 jobs on foo, bar, baz" in out
+    assert "enqueued 60 jobs on demo_foo, demo_bar, demo_baz" in out
     assert re.search(r"qless-pool-manager\[demo\]: managing \[", out)  # the process tree
-    assert "qless-pool: drained foo,bar,baz: 57 completed, 3 failed in " in out
+    assert "qless-pool: drained demo_foo,demo_bar,demo_baz: 57 completed, 3 failed in " in out
     assert "demo finished: 57 completed, 3 failed on purpose, nothing left running" in out
     reap_orphans()
     wait_for(_no_demo_left, message="nothing of the demo left running")
 
 
-def test_invoke_demo_uses_QLESS_URL_when_set(redis_url, client):
+def test_invoke_demo_uses_QLESS_URL_when_set_and_leaves_it_as_it_was(redis_url, client):
+    # Another app's jobs on queues the demo's config would have called foo and bar.
+    theirs = [put(client, "foo", "Noop"), put(client, "bar", "Fail")]
+    before = sorted(client.redis.keys("*"))
     result = _demo(env={"QLESS_URL": redis_url})
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"using $QLESS_URL ({redis_url})" in result.stdout
-    assert client.redis.zcard("ql:completed") == 57  # the jobs ran on this Redis
+    assert "demo finished: 57 completed, 3 failed on purpose" in result.stdout
+    # Their jobs were not touched; nothing of the demo's is left (its 60 jobs ran here).
+    assert [client.jobs[jid].state for jid in theirs] == ["waiting", "waiting"]
+    left = sorted(set(client.redis.keys("*")) - set(before))
+    assert [key for key in left if "demo" in key or key.startswith("ql:j:")] == []
+    assert client.redis.zcard("ql:completed") == 0
     reap_orphans()
     wait_for(_no_demo_left, message="nothing of the demo left running")
 
@@ -378,3 +386,85 @@ def test_the_allow_modules_setting(project, redis_url, client):
     assert client.jobs[allowed].state == "complete"
     assert client.jobs[forbidden].failure["group"] == "foo-ForbiddenClass"
     assert "no job class allowlist" not in result.stderr
+
+
+# --- the environment over invoke.yaml, for every type -----------------------------------------
+
+
+def test_the_environment_overrides_invoke_yaml_for_every_type(project, redis_url, client):
+    (project / "otherapp.py").write_text(
+        "import os\nopen(os.environ['CHAIN_LOG'], 'a').write(f'otherapp {os.getpid()}\\n')\n"
+    )
+    (project / "invoke.yaml").write_text(
+        "qless_pool:\n"
+        "  preload: [chainapp]\n"  # a list
+        "  interval: 2\n"  # an int in the file, a fraction in the environment
+        "  fork_per_job: true\n"  # a boolean
+        "  allow_modules: [nothing]\n"  # a list
+        "  max_jobs: 100\n"  # an int
+        "  appname: fromfile\n"  # a string
+    )
+    put(client, "foo", "Noop")
+    result = invoke(
+        project, redis_url, "qless.pool", "--drain",
+        env={
+            "INVOKE_QLESS_POOL_PRELOAD": "otherapp",
+            "INVOKE_QLESS_POOL_INTERVAL": "0.5",
+            "INVOKE_QLESS_POOL_FORK_PER_JOB": "false",
+            "INVOKE_QLESS_POOL_ALLOW_MODULES": "testjobs,other",
+            "INVOKE_QLESS_POOL_MAX_JOBS": "7",
+            "INVOKE_QLESS_POOL_APPNAME": "fromenv",
+        },
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    loaded = [what for what, *_ in chain(project)]
+    assert "otherapp" in loaded and "preload" not in loaded  # not chainapp
+    assert "jobs in process, OrderedReserver, polling every 0.5s" in result.stderr
+    assert "qless-pool-manager[fromenv]" in result.stderr
+    assert "drained foo: 1 completed, 0 failed" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("yaml", "message"),
+    [
+        ("  interval: soon\n", "qless_pool.interval: must be a number, not 'soon'"),
+        ("  max_jobs: 2.5\n", "qless_pool.max_jobs: must be a whole number, not 2.5"),
+        ("  daemon: maybe\n", "qless_pool.daemon: must be true or false, not 'maybe'"),
+        ("  preload: {a: 1}\n", "qless_pool.preload: must be a list, not {'a': 1}"),
+    ],
+)
+def test_a_setting_of_the_wrong_type_is_one_line(project, redis_url, yaml, message):
+    (project / "invoke.yaml").write_text("qless_pool:\n" + yaml)
+    result = invoke(project, redis_url, "qless.pool", "--drain")
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_qless_work_takes_the_worker_options(project, redis_url, client):
+    put(client, "bar", "Noop")
+    process = subprocess.Popen(
+        [INVOKE, "qless.work", "--queues", "foo,bar", "--redis", redis_url, "--interval", "0.3",
+         "--reserver", "round-robin", "--no-fork-per-job", "--job-timeout", "9"],
+        cwd=project, env={**os.environ, "QLESS_URL": "unix:///nowhere.sock",
+                          "PYTHONPATH": os.pathsep.join([str(TESTS), str(project)]),
+                          "CHAIN_LOG": str(project / "chain.log")},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: WAITING.match(title(process.pid)), message="the worker")
+        process.send_signal(signal.SIGQUIT)
+        _, err = process.communicate(timeout=10)
+    finally:
+        process.kill()
+    assert "on foo,bar (jobs in process, RoundRobinReserver, polling every 0.3s)" in err
+
+
+def test_qless_pool_daemon_shows_the_manager_title_at_once(project, redis_url):
+    (project / "invoke.yaml").write_text("qless_pool:\n  interval: 0.2\n")
+    result = invoke(project, redis_url, "qless.pool", "--daemon")
+    assert result.returncode == 0, result.stderr
+    pid = int((project / "tmp/pids/qless-pool.pid").read_text())
+    # The moment the command returns: the manager's title, not the invoke command line.
+    assert title(pid).startswith(f"qless-pool-manager[{project.name}]: managing [")
+    os.kill(pid, signal.SIGTERM)

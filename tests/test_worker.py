@@ -523,3 +523,25 @@ def test_a_failover_to_a_read_only_replica_is_ridden_out_like_an_outage(start_wo
     jid = put(client, "foo", "Noop")
     wait_state(client, jid, "complete", timeout=30)
     assert worker.log_text().count("Redis is unavailable") == 1
+
+
+def test_a_bare_worker_logs_without_any_logging_set_up(redis_url, tmp_path, client):
+    script = (
+        "import sys; from qless_pool.worker import Worker; "
+        f"sys.exit(Worker(['foo'], {redis_url!r}, interval=0.2).work())"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(TESTS)},
+    )  # fmt: skip
+    try:
+        wait_for(lambda: WAITING.match(title(process.pid)), message="the worker")
+        jid = put(client, "foo", "Noop")
+        wait_state(client, jid, "complete")
+        process.send_signal(signal.SIGQUIT)
+        _, err = process.communicate(timeout=10)
+    finally:
+        kill_tree(process.pid)
+        process.wait()
+    assert "INFO: worker " in err and "started on foo" in err
+    assert f"job {jid} (testjobs.Noop) from foo: completed in" in err

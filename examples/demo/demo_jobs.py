@@ -25,13 +25,14 @@ class Failing:
 
 
 class Report:
-    """Advances to the next queue when done: qless's pipelines."""
+    """Advances to the next queue when done: qless's pipelines. qless-py calls the static
+    method named after the job's queue."""
 
     @staticmethod
-    def foo(job):
+    def demo_foo(job):
         job.data["stage"] = "counted"
-        job.complete("baz")
+        job.complete("demo_baz")
 
     @staticmethod
-    def baz(job):
+    def demo_baz(job):
         time.sleep(0.05)
