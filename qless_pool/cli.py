@@ -359,7 +359,7 @@ def worker_options(args: argparse.Namespace) -> dict[str, Any]:
         "allow_modules": args.allow_modules,
         "max_jobs": args.max_jobs,
         "max_jobs_jitter": args.max_jobs_jitter,
-        "max_memory": args.max_memory * 1024 * 1024 if args.max_memory else None,
+        "max_memory": args.max_memory,
         "graceful_timeout": args.graceful_timeout,
     }
 

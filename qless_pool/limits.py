@@ -32,7 +32,7 @@ RECYCLED = 75
 
 
 class Limits:
-    """One worker's limits; ``max_memory`` in bytes."""
+    """One worker's limits; ``max_memory`` in megabytes."""
 
     def __init__(
         self,
@@ -42,7 +42,7 @@ class Limits:
         graceful_timeout: Optional[float] = None,
     ):
         self.job_limit = max_jobs + random.randint(0, max_jobs_jitter) if max_jobs else None
-        self.max_memory = max_memory
+        self.max_memory = max_memory * 1024 * 1024 if max_memory else None
         self.graceful_timeout = graceful_timeout
         self._next_memory_check = 0.0
 

@@ -730,6 +730,10 @@ def run(
         "kill_grace",
         "allow_modules",
         "prefetch",
+        "max_jobs",
+        "max_jobs_jitter",
+        "max_memory",
+        "graceful_timeout",
     }
     worker_options = {k: options.pop(k) for k in list(options) if k in worker_keys}
     pool = Pool(config, environment, worker_options=worker_options, **options)

@@ -109,8 +109,8 @@ class Worker:
                   $QLESS_POOL_ALLOW_MODULES; empty: any class)
     max_jobs      exit (to be replaced) after this many jobs, plus a random number from 0 to
                   max_jobs_jitter, so that workers do not all restart at once
-    max_memory    bytes: exit (to be replaced) when this process's RSS is above it after a job;
-                  a job child above it is killed and its job handed back
+    max_memory    megabytes: exit (to be replaced) when this process's RSS is above it after a
+                  job; a job child whose own memory goes above it is killed, its job handed back
     graceful_timeout  seconds a job may go on running once the worker is told to stop
                   gracefully (QUIT, parent gone, recycling); then it is killed and handed back
     state_path    the worker's record for qless-pool status (state.py)
