@@ -70,6 +70,7 @@ def test_systemd_unit_settings_fit_a_graceful_stop():
     unit.read_string((EXAMPLES / "systemd/qless-pool.service").read_text())
     service = unit["Service"]
     assert service["Type"] == "notify"
+    assert "qless-py" not in unit["Unit"]["Documentation"]  # qless-pool's own
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert service["KillMode"] == "mixed"  # TERM to the manager only
     args = qless_pool_args(service["ExecStart"])
