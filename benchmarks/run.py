@@ -94,9 +94,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": {
         "rounds": 3,
         "jobs": 5000,
-        # The two contenders that fork per job run 10-20 times slower: 2,000 jobs still give
-        # them a steady-state window of 7 s or more, and keep the full run near 20 minutes.
-        "fork_jobs": 2000,
+        # A run ends when its 5,000 jobs are done or 6 s after its first job started: the
+        # contenders that fork per job would take 20-80 s for 5,000, and a rate needs a steady
+        # window, not a count. Keeps the full run near 20 minutes.
+        "max_window": 6.0,
+        "floor_iterations": 500,
         "workers": [1, 2, 4, 8],
         "puts": 300,
         "pickup_workers": 2,
@@ -112,7 +114,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "memory_workers": 8,
         "ballast_mb": 200,
         "jobs_per_worker": 50,
-        "memory_rounds": 2,
+        # The memory figures repeat to within 0.5% from round to round: one round.
+        "memory_rounds": 1,
         "respawn_workers": 8,
         "kills": 10,
         "respawn_rounds": 2,
@@ -122,15 +125,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hup_rounds": 2,
         "idle_workers": 8,
         "idle_seconds": 60.0,
-        "fork_iterations": 2000,
+        "fork_iterations": 1000,
         "fork_rounds": 3,
     },
     "quick": {
         "rounds": 1,
         "jobs": 1000,
-        "fork_jobs": 1000,
+        "max_window": 4.0,
+        "floor_iterations": 200,
         "workers": [2],
-        "puts": 40,
+        "puts": 30,
         "pickup_workers": 2,
         "gap_ms": (20.0, 60.0),
         "intervals": ["default", "1"],
@@ -140,7 +144,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "import_cost": 0.5,
         "startup_rounds": 1,
         "memory_workers": 8,
-        "ballast_mb": 50,
+        "ballast_mb": 30,
         "jobs_per_worker": 10,
         "memory_rounds": 1,
         "respawn_workers": 4,
@@ -151,7 +155,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hup_reps": 2,
         "hup_rounds": 1,
         "idle_workers": 8,
-        "idle_seconds": 10.0,
+        "idle_seconds": 8.0,
         "fork_iterations": 300,
         "fork_rounds": 1,
     },
@@ -159,7 +163,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "rounds": 1,
         "jobs": 50,
-        "fork_jobs": 50,
+        "max_window": None,
+        "floor_iterations": 20,
         "workers": [1],
         "puts": 3,
         "pickup_workers": 1,
@@ -242,7 +247,7 @@ def plan(
             if key == "rounds" or key.endswith("_rounds"):
                 params[key] = args.rounds
     if args.jobs:
-        params["jobs"] = params["fork_jobs"] = args.jobs
+        params["jobs"] = args.jobs
     if args.workers:
         params["workers"] = [int(w) for w in args.workers.split(",")]
     if args.puts:
@@ -294,8 +299,15 @@ def run_scenario(
     redis_binary: str,
 ) -> dict[str, Any]:
     if scenario == "throughput":
+        both_modes = {"qless-pool-fork", "qless-pool-inproc"} <= set(names)
         return scenarios.throughput(
-            ctx, names, p["jobs"], p["workers"], p["rounds"], p["fork_jobs"]
+            ctx,
+            names,
+            p["jobs"],
+            p["workers"],
+            p["rounds"],
+            p["max_window"],
+            p["floor_iterations"] if both_modes else 0,
         )
     if scenario == "pickup":
         return scenarios.pickup(

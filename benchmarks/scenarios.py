@@ -127,22 +127,38 @@ def throughput(
     jobs: int,
     worker_counts: Sequence[int],
     rounds: int,
-    fork_jobs: Optional[int] = None,
+    max_window: Optional[float] = None,
+    floor_iterations: int = 0,
 ) -> dict[str, Any]:
     """N no-op jobs are put before the contender starts; the rate is counted from the moment the
     last of its workers started its first job (so start-up is excluded) to the last job's start.
-    ``fork_jobs``: N for the contenders that fork a process per job (default: ``jobs``)."""
+
+    ``max_window``: stop a run once it has run this many seconds after its first job started,
+    even if jobs are left (the slow contenders: a rate needs a steady window, not N jobs).
+    ``floor_iterations``: in every round, next to the contenders, also time fork + exit + wait
+    (fork_floor.py), so the fork-per-job overhead is set against a floor taken in the same
+    minutes (the load of a shared machine drifts)."""
     runs = []
+    floors = []
     for round_index in range(rounds):
         for workers in worker_counts:
+            if floor_iterations and workers == min(worker_counts):
+                directory = ctx.processes.new_directory("throughput-fork-floor")
+                result = attempt(
+                    ctx,
+                    directory,
+                    functools.partial(_fork_floor_run, ctx, floor_iterations, directory),
+                )
+                floors.append({"round": round_index + 1, **result})
             for name in rotated(names, round_index):
                 contender = CONTENDERS[name]
-                count = fork_jobs if fork_jobs and contender.jobs_run_in == "child" else jobs
                 directory = ctx.processes.new_directory(f"throughput-{name}-{workers}")
                 result = attempt(
                     ctx,
                     directory,
-                    functools.partial(_throughput_run, ctx, contender, workers, count, directory),
+                    functools.partial(
+                        _throughput_run, ctx, contender, workers, jobs, max_window, directory
+                    ),
                 )
                 runs.append(
                     {"round": round_index + 1, "contender": name, "workers": workers, **result}
@@ -154,33 +170,49 @@ def throughput(
                     )
     params = {
         "jobs": jobs,
-        "fork_jobs": fork_jobs or jobs,
+        "max_window_s": max_window,
         "workers": list(worker_counts),
         "rounds": rounds,
+        "floor_iterations": floor_iterations,
     }
-    return {"params": params, "runs": runs}
+    return {"params": params, "runs": runs, "fork_floor": floors}
 
 
 def _throughput_run(
-    ctx: Context, contender: Contender, workers: int, jobs: int, directory: str
+    ctx: Context,
+    contender: Contender,
+    workers: int,
+    jobs: int,
+    max_window: Optional[float],
+    directory: str,
 ) -> dict[str, Any]:
     ctx.redis.flush()
     producer = Producer(contender.family, ctx.redis.url())
     producer.put("noop", jobs)
     connection = ctx.redis.connection()
     launch = Launch(workers, ctx.redis.url(), directory)
+    first_seen: list[float] = []
+
+    def finished() -> bool:
+        started = connection.llen(benchjobs.STARTS)
+        if started >= jobs:
+            return True
+        if started and not first_seen:
+            first_seen.append(time.monotonic())
+        return bool(max_window and first_seen and time.monotonic() - first_seen[0] >= max_window)
+
     with running(ctx, contender, launch) as run:
-        wait_until(
-            lambda: connection.llen(benchjobs.STARTS) >= jobs,
-            max(60.0, jobs / 20),
-            0.01,
-            f"{jobs} jobs to start",
-        )
-        wait_until(lambda: producer.completed() >= jobs, 30, 0.01, f"{jobs} jobs to complete")
+        wait_until(finished, max(60.0, jobs / 20), 0.01, f"{jobs} jobs to start")
+        capped = connection.llen(benchjobs.STARTS) < jobs
+        if not capped:
+            wait_until(lambda: producer.completed() >= jobs, 30, 0.01, f"{jobs} jobs to complete")
         launched_at = time.time() - (time.monotonic() - run.launched_at)
     records = benchjobs.read_starts(connection)
-    failed = producer.failed()
-    return {**throughput_rate(records, contender.jobs_run_in, launched_at), "failed": failed}
+    return {
+        **throughput_rate(records, contender.jobs_run_in, launched_at),
+        "capped": capped,
+        "failed": producer.failed(),
+    }
 
 
 def throughput_rate(
@@ -713,26 +745,22 @@ def fork_floor(ctx: Context, iterations: int, rounds: int) -> dict[str, Any]:
     runs = []
     for round_index in range(rounds):
         directory = ctx.processes.new_directory("fork-floor")
-
-        def body(directory: str = directory) -> dict[str, Any]:
-            ctx.redis.flush()
-            command = [
-                sys.executable,
-                str(BENCH_DIR / "fork_floor.py"),
-                ctx.redis.url(),
-                str(iterations),
-            ]
-            output = subprocess.run(
-                command, cwd=directory, capture_output=True, text=True, timeout=300, check=True
-            ).stdout
-            return json.loads(output.strip().splitlines()[-1])
-
-        result = attempt(ctx, directory, body)
+        result = attempt(
+            ctx, directory, functools.partial(_fork_floor_run, ctx, iterations, directory)
+        )
         runs.append({"round": round_index + 1, **result})
-        if "bare_ms" in result:
-            log(
-                f"  fork floor  round {round_index + 1}/{rounds}  fork+exit+wait "
-                f"{result['bare_ms']['median']:.3f} ms, with a Redis command "
-                f"{result['with_command_ms']['median']:.3f} ms (median of {iterations})"
-            )
     return {"params": {"iterations": iterations, "rounds": rounds}, "runs": runs}
+
+
+def _fork_floor_run(ctx: Context, iterations: int, directory: str) -> dict[str, Any]:
+    ctx.redis.flush()
+    command = [sys.executable, str(BENCH_DIR / "fork_floor.py"), ctx.redis.url(), str(iterations)]
+    output = subprocess.run(
+        command, cwd=directory, capture_output=True, text=True, timeout=300, check=True
+    ).stdout
+    result = json.loads(output.strip().splitlines()[-1])
+    log(
+        f"  fork floor  fork+exit+wait {result['bare_ms']['median']:.3f} ms, with a Redis "
+        f"command {result['with_command_ms']['median']:.3f} ms (median of {iterations})"
+    )
+    return result
