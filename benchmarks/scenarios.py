@@ -163,7 +163,7 @@ def throughput(
                 runs.append(
                     {"round": round_index + 1, "contender": name, "workers": workers, **result}
                 )
-                if "jobs_per_s" in result:
+                if result.get("jobs_per_s"):
                     log(
                         f"  throughput  round {round_index + 1}/{rounds}  {workers} workers  "
                         f"{name:<28} {result['jobs_per_s']:8.0f} jobs/s"
@@ -191,15 +191,26 @@ def _throughput_run(
     producer.put("noop", jobs)
     connection = ctx.redis.connection()
     launch = Launch(workers, ctx.redis.url(), directory)
-    first_seen: list[float] = []
+    # For the cap: the records read so far, and when every worker had started a job.
+    worker_field = 2 if contender.jobs_run_in == "child" else 1
+    seen: set[str] = set()
+    read = 0
+    all_started: list[float] = []
 
     def finished() -> bool:
+        nonlocal read
         started = connection.llen(benchjobs.STARTS)
         if started >= jobs:
             return True
-        if started and not first_seen:
-            first_seen.append(time.monotonic())
-        return bool(max_window and first_seen and time.monotonic() - first_seen[0] >= max_window)
+        if not max_window:
+            return False
+        if not all_started and started > read:
+            for line in connection.lrange(benchjobs.STARTS, read, started - 1):
+                seen.add(line.split()[worker_field])
+            read = started
+            if len(seen) >= workers:
+                all_started.append(time.monotonic())
+        return bool(all_started) and time.monotonic() - all_started[0] >= max_window
 
     with running(ctx, contender, launch) as run:
         wait_until(finished, max(60.0, jobs / 20), 0.01, f"{jobs} jobs to start")
@@ -208,11 +219,10 @@ def _throughput_run(
             wait_until(lambda: producer.completed() >= jobs, 30, 0.01, f"{jobs} jobs to complete")
         launched_at = time.time() - (time.monotonic() - run.launched_at)
     records = benchjobs.read_starts(connection)
-    return {
-        **throughput_rate(records, contender.jobs_run_in, launched_at),
-        "capped": capped,
-        "failed": producer.failed(),
-    }
+    result = throughput_rate(records, contender.jobs_run_in, launched_at)
+    if not result["jobs_per_s"]:
+        raise RuntimeError(f"no steady window: {result}")
+    return {**result, "capped": capped, "failed": producer.failed()}
 
 
 def throughput_rate(
