@@ -308,6 +308,17 @@ def _rate(entry: Optional[dict[str, Any]]) -> str:
     return f"{entry['median']:,.0f} ({entry['min']:,.0f}-{entry['max']:,.0f})"
 
 
+def _rounds(params: dict[str, Any]) -> str:
+    """ "median of 3 interleaved rounds (min-max)" or "one round" """
+    n = params["rounds"]
+    return "one round" if n == 1 else f"median of {n} interleaved rounds (min-max)"
+
+
+def _ms(value: float) -> str:
+    """Milliseconds, or seconds from 10 s up (a poller's minute)."""
+    return f"{value / 1000:,.1f} s" if value >= 10_000 else f"{value:,.2f}"
+
+
 def _num(value: Optional[float], digits: int = 1, unit: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -377,15 +388,14 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], plots: Sequence[s
         counts = params["workers"]
         cap = params.get("max_window_s")
         until = (
-            f", each run until they are done or {cap:g} s after its first job started"
+            f", each run until they are done or {cap:g} s after every worker started one"
             if cap
             else ""
         )
         parts.append(
             f"\n### 1. Throughput\n\nJobs per second: {params['jobs']:,} no-op jobs queued before "
             f"the start{until}; counted from the moment every worker has started its first job "
-            f"(start-up excluded) to the last job's start; median of {params['rounds']} "
-            "interleaved rounds (min-max).\n"
+            f"(start-up excluded) to the last job's start; {_rounds(params)}.\n"
         )
         parts.append(
             table(
@@ -431,7 +441,8 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], plots: Sequence[s
             f"\n### 2. Pickup latency\n\n{params['puts']} single puts per run at random gaps of "
             f"{params['gap_ms'][0]:g}-{params['gap_ms'][1]:g} ms to an idle pool of "
             f"{params['workers']} workers; put (just before it is sent) to the job function's "
-            f"start, in ms, all {params['rounds']} rounds pooled. rq blocks on Redis rather than "
+            f"start, in ms{', all rounds pooled' if params['rounds'] > 1 else ''}. rq blocks on "
+            "Redis rather than "
             "polling, so it has no interval setting.\n"
         )
         rows = []
@@ -445,10 +456,10 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], plots: Sequence[s
                     [
                         name,
                         label,
-                        _num(entry["p50_ms"], 2),
-                        _num(entry["p95_ms"], 2),
-                        _num(entry["p99_ms"], 2),
-                        _num(entry["max_ms"], 1),
+                        _ms(entry["p50_ms"]),
+                        _ms(entry["p95_ms"]),
+                        _ms(entry["p99_ms"]),
+                        _ms(entry["max_ms"]),
                         str(entry["n"]),
                     ]
                 )
@@ -466,8 +477,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], plots: Sequence[s
         parts.append(
             f"\n### 3. Start-up\n\nFrom launch to all {params['workers']} workers waiting for "
             f"jobs (their idle titles), for an app whose import costs "
-            f"{params['import_cost_s']:g} s of CPU; seconds, median of {params['rounds']} "
-            "rounds (min-max).\n"
+            f"{params['import_cost_s']:g} s of CPU; seconds, {_rounds(params)}.\n"
         )
         parts.append(
             table(
@@ -486,7 +496,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], plots: Sequence[s
             f"{params['workers']} workers, each after at least {params['jobs_per_worker']} jobs "
             "(the first job in each process makes a full gc.collect()); total PSS of every "
             "process of the contender against the RSS of the process that was started (the "
-            f"manager); MB, median of {params['rounds']} rounds (min-max).\n"
+            f"manager); MB, {_rounds(params)}.\n"
         )
         parts.append(
             table(
@@ -588,7 +598,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], plots: Sequence[s
         parts.append(
             f"\n### 8. The fork floor\n\nIn a process the size of a worker ({fork['rss_mb']:.0f} "
             f"MB RSS, qless-pool's worker imported, connected to Redis); median of "
-            f"{params['iterations']:,} per round, median of {params['rounds']} rounds (min-max).\n"
+            f"{params['iterations']:,} per round, {_rounds(params)}.\n"
         )
         parts.append(
             table(
@@ -620,15 +630,26 @@ def plot(results: dict[str, Any], summary: dict[str, Any], directory: Path) -> l
     import matplotlib.pyplot as plt
 
     written = []
+    palette = plt.get_cmap("tab10").colors
+    names = list(dict.fromkeys(results.get("contenders", {})))
+    colour = {name: palette[i % len(palette)] for i, name in enumerate(names)}
     rates = summary.get("throughput", {}).get("jobs_per_s")
     if rates:
-        fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=100)
+        fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=100)
         for name, entries in rates.items():
             counts = sorted(entries)
             mids = [entries[w]["median"] for w in counts]
             low = [entries[w]["median"] - entries[w]["min"] for w in counts]
             high = [entries[w]["max"] - entries[w]["median"] for w in counts]
-            ax.errorbar(counts, mids, yerr=[low, high], marker="o", capsize=3, label=name)
+            ax.errorbar(
+                counts,
+                mids,
+                yerr=[low, high],
+                marker="o",
+                capsize=3,
+                label=name,
+                color=colour.get(name),
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(sorted({w for e in rates.values() for w in e}))
@@ -637,7 +658,7 @@ def plot(results: dict[str, Any], summary: dict[str, Any], directory: Path) -> l
         ax.set_ylabel("jobs/s (log)")
         ax.set_title("Throughput, no-op jobs (median, min-max)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         fig.savefig(directory / THROUGHPUT_PLOT)
         plt.close(fig)
@@ -662,7 +683,7 @@ def plot(results: dict[str, Any], summary: dict[str, Any], directory: Path) -> l
                         continue
                     values = sorted(v for r in runs for v in r["latencies_ms"])
                     fractions = [(i + 1) / len(values) for i in range(len(values))]
-                    ax.step(values, fractions, where="post", label=name)
+                    ax.step(values, fractions, where="post", label=name, color=colour.get(name))
                 ax.set_xscale("log")
                 ax.set_xlabel("put -> job start, ms (log)")
                 label = (
