@@ -293,12 +293,18 @@ class Processes:
         return process
 
     def stop(self, directory: str, timeout: float = 15.0) -> None:
-        """SIGKILL every process that runs in ``directory``, and reap those that are ours."""
+        """SIGKILL every process that runs in ``directory``, and reap those that are ours.
+
+        Until none is left: a supervisor killed a moment after one of its workers may have
+        forked a replacement in between (qless-py's and reqless's do at once)."""
         started = self.running.pop(directory, [])
         deadline = time.monotonic() + timeout
         while True:
             pids = set(processes_in(directory)) | {p.pid for p in started if p.poll() is None}
-            pids |= set(descendants(pids))
+            pids = {pid for pid in pids | set(descendants(pids)) if alive(pid)}
+            if not pids or time.monotonic() > deadline:
+                reap_orphans()
+                return
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -306,9 +312,7 @@ class Processes:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=1)
             reap(pids)
-            if not any(alive(pid) for pid in pids) or time.monotonic() > deadline:
-                return
-            time.sleep(0.01)
+            time.sleep(0.005)
 
     def stop_all(self) -> None:
         for directory in list(self.running):
@@ -335,6 +339,17 @@ def reap(pids: Iterable[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
+
+
+def reap_orphans() -> None:
+    """Collect every exited child, those re-parented to us included (we are a subreaper)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def wait_until(
