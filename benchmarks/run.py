@@ -131,10 +131,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "rounds": 1,
         "jobs": 1000,
-        "max_window": 4.0,
+        "max_window": 3.0,
         "floor_iterations": 200,
         "workers": [2],
-        "puts": 30,
+        "puts": 25,
         "pickup_workers": 2,
         "gap_ms": (20.0, 60.0),
         "intervals": ["default", "1"],
@@ -155,7 +155,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hup_reps": 2,
         "hup_rounds": 1,
         "idle_workers": 8,
-        "idle_seconds": 8.0,
+        "idle_seconds": 5.0,
         "fork_iterations": 300,
         "fork_rounds": 1,
     },
@@ -393,15 +393,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     directory = tempfile.mkdtemp(prefix="qless-pool-bench-")
     processes = Processes(directory)
     try:
-        with RedisServer(binary) as server:
-            ctx = scenarios.Context(server, processes, seed=args.seed)
-            for scenario, names in selected.items():
-                began = time.time()
-                log(f"{scenario}:")
+        for scenario, names in selected.items():
+            began = time.time()
+            log(f"{scenario}:")
+            # A redis-server of its own for each scenario (flushed before every run in it).
+            with RedisServer(binary) as server:
+                ctx = scenarios.Context(server, processes, seed=args.seed)
                 data = run_scenario(scenario, ctx, names, params, binary)
-                data["duration_s"] = time.time() - began
-                results["scenarios"][scenario] = data
-                _write(out, results, started)
+            data["duration_s"] = time.time() - began
+            results["scenarios"][scenario] = data
+            _write(out, results, started)
         results["complete"] = True
     finally:
         processes.stop_all()
