@@ -143,7 +143,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "startup_workers": 8,
         "import_cost": 0.5,
         "startup_rounds": 1,
-        "memory_workers": 8,
+        "memory_workers": 4,
         "ballast_mb": 30,
         "jobs_per_worker": 10,
         "memory_rounds": 1,
