@@ -19,11 +19,11 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Callable, ClassVar, Optional
 
 import redis
 from harness import BENCH_DIR
+from qless_py_worker import installed_script
 
 PYTHON = sys.executable
 QUEUE = "bench"
@@ -86,14 +86,6 @@ class Contender:
         env.update(launch.env)
         env.update(self.extra_env(launch))
         return env
-
-
-def installed_script(distribution: str, name: str) -> str:
-    dist = metadata.distribution(distribution)
-    for file in dist.files or []:
-        if file.name == name:
-            return str(dist.locate_file(file))
-    raise RuntimeError(f"{distribution} does not ship {name}")
 
 
 # --- command lines ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ same command line::
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 from importlib import metadata
@@ -21,7 +22,7 @@ def installed_script(distribution: str = "qless-py", name: str = "qless-py-worke
     dist = metadata.distribution(distribution)
     for file in dist.files or []:
         if file.name == name:
-            return str(dist.locate_file(file))
+            return os.path.normpath(str(dist.locate_file(file)))
     raise SystemExit(f"{distribution} does not ship {name}")
 
 
