@@ -360,7 +360,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         [args.scenario, args.contenders, args.workers, args.jobs, args.puts, args.rounds]
     )
     full = mode == "full" and not customised
-    out = args.out or str(ROOT / "benchmarks" / ("results.json" if full else "results-last.json"))
+    last = str(ROOT / "benchmarks" / "results-last.json")
+    out = args.out or (str(ROOT / "benchmarks" / "results.json") if full else last)
+    # Progress goes to the file of the last run; a full run's results.json (the committed one)
+    # is only replaced once the run is complete.
+    progress = last if out != last and not args.out else out
     docs = full if args.docs is None else args.docs
 
     signal.signal(signal.SIGTERM, _stop_on_term)
@@ -402,7 +406,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 data = run_scenario(scenario, ctx, names, params, binary)
             data["duration_s"] = time.time() - began
             results["scenarios"][scenario] = data
-            _write(out, results, started)
+            _write(progress, results, started)
         results["complete"] = True
     finally:
         processes.stop_all()
@@ -410,10 +414,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             log(f"kept {directory}")
         else:
             shutil.rmtree(directory, ignore_errors=True)
-        _write(out, results, started)
+        _write(progress, results, started)
     summary = report.summarize_results(results)
     results["summary"] = summary
-    _write(out, results, started)
+    _write(progress, results, started)
+    if progress != out:
+        _write(out, results, started)
     print()
     print(report.markdown(results, summary))
     if docs:

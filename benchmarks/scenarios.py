@@ -218,7 +218,11 @@ def _throughput_run(
         if not capped:
             wait_until(lambda: producer.completed() >= jobs, 30, 0.01, f"{jobs} jobs to complete")
         launched_at = time.time() - (time.monotonic() - run.launched_at)
-    records = benchjobs.read_starts(connection)
+        stopping_at = time.time()
+    # A job child forked just as the contender is killed can still start its job once its
+    # worker is gone (re-parented, so with another ppid): what started after the stop began
+    # does not count.
+    records = [r for r in benchjobs.read_starts(connection) if r[0] <= stopping_at]
     result = throughput_rate(records, contender.jobs_run_in, launched_at)
     if not result["jobs_per_s"]:
         raise RuntimeError(f"no steady window: {result}")
