@@ -24,6 +24,7 @@ readings; qless-pool itself is not changed.
 from __future__ import annotations
 
 import argparse
+import atexit
 import cProfile
 import gc
 import glob
@@ -31,6 +32,7 @@ import io
 import json
 import os
 import pstats
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,6 +193,7 @@ def main() -> int:
 
     family = "reqless" if args.contender == "reqless-py-worker" else "qless"
     directory = tempfile.mkdtemp(prefix="qless-pool-profile-")
+    atexit.register(shutil.rmtree, directory, True)  # the job children leave by os._exit
     with RedisServer() as server:
         Producer(family, server.url()).put("noop", args.jobs)
         work = make_worker(args.contender, server.url())
