@@ -1,10 +1,12 @@
-"""The project's own Invoke tasks: ``invoke test``, ``invoke lint``, ``invoke demo``.
+"""The project's own Invoke tasks: ``invoke test``, ``invoke lint``, ``invoke demo``, ``invoke bench``.
 
 ``qless.*`` is qless-pool's own collection, mounted as a user would mount it: ``invoke
 qless.pool`` runs the pool here with config/qless-pool.yml.
 """
 
+import shlex
 import sys
+from pathlib import Path
 
 from invoke import Collection, task
 
@@ -37,5 +39,63 @@ def demo(c, jobs=300):
         raise SystemExit(status)
 
 
-ns = Collection(test, lint, demo)
+@task(
+    help={
+        "quick": "every scenario, smaller (under 2 minutes)",
+        "tiny": "every scenario with tiny numbers (the CI smoke test; measures nothing)",
+        "scenario": "comma-separated: throughput, pickup, startup, memory, respawn, hup, idle, fork",
+        "contenders": "comma-separated contender names (see --list)",
+        "workers": "throughput worker counts, comma-separated (default 1,2,4,8)",
+        "jobs": "throughput jobs per run",
+        "puts": "pickup puts per run",
+        "rounds": "rounds (repetitions) of every scenario",
+        "out": "the results file (default: benchmarks/results.json for a full run, "
+        "else benchmarks/results-last.json)",
+        "docs": "also rewrite docs/BENCHMARKS.md and its plots after a partial run",
+        "report": "run nothing: rewrite docs/BENCHMARKS.md and its plots from the results file",
+        "keep": "keep the run's temp directory (logs of every process)",
+        "list": "list the scenarios and contenders",
+    }
+)
+def bench(
+    c,
+    quick=False,
+    tiny=False,
+    scenario="",
+    contenders="",
+    workers="",
+    jobs=0,
+    puts=0,
+    rounds=0,
+    out="",
+    docs=False,
+    report=False,
+    keep=False,
+    list_=False,
+):
+    """Benchmark qless-pool against its peers side by side (see docs/BENCHMARKS.md)."""
+    here = Path(__file__).resolve().parent / "benchmarks"
+    if report:
+        command = [sys.executable, str(here / "report.py"), out or str(here / "results.json")]
+        c.run(shlex.join([*command, "--docs"]), pty=False)
+        return
+    command = [sys.executable, str(here / "run.py")]
+    flags = {"--quick": quick, "--tiny": tiny, "--docs": docs, "--keep": keep, "--list": list_}
+    command += [flag for flag, on in flags.items() if on]
+    options = {
+        "--scenario": scenario,
+        "--contenders": contenders,
+        "--workers": workers,
+        "--jobs": jobs,
+        "--puts": puts,
+        "--rounds": rounds,
+        "--out": out,
+    }
+    for option, value in options.items():
+        if value:
+            command += [option, str(value)]
+    c.run(shlex.join(command), pty=False)
+
+
+ns = Collection(test, lint, demo, bench)
 ns.add_collection(qless_pool.tasks)

@@ -1,0 +1,23 @@
+"""``qless-pool`` with the application preloaded but *not* frozen: the memory scenario's
+"pool without gc.freeze". Same command line as ``qless-pool``; the -m modules are imported (and
+their callables called) here with the collector left on and nothing frozen, and the pool is
+then started as the Invoke tasks start it, with the application already loaded."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from qless_pool import cli
+
+if __name__ == "__main__":
+    args = cli.build_parser().parse_args()
+    for directory in [*args.include, os.getcwd()]:
+        sys.path.insert(0, os.path.abspath(directory))
+    for spec in args.preload:
+        module_name, _, attribute = spec.partition(":")
+        module = importlib.import_module(module_name)
+        if attribute:
+            getattr(module, attribute)()
+    sys.exit(cli.launch(args, preloaded=True))

@@ -1,0 +1,254 @@
+"""Where a worker's time per job goes: one worker, in this process, on N queued no-op jobs.
+
+    python benchmarks/profile_worker.py qless-pool-inproc [--jobs 5000] [--top 25]
+    python benchmarks/profile_worker.py qless-py-worker
+    python benchmarks/profile_worker.py qless-pool-fork --timeline
+    python benchmarks/profile_worker.py qless-pool-fork --child-profile
+
+The worker runs here against a private redis-server, under cProfile (the default), so the
+numbers are slower than a real run but comparable with each other:
+
+- qless-pool-inproc, qless-pool-fork: ``qless_pool.worker.Worker(...).work()``
+- qless-py-worker: qless-py's own ``SerialWorker(...).run()`` (what each of qless-py-worker's
+  processes runs), after ``qless_pool.patch_qless()``
+- reqless-py-worker: reqless's ``SerialWorker(...).run()``
+
+``--timeline`` (fork per job) profiles nothing: it timestamps each job's way through the worker
+parent and its child (CLOCK_MONOTONIC is shared by all processes) and prints the median of each
+step. ``--child-profile`` runs cProfile inside every job child and adds the children up.
+
+This is a measuring tool: it wraps a few qless_pool functions in this process to take its
+readings; qless-pool itself is not changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import cProfile
+import gc
+import glob
+import io
+import json
+import os
+import pstats
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import benchjobs
+from contenders import Producer
+from harness import RedisServer, median, percentile
+
+WATCHER = """
+import os, signal, sys, time, redis
+url, count, pid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+connection = redis.Redis.from_url(url)
+while connection.zcard("ql:completed") < count:
+    time.sleep(0.02)
+os.kill(pid, signal.SIGQUIT)
+"""
+
+
+def watch(url: str, count: int) -> subprocess.Popen:
+    """A process that sends us QUIT once ``count`` jobs have completed."""
+    return subprocess.Popen([sys.executable, "-c", WATCHER, url, str(count), str(os.getpid())])
+
+
+def make_worker(contender: str, url: str):
+    if contender.startswith("qless-pool"):
+        from qless_pool import logs
+        from qless_pool.worker import Worker
+
+        logs.configure("WARNING")
+        worker = Worker(["bench"], url, fork_per_job=contender == "qless-pool-fork")
+        # As in a pool: the manager preloaded the application and froze what it had loaded
+        # (qless_pool.manager.preload) before forking this worker.
+        gc.freeze()
+        return worker.work
+    if contender == "qless-py-worker":
+        import qless
+        from qless.workers.serial import SerialWorker
+
+        import qless_pool
+
+        qless_pool.patch_qless()
+        worker = SerialWorker(["bench"], qless.Client(url), interval=1)
+        return worker.run
+    if contender == "reqless-py-worker":
+        import reqless
+        from reqless.workers.serial import SerialWorker
+
+        worker = SerialWorker(["bench"], reqless.Client(url), interval=1)
+        return worker.run
+    raise SystemExit(f"unknown contender {contender}")
+
+
+def instrument_timeline(directory: str) -> str:
+    """Timestamp each step of a fork-per-job worker; returns the file the readings go to."""
+    import qless_pool.worker as module
+
+    path = os.path.join(directory, "timeline")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+
+    def note(*fields: object) -> None:
+        os.write(fd, (" ".join(str(f) for f in fields) + "\n").encode())
+
+    fork_child = module.Worker._fork_child
+    finish_job = module.Worker._finish_job
+    run_job = module._run_job
+
+    def _fork_child(self, job):
+        before = time.monotonic()
+        fork_child(self, job)
+        note("fork", job["jid"], before, time.monotonic())
+
+    def _run_job(client, job):
+        started = time.monotonic()
+        try:
+            return run_job(client, job)
+        finally:
+            note("child", job["jid"], started, time.monotonic())
+
+    def _finish_job(self, job, *args, **kwargs):
+        note("reaped", job["jid"], time.monotonic())
+        return finish_job(self, job, *args, **kwargs)
+
+    module.Worker._fork_child = _fork_child
+    module.Worker._finish_job = _finish_job
+    module._run_job = _run_job
+    return path
+
+
+def instrument_child_profile(directory: str) -> None:
+    import qless_pool.worker as module
+
+    run_job = module._run_job
+
+    def _run_job(client, job):
+        profile = cProfile.Profile()
+        profile.enable()
+        try:
+            return run_job(client, job)
+        finally:
+            profile.disable()
+            profile.dump_stats(os.path.join(directory, f"child-{os.getpid()}.prof"))
+
+    module._run_job = _run_job
+
+
+def timeline_report(path: str) -> str:
+    forks, children, reaped = {}, {}, {}
+    with open(path) as file:
+        for line in file:
+            kind, jid, *values = line.split()
+            numbers = [float(v) for v in values]
+            {"fork": forks, "child": children, "reaped": reaped}[kind][jid] = numbers
+    order = sorted(forks, key=lambda jid: forks[jid][0])
+    steps: dict[str, list[float]] = {
+        "parent: os.fork() and the bookkeeping around it": [],
+        "fork called -> the job child enters _run_job": [],
+        "child: _run_job (Job.process, the job, complete)": [],
+        "child leaves _run_job -> parent has reaped it": [],
+        "parent: reaped -> next fork (settle, title, pop)": [],
+        "whole cycle, fork to next fork": [],
+    }
+    names = list(steps)
+    for this, following in zip(order, order[1:]):
+        if this not in children or this not in reaped:
+            continue
+        fork_start, fork_end = forks[this]
+        child_start, child_end = children[this]
+        steps[names[0]].append(fork_end - fork_start)
+        steps[names[1]].append(child_start - fork_start)
+        steps[names[2]].append(child_end - child_start)
+        steps[names[3]].append(reaped[this][0] - child_end)
+        steps[names[4]].append(forks[following][0] - reaped[this][0])
+        steps[names[5]].append(forks[following][0] - fork_start)
+    lines = [f"{'step':<52} {'median ms':>10} {'p90 ms':>8}"]
+    for name, values in steps.items():
+        if values:
+            lines.append(
+                f"{name:<52} {median(values) * 1000:10.3f} {percentile(values, 0.9) * 1000:8.3f}"
+            )
+    lines.append(f"({len(steps[names[5]])} jobs)")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "contender",
+        choices=["qless-pool-inproc", "qless-pool-fork", "qless-py-worker", "reqless-py-worker"],
+    )
+    parser.add_argument("--jobs", type=int, default=5000)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--sort", default="tottime", help="pstats sort key (default: tottime)")
+    parser.add_argument("--timeline", action="store_true", help="fork per job: time each step")
+    parser.add_argument("--child-profile", action="store_true", help="profile the job children")
+    args = parser.parse_args()
+
+    family = "reqless" if args.contender == "reqless-py-worker" else "qless"
+    directory = tempfile.mkdtemp(prefix="qless-pool-profile-")
+    atexit.register(shutil.rmtree, directory, True)  # the job children leave by os._exit
+    with RedisServer() as server:
+        Producer(family, server.url()).put("noop", args.jobs)
+        work = make_worker(args.contender, server.url())
+        timeline = instrument_timeline(directory) if args.timeline else None
+        if args.child_profile:
+            instrument_child_profile(directory)
+        profile = None if args.timeline or args.child_profile else cProfile.Profile()
+        watcher = watch(server.url(), args.jobs)
+        signal.signal(signal.SIGQUIT, signal.default_int_handler)  # qless-py's own handler below
+        started = time.perf_counter()
+        try:
+            if profile:
+                profile.enable()
+            work()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if profile:
+                profile.disable()
+            elapsed = time.perf_counter() - started
+            watcher.kill()
+            watcher.wait()
+        done = server.connection().zcard("ql:completed")
+        starts = sorted(r[0] for r in benchjobs.read_starts(server.connection()))
+    print(
+        json.dumps(
+            {
+                "contender": args.contender,
+                "jobs": done,
+                "seconds": round(elapsed, 3),
+                # first job start to last (the worker may idle a while before it sees QUIT)
+                "jobs_per_s": round((len(starts) - 1) / (starts[-1] - starts[0]), 1),
+                "profiled": "timeline"
+                if args.timeline
+                else "children"
+                if args.child_profile
+                else "cProfile",
+            }
+        )
+    )
+    if timeline:
+        print(timeline_report(timeline))
+    stats_source = None
+    if profile:
+        stats_source = [profile]
+    elif args.child_profile:
+        stats_source = sorted(glob.glob(os.path.join(directory, "child-*.prof")))
+    if stats_source:
+        output = io.StringIO()
+        stats = pstats.Stats(*stats_source, stream=output)
+        stats.files = [f"{len(stats_source)} profile(s)"]  # not one header line per child
+        stats.strip_dirs().sort_stats(args.sort).print_stats(args.top)
+        print(output.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The benchmark harness keeps working: ``invoke bench --quick --tiny`` runs every scenario with
+every installed contender on tiny numbers and writes a well-formed results file.
+
+Nothing here asserts a timing: the numbers of a tiny run on a busy CI machine mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+INVOKE = os.path.join(os.path.dirname(sys.executable), "invoke")
+SCENARIOS = {"throughput", "pickup", "startup", "memory", "respawn", "hup", "idle", "fork"}
+
+
+def processes_under(directory: Path) -> list[int]:
+    root = os.path.realpath(directory)
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cwd = os.readlink(f"/proc/{entry}/cwd")
+            except OSError:
+                continue
+            if cwd == root or cwd.startswith(root + os.sep):
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.timeout(180)
+def test_invoke_bench_tiny_runs_every_scenario_and_writes_the_results(tmp_path):
+    out = tmp_path / "results.json"
+    doc = ROOT / "docs" / "BENCHMARKS.md"
+    doc_before = doc.read_bytes() if doc.exists() else None
+    # The harness's temp directories (and so every process it starts) land in this one; a
+    # short path, for redis-server's unix socket.
+    scratch = Path(tempfile.mkdtemp(prefix="qpb-"))
+    try:
+        completed = subprocess.run(
+            [INVOKE, "bench", "--quick", "--tiny", "--out", str(out)],
+            cwd=ROOT,
+            env={**os.environ, "TMPDIR": str(scratch)},
+            capture_output=True,
+            text=True,
+            timeout=170,
+        )
+        left_running = processes_under(scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "### Targets of the speed work" in completed.stdout
+
+    results = json.loads(out.read_text())
+    assert results["schema"] == "qless-pool-bench/1"
+    assert results["complete"] is True
+    assert set(results["scenarios"]) == SCENARIOS
+    machine = results["machine"]
+    for key in ("cpu_model", "cores", "kernel", "python", "redis_server", "packages"):
+        assert machine[key], key
+    for name, scenario in results["scenarios"].items():
+        assert scenario["params"], name
+        assert scenario["runs"], name
+        for run in scenario["runs"]:
+            assert "error" not in run, (name, run.get("contender"), run.get("log_tail"))
+    ran = {run["contender"] for run in results["scenarios"]["throughput"]["runs"]}
+    expected = {"qless-pool-fork", "qless-pool-inproc", "qless-py-worker", "floor"}
+    expected |= {"rq-fork", "rq-simple"} - set(results.get("unavailable", {}))
+    expected |= {"reqless-py-worker"} - set(results.get("unavailable", {}))
+    assert ran == expected
+    throughput = results["scenarios"]["throughput"]["runs"]
+    assert all(run["jobs"] == results["params"]["jobs"] for run in throughput)
+    summary = results["summary"]
+    assert {row["target"] for row in summary["targets"]} >= {
+        "in-process vs qless-py-worker",
+        "fork per job vs rq worker-pool (fork)",
+        "fork-per-job overhead vs bare fork+exit+wait",
+    }
+
+    # A run that is not the full one leaves the committed docs alone, and nothing running.
+    assert (doc.read_bytes() if doc.exists() else None) == doc_before
+    assert left_running == []
