@@ -66,7 +66,7 @@ def make_worker(contender: str, url: str):
         logs.configure("WARNING")
         worker = Worker(["bench"], url, fork_per_job=contender == "qless-pool-fork")
         # As in a pool: the manager preloaded the application and froze what it had loaded
-        # (qless_pool.manager.preload) before forking this worker.
+        # (qless_pool.hooks.preload) before forking this worker.
         gc.freeze()
         return worker.work
     if contender == "qless-py-worker":
@@ -89,6 +89,7 @@ def make_worker(contender: str, url: str):
 
 def instrument_timeline(directory: str) -> str:
     """Timestamp each step of a fork-per-job worker; returns the file the readings go to."""
+    import qless_pool.jobchild as jobchild
     import qless_pool.worker as module
 
     path = os.path.join(directory, "timeline")
@@ -97,19 +98,20 @@ def instrument_timeline(directory: str) -> str:
     def note(*fields: object) -> None:
         os.write(fd, (" ".join(str(f) for f in fields) + "\n").encode())
 
-    fork_child = module.Worker._fork_child
+    start = jobchild.Children.start
     finish_job = module.Worker._finish_job
-    run_job = module._run_job
+    run_job = jobchild.run_job
 
-    def _fork_child(self, job):
+    def _start(self, popped, job_timeout):
         before = time.monotonic()
-        fork_child(self, job)
-        note("fork", job["jid"], before, time.monotonic())
+        child = start(self, popped, job_timeout)
+        note("fork", popped.job["jid"], before, time.monotonic())
+        return child
 
-    def _run_job(client, job):
+    def _run_job(client, job, *args, **kwargs):
         started = time.monotonic()
         try:
-            return run_job(client, job)
+            return run_job(client, job, *args, **kwargs)
         finally:
             note("child", job["jid"], started, time.monotonic())
 
@@ -117,27 +119,27 @@ def instrument_timeline(directory: str) -> str:
         note("reaped", job["jid"], time.monotonic())
         return finish_job(self, job, *args, **kwargs)
 
-    module.Worker._fork_child = _fork_child
+    jobchild.Children.start = _start
     module.Worker._finish_job = _finish_job
-    module._run_job = _run_job
+    jobchild.run_job = _run_job
     return path
 
 
 def instrument_child_profile(directory: str) -> None:
-    import qless_pool.worker as module
+    import qless_pool.jobchild as jobchild
 
-    run_job = module._run_job
+    run_job = jobchild.run_job
 
-    def _run_job(client, job):
+    def _run_job(client, job, *args, **kwargs):
         profile = cProfile.Profile()
         profile.enable()
         try:
-            return run_job(client, job)
+            return run_job(client, job, *args, **kwargs)
         finally:
             profile.disable()
             profile.dump_stats(os.path.join(directory, f"child-{os.getpid()}.prof"))
 
-    module._run_job = _run_job
+    jobchild.run_job = _run_job
 
 
 def timeline_report(path: str) -> str:
@@ -149,12 +151,12 @@ def timeline_report(path: str) -> str:
             {"fork": forks, "child": children, "reaped": reaped}[kind][jid] = numbers
     order = sorted(forks, key=lambda jid: forks[jid][0])
     steps: dict[str, list[float]] = {
-        "parent: os.fork() and the bookkeeping around it": [],
-        "fork called -> the job child enters _run_job": [],
-        "child: _run_job (Job.process, the job, complete)": [],
-        "child leaves _run_job -> parent has reaped it": [],
-        "parent: reaped -> next fork (settle, title, pop)": [],
-        "whole cycle, fork to next fork": [],
+        "parent: hand the job to the standby (or fork)": [],
+        "job handed over -> the child enters run_job": [],
+        "child: run_job (Job.process, the job, complete)": [],
+        "child leaves run_job -> parent has its report": [],
+        "parent: report -> next job handed over": [],
+        "whole cycle, job to next job": [],
     }
     names = list(steps)
     for this, following in zip(order, order[1:]):

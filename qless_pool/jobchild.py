@@ -175,9 +175,6 @@ def _become_child(
                 status = 0
                 return  # type: ignore[misc] # the finally clause exits
         proctitle.set_title(proctitle.processing(job["queue"], time.time()))
-        # A job that connects is named in CLIENT LIST (no round trip unless it connects).
-        pool = setup.client.redis.connection_pool
-        pool.connection_kwargs["client_name"] = f"qless-pool-job-{os.getpid()}"
         report = run_job(setup.client, job)
         _write_report(report_fd, report)
         status = 0

@@ -1,10 +1,12 @@
 """Running one job: qless-py's ``Job.process``, the client that sees how the job settled, and
 the report of the run; in a job child, or in the worker process itself (--no-fork-per-job).
 
-*Settling.* A job function that completes, fails, retries, moves or cancels its job settles it
-itself. One that returns without settling it (most do) is reported ``returned``, with its
-data, and the worker completes it, in one round trip with its next pop. If Redis was down when
-the job settled itself, the report carries the command for the worker to replay (settling.py).
+*Settling.* A job function that fails, retries, moves or cancels its job settles it itself.
+One that returns without settling it (most do), or that completes it plainly (``job.complete()``
+with no next queue), is reported ``returned``, with its data, and the worker completes it in one
+round trip with its next pop: ``job.complete()`` returns ``"complete"`` at once, and the job's
+later attempts to settle it are refused as qless would refuse them. If Redis was down when the
+job settled itself, the report carries the command for the worker to replay (settling.py).
 
 *In the worker process* (--no-fork-per-job) the worker's loop cannot turn while a job runs, so
 TERM, INT and USR1 stop the job where it is: their handlers raise ``JobInterrupted`` into it
@@ -53,9 +55,10 @@ class JobClient(qless.Client):
 
     complete, fail, retry, cancel, or a put of the job to another queue settle a job. Once one
     reached Redis the job is *settled* (even if qless refused it: then the job is no longer this
-    worker's to settle), and ``outcome`` names it. When Redis is down the command is kept as
-    ``unreported``, for the worker parent to replay when Redis is back; the job's further
-    attempts to settle are refused. Failure messages are capped (logs.MAX_MESSAGE).
+    worker's to settle), and ``outcome`` names it. A plain complete is not sent but kept
+    (``deferred``: the job's data) for the worker to send with its next pop. When Redis is down
+    the command is kept as ``unreported``, for the worker to replay when Redis is back; the job's
+    further attempts to settle are refused. Failure messages are capped (logs.MAX_MESSAGE).
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -68,6 +71,7 @@ class JobClient(qless.Client):
         self.outcome: Optional[str] = None  # "complete", "fail", "retry", "move", "cancel"
         self.group: Optional[str] = None  # of a fail or retry
         self.unreported: Optional[list[Any]] = None
+        self.deferred: Optional[str] = None  # a plain complete's data, for the worker to send
 
     @property
     def settled(self) -> bool:
@@ -90,8 +94,16 @@ class JobClient(qless.Client):
         outcome = self._settles_job(command, args)
         if outcome is None:
             return super().__call__(command, *args)
+        if self.deferred is not None:  # as qless answers once the job is complete
+            raise QlessException(
+                f"{command.capitalize()}(): Job is not currently running: complete"
+            )
         if self.unreported is not None:
             raise REDIS_DOWN[0]("Redis was unreachable; the job's outcome is kept for the worker")
+        if command == "complete" and len(args) == 4 and len(args[3]) <= MAX_RETURNED_DATA:
+            # complete(jid, worker, queue, data): sent by the worker with its next pop.
+            self.outcome, self.deferred = "complete", args[3]
+            return "complete"
         self.outcome = outcome
         if command == "fail" and len(args) > 2:
             self.group = args[2]
@@ -116,14 +128,14 @@ def cap_message(command: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
 # --- running one job ----------------------------------------------------------------------------
 
 
-def run_job(client: JobClient, fields: dict[str, Any], complete: bool = False) -> dict[str, Any]:
-    """Run one job with qless-py; returns the report for the worker parent.
+def run_job(client: JobClient, fields: dict[str, Any]) -> dict[str, Any]:
+    """Run one job with qless-py; returns the report for the worker.
 
     ``{"outcome": "returned", "data": ...}``: the job function returned without settling its
-    job; the parent completes it with that data (``complete=True``: the job is completed here,
-    as a job whose data is too big to report is). ``{"outcome": "complete" | "fail" | ...}``:
-    the job settled itself. ``{"unreported": [command, ...]}``: it settled while Redis was down.
-    Every report has ``seconds``, the time the job ran.
+    job, or completed it plainly; the worker completes it with that data (a job whose data is
+    too big to report is completed here). ``{"outcome": "complete" | "fail" | ...}``: the job
+    settled itself. ``{"unreported": [command, ...]}``: it settled while Redis was down. Every
+    report has ``seconds``, the time the job ran.
     """
     started = time.monotonic()
     client.track_job(fields["jid"])
@@ -142,19 +154,21 @@ def run_job(client: JobClient, fields: dict[str, Any], complete: bool = False) -
                 f"the job's data is not valid JSON ({error}): {cap(str(fields['data']), 1024)}",
             )
         else:
-            report = _process(job, client, complete)
+            report = _process(job, client)
     except (*REDIS_DOWN, QlessException):
         if not client.settled:
             raise
     if client.unreported is not None:
         report = {"unreported": client.unreported}
+    elif client.deferred is not None:
+        report = {"outcome": "returned", "data": client.deferred}
     elif client.settled:
         report = {"outcome": client.outcome, "group": client.group}
     report["seconds"] = time.monotonic() - started
     return report
 
 
-def _process(job: qless.Job, client: JobClient, complete: bool) -> dict[str, Any]:
+def _process(job: qless.Job, client: JobClient) -> dict[str, Any]:
     try:
         job.process()
     except (SystemExit, KeyboardInterrupt) as exit:
@@ -171,8 +185,8 @@ def _process(job: qless.Job, client: JobClient, complete: bool) -> dict[str, Any
     # qless's Ruby workers complete a job whose function returned; qless-py leaves it running
     # until its lock expires and then hands it to another worker.
     data = json.dumps(job.data)
-    if complete or len(data) > MAX_RETURNED_DATA:
-        job.complete()
+    if len(data) > MAX_RETURNED_DATA:
+        job.complete()  # sent here: too big for the report
         return {}
     return {"outcome": "returned", "data": data}
 

@@ -6,8 +6,8 @@ import os
 import signal
 import time
 
-from processes import alive, children, title, wait_for
-from test_worker import PROCESSING, READY, put, runs, wait_state
+from processes import alive, title, wait_for
+from test_worker import PROCESSING, READY, history_events, put, runs, wait_state
 
 
 def test_the_standby_waits_titled_ready_and_runs_the_next_job(start_worker, client, redis_conn):
@@ -46,23 +46,36 @@ def test_the_standby_dies_with_its_worker(start_worker):
     wait_for(lambda: not alive(standby), timeout=2, message="the standby to die with its worker")
 
 
-def client_names(redis_conn) -> list[str]:
-    return [entry.get("name", "") for entry in redis_conn.client_list()]
+def client_ids(redis_conn) -> set[int]:
+    return {entry["id"] for entry in redis_conn.client_list()}
 
 
 def test_a_job_that_never_touches_redis_opens_no_connection(start_worker, client, redis_conn):
     worker = start_worker(["foo"])
     quiet = put(client, "foo", "Quiet", {"seconds": 1.0})
     wait_state(client, quiet, "running")
-    child = wait_for(worker.job_child)
-    time.sleep(0.3)  # well into the job
-    assert f"qless-pool-job-{child}" not in client_names(redis_conn)
-    assert not any(name.startswith("qless-pool-job-") for name in client_names(redis_conn))
+    wait_for(worker.job_child)
+    before = client_ids(redis_conn)  # the worker's own, the tests', while the job runs
+    time.sleep(0.5)  # well into the job
+    assert client_ids(redis_conn) == before
     wait_state(client, quiet, "complete")  # the worker parent completed it
-    # A job that uses Redis connects, named after its child, and only then.
+    # A job that uses Redis connects (a connection of its own, gone with the child).
     busy = put(client, "foo", "Sleep", {"seconds": 1.0})
     wait_state(client, busy, "running")
-    child = wait_for(worker.job_child)
-    wait_for(lambda: f"qless-pool-job-{child}" in client_names(redis_conn))
+    wait_for(worker.job_child)
+    wait_for(lambda: len(client_ids(redis_conn) - before) == 1, message="the job's connection")
     wait_state(client, busy, "complete")
-    assert children(worker.pid)  # the standby is there for the next one
+    wait_for(lambda: client_ids(redis_conn) <= before, message="the job's connection to close")
+
+
+def test_a_job_that_completes_itself_is_completed_with_the_next_pop(
+    start_worker, client, redis_conn
+):
+    start_worker(["foo"])
+    jid = put(client, "foo", "Complete")  # job.complete(), and nothing else of Redis but a record
+    wait_state(client, jid, "complete")
+    assert history_events(client, jid).count("done") == 1
+    # What it does after complete() sees the job completed, as qless would have answered.
+    late = put(client, "foo", "CompleteThenFail")
+    wait_state(client, late, "complete")
+    assert client.jobs[late].failure == {}

@@ -156,3 +156,12 @@ class Hog:
         for i in range(0, len(ballast), 4096):  # touch every page: it is resident
             ballast[i] = 1
         time.sleep(job.data.get("seconds", 0))
+
+
+class CompleteThenFail:
+    """Completes its job, then raises: the job stays complete (qless refuses the fail)."""
+
+    @staticmethod
+    def process(job):
+        job.complete()
+        raise RuntimeError("after complete")
