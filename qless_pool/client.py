@@ -8,6 +8,11 @@ made the globals of scripts read-only, so on any modern Redis every qless call f
 The fix is a small transform of the script text: the function becomes a local defined at the
 same place (``local function qless_table_extend``) and its two call sites call that local. The
 rest of the script is untouched, so behaviour is exactly qless-core's.
+
+Beside it: ``connect()`` (the one way the pool makes a client), ``pipelined()`` (several qless
+commands in one round trip), and what the pool calls an outage: ``redis_is_down()`` tells Redis
+being away (or refusing writes for now) from a refusal by qless, and ``Outage`` paces the
+attempts to reach it again.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ __all__ = [
     "fixed_script",
     "patch_qless",
     "pipelined",
+    "raise_if_down",
     "redis_is_down",
     "use_fixed_script",
 ]
@@ -148,17 +154,39 @@ class Outage:
 
 
 def redis_is_down(error: BaseException) -> bool:
-    """Is ``error`` Redis being away (down, restarting, loading, or a read-only replica after a
-    failover) rather than a refusal by qless? qless-py turns every error reply into a plain
-    ``QlessException``: Redis 7 answers a write on a replica with READONLY (kept as the
-    exception's context), Redis 6.2 with a script error quoting it."""
+    """Is ``error`` Redis being away rather than a refusal by qless? Away: down, restarting,
+    loading, unreachable, or refusing writes for now (a read-only replica after a failover, a
+    master whose replica link is down, a failed snapshot, maxmemory reached). qless-py turns
+    every error reply into a plain ``QlessException``: Redis 7 answers a script with the error
+    itself (kept as the exception's context), Redis 6.2 with a script error quoting it."""
     if isinstance(error, REDIS_DOWN):
         return True
     if not isinstance(error, QlessException):
         return False
-    return isinstance(error.__context__, redis.exceptions.ReadOnlyError) or (
-        "READONLY You can't write against a read only replica" in str(error)
+    return isinstance(error.__context__, _REFUSING_WRITES_ERRORS) or bool(
+        _REFUSING_WRITES.search(str(error))
     )
+
+
+def raise_if_down(answers: Sequence[Any]) -> None:
+    """Raise the first of a pipeline's answers that says Redis is away (redis_is_down), so
+    that its caller keeps what it sent for the outage's end instead of taking it as refused."""
+    for answer in answers:
+        if isinstance(answer, QlessException) and redis_is_down(answer):
+            raise answer
+
+
+#: Redis's own error replies that mean "not now" rather than "no": as redis-py raises them,
+#: and as their text reads (MISCONF has no class of its own; Redis 6.2 quotes them in a script
+#: error).
+_REFUSING_WRITES_ERRORS = (
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.MasterDownError,
+)
+_REFUSING_WRITES = re.compile(
+    r"\b(?:READONLY You can't write|MISCONF |MASTERDOWN |command not allowed when used memory)"
+)
 
 
 def connect(

@@ -27,12 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, Optional
 
 from . import lifeline, proctitle
-from .logs import cap, logger, set_role
+from .logs import logger, set_role
 from .reservation import HeldJob
 from .running import JobClient, describe_job, run_job
 
 __all__ = [
-    "MAX_REPORT_BYTES",
     "ChildSetup",
     "Children",
     "Ended",
@@ -43,8 +42,6 @@ __all__ = [
 
 log = logger.getChild("worker")
 
-#: A report longer than this is cut (a pipe holds 64 KiB; the child must never block on it).
-MAX_REPORT_BYTES = 48 * 1024
 #: A standby child that dies sooner than this after its fork is not replaced for a second.
 STANDBY_RETRY_DELAY = 1.0
 
@@ -69,7 +66,10 @@ class JobChild:
     timed_out: bool = False
     escalate_at: Optional[float] = None  # monotonic; SIGKILL if still alive then
     memory_check_at: float = 0.0  # monotonic; --max-memory (its job's first second is free)
-    report: bytes = b""
+    settled: Optional[str] = None  # how the job settled itself, as soon as it did
+    completed: Optional[str] = None  # the data of a complete() the job made, not yet sent
+    unread: bytes = b""  # of the report pipe: a line not yet whole
+    report: Optional[dict[str, Any]] = None  # once the child has reported
 
     @property
     def jid(self) -> str:
@@ -77,18 +77,37 @@ class JobChild:
         return self.job["jid"]
 
     def read_report(self) -> Optional[dict[str, Any]]:
-        """Read what the child has written; its report once the line is whole, else None."""
-        while True:
+        """Read what the child has written; its report once that line is whole, else None.
+
+        Before the report, the child says at once when its job settles itself:
+        ``{"settled": "fail"}`` (or retry, move, cancel), or ``{"completed": data}`` for a
+        ``complete()``, which the worker sends even if the child dies before it reports."""
+        while self.report is None:
             try:
                 chunk = os.read(self.report_fd, 65536)
             except BlockingIOError:
                 break
             if not chunk:
                 break
-            self.report += chunk
-        if not self.report.endswith(b"\n"):
-            return None
-        return parse_report(self.report)
+            *lines, self.unread = (self.unread + chunk).split(b"\n")
+            for line in lines:
+                message = parse_report(line)
+                if "completed" in message:
+                    self.settled, self.completed = "complete", message["completed"]
+                elif "settled" in message:
+                    self.settled = message["settled"]
+                else:
+                    self.report = message
+                    break
+        return self.report
+
+    def last_word(self) -> dict[str, Any]:
+        """What a child that is gone said: its report; or, if it died after its job called
+        ``complete()``, that complete, for the worker to send; or nothing."""
+        report = self.read_report()
+        if report is None and self.completed is not None:
+            report = {"outcome": "returned", "data": self.completed, "cut_short": True}
+        return report or {}
 
     def close(self) -> None:
         for fd in (self.report_fd, self.job_fd):
@@ -124,7 +143,14 @@ def fork_child(setup: ChildSetup, job: Optional[dict[str, Any]] = None) -> JobCh
     # Blocked across the fork: until the child has dropped the worker's handlers, a signal for
     # it would land in the worker's wakeup pipe and look like the worker's own.
     signal.pthread_sigmask(signal.SIG_BLOCK, setup.parent_signals)
-    pid = os.fork()
+    try:
+        pid = os.fork()  # may fail (EAGAIN: a pids limit; ENOMEM): the caller retries later
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, setup.parent_signals)
+        for fd in (report_r, report_w, job_r, job_w):
+            if fd >= 0:
+                os.close(fd)
+        raise
     if pid == 0:
         lifeline.die_with_parent(setup.parent_pid)
         for fd in (report_r, job_w):
@@ -175,8 +201,9 @@ def _become_child(
                 status = 0
                 return  # type: ignore[misc] # the finally clause exits
         proctitle.set_title(proctitle.processing(job["queue"], time.time()))
+        setup.client.on_settled = lambda message: _write_line(report_fd, message)
         report = run_job(setup.client, job)
-        _write_report(report_fd, report)
+        _write_line(report_fd, report)
         status = 0
     except BrokenPipeError:
         pass  # the worker parent is gone (and this child about to be): nothing to tell
@@ -204,14 +231,13 @@ def _wait_for_job(fd: int) -> Optional[dict[str, Any]]:
     return json.loads(b"".join(chunks)) if chunks else None
 
 
-def _write_report(fd: int, report: dict[str, Any]) -> None:
-    data = json.dumps(report).encode()
-    if len(data) > MAX_REPORT_BYTES and report.get("unreported"):
-        command = list(report["unreported"])
-        if command[0] == "fail":  # the failure message (a traceback) is what can be long
-            command[4] = cap(command[4], MAX_REPORT_BYTES // 2)
-        data = json.dumps({"unreported": command}).encode()[:MAX_REPORT_BYTES]
-    os.write(fd, data + b"\n")
+def _write_line(fd: int, message: dict[str, Any]) -> None:
+    """One line to the worker parent. A long one blocks until the parent has read the start
+    (it reads while the child runs); the child dies with the parent, so it cannot block for
+    ever."""
+    view = memoryview((json.dumps(message) + "\n").encode())
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 # --- the worker parent's job children -----------------------------------------------------------
@@ -271,7 +297,12 @@ class Children:
                 os.close(standby.job_fd)
                 standby.job_fd = -1
         elif standby is None and time.monotonic() >= self.standby_retry_at:
-            self.standby = fork_child(self.setup)
+            try:
+                self.standby = fork_child(self.setup)
+            except OSError as error:
+                log.warning("could not fork a standby job child (%s); trying again in %gs",
+                            error, STANDBY_RETRY_DELAY)  # fmt: skip
+                self.standby_retry_at = time.monotonic() + STANDBY_RETRY_DELAY
 
     def supervise(self, now: float, job_timeout: Optional[float]) -> list[Ended]:
         """Reap what has exited, read the running child's report, enforce the job timeout;
@@ -285,6 +316,11 @@ class Children:
                 reaped = child.pid, -1
             if reaped is not None:
                 ended += self._exited(child, reaped[1])
+        for child in self.finishing:
+            if child.escalate_at is not None and now >= child.escalate_at:
+                log.warning("job child %d reported but has not exited; sending SIGKILL", child.pid)
+                lifeline.kill_group(child.pid, signal.SIGKILL)
+                child.escalate_at = None
         child = self.running
         if child is None:
             return ended
@@ -292,6 +328,8 @@ class Children:
         if report:  # it has reported: the job is done, whenever the process itself exits
             self.running = None
             self.finishing.append(child)
+            if child.escalate_at is None:  # it exits at once, or is made to
+                child.escalate_at = now + self.kill_grace
             return [*ended, Ended(child, report, None)]
         if child.deadline is not None and now >= child.deadline and child.kill_reason is None:
             child.timed_out = True
@@ -314,7 +352,7 @@ class Children:
                     self.standby_retry_at = time.monotonic() + STANDBY_RETRY_DELAY
         elif child is self.running:
             self.running = None
-            ended.append(Ended(child, child.read_report() or {}, status))
+            ended.append(Ended(child, child.last_word(), status))
         else:
             self.finishing.remove(child)
         child.close()
@@ -331,17 +369,21 @@ class Children:
         lifeline.kill_group(child.pid, signal.SIGTERM)
         child.escalate_at = time.monotonic() + self.kill_grace
 
-    def wake_times(self) -> list[float]:
-        """When supervise() has something to do, besides a child exiting or reporting."""
+    def wake_times(self, now: float, stopping: bool, redis_up: bool) -> list[float]:
+        """When the worker has something to do for its children, besides one exiting or
+        reporting. Only times still ahead, or to be acted on at once: a time that stays in the
+        past would make the worker's loop spin."""
         child = self.running
         times = []
         if child is not None:
-            times.append(child.next_heartbeat)
+            if redis_up:  # a heartbeat needs Redis; during an outage, the retry is the time
+                times.append(child.next_heartbeat)
             if child.deadline is not None and child.kill_reason is None:
                 times.append(child.deadline)
             if child.escalate_at is not None:
                 times.append(child.escalate_at)
-        if self.standby is None:
+        times += [c.escalate_at for c in self.finishing if c.escalate_at is not None]
+        if self.standby is None and not stopping and self.standby_retry_at > now:
             times.append(self.standby_retry_at)
         return times
 
@@ -350,12 +392,20 @@ class Children:
         the standby let go, and every child waited for."""
         if self.running is not None:
             lifeline.kill_group(self.running.pid, signal.SIGKILL)
+        deadline = time.monotonic() + self.kill_grace
         for child in [c for c in (self.running, self.standby, *self.finishing) if c is not None]:
             child.close()  # the standby exits when its job pipe closes
-            try:
-                os.waitpid(child.pid, 0)
-            except ChildProcessError:
-                pass
+            killed = False
+            while True:
+                try:
+                    if lifeline.reap(child.pid) is not None:  # leftovers in its group die too
+                        break
+                except ChildProcessError:
+                    break
+                if not killed and time.monotonic() >= deadline:  # stuck on its way out
+                    lifeline.kill_group(child.pid, signal.SIGKILL)
+                    killed = True
+                time.sleep(0.01)
         self.running = self.standby = None
         self.finishing = []
 

@@ -15,7 +15,6 @@ reads the pipe. The manager never talks to Redis: an outage cannot touch it.
 
 from __future__ import annotations
 
-import gc
 import os
 import select
 import signal
@@ -82,7 +81,8 @@ class Pool:
     appname             shown in titles and log lines (default: the working directory's name)
     redis_url           for the workers (default: $QLESS_URL, $REDIS_URL, localhost)
     worker_options      passed to every Worker: interval, reserver, fork_per_job, prefetch,
-                        job_timeout, allow_modules
+                        job_timeout, kill_grace, allow_modules, max_jobs, max_jobs_jitter,
+                        max_memory, graceful_timeout (see Worker)
     term_behaviour      "immediate" (default), "graceful" or "graceful-wait"
     spawn_delay         seconds between two spawns
     single_process_group  keep workers in the manager's process group
@@ -525,7 +525,6 @@ class Pool:
             if not self.single_process_group:
                 # Its own process group: a terminal's Ctrl-C reaches the manager only.
                 os.setpgid(0, 0)
-            gc.enable()
             status = body()
         except BaseException:
             log.exception("child process failed")
@@ -717,7 +716,8 @@ def run(
     ``qless_pool.run("config/qless-pool.yml", "production", preload_modules=["myapp"])``.
     Other keywords are :class:`Pool`'s (``appname``, ``redis_url``, ``term_behaviour``,
     ``spawn_delay``, ...) and the workers' (``interval``, ``reserver``, ``fork_per_job``,
-    ``prefetch``, ``job_timeout``, ``allow_modules``). ``log_level=None`` leaves logging as the
+    ``prefetch``, ``job_timeout``, ``kill_grace``, ``allow_modules``, ``max_jobs``,
+    ``max_jobs_jitter``, ``max_memory``, ``graceful_timeout``). ``log_level=None`` leaves logging as the
     caller set it up. Raises ConfigError for a bad config, before the application is preloaded.
     """
     if log_level is not None:

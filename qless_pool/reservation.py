@@ -7,10 +7,11 @@ how many jobs it pops at once.
   the job is imported or forked.
 - *Prefetch* (jobs run in the worker process): qless's ``pop`` hands out several jobs at once.
   The batch size adapts so that a job popped ahead never waits behind the others for more than
-  about a second (``BATCH_SECONDS``): it doubles while jobs are fast and drops at once when one
-  is slow. The jobs popped ahead are *held*: locked to this worker, heartbeated like a running
-  job, and given back to their queue (without losing a retry) if the worker must stop before
-  it runs them.
+  about a second (``BATCH_SECONDS``) when the jobs run as fast as the last ones did: it doubles
+  while jobs are fast and drops at once when one is slow. The jobs popped ahead are *held*:
+  locked to this worker, heartbeated like the running job (by the worker's loop between jobs,
+  by its keeper thread while one runs: running.Keeper), and given back to their queue (no
+  retry spent) if the worker must stop before it runs them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, Optional
 
 from qless.exceptions import QlessException
 
-from .client import pipelined
+from .client import pipelined, raise_if_down
 from .logs import logger
 
 __all__ = [
@@ -209,6 +210,10 @@ class Holding:
     def hold(self, jobs: Sequence[HeldJob]) -> None:
         self.jobs.extend(jobs)
 
+    def put_back(self, held: HeldJob) -> None:
+        """A job taken to run and not started after all: the next again."""
+        self.jobs.appendleft(held)
+
     def next(self) -> Optional[HeldJob]:
         return self.jobs.popleft() if self.jobs else None
 
@@ -226,25 +231,35 @@ class Holding:
     def next_heartbeat(self) -> Optional[float]:
         return min((held.next_heartbeat for held in self.jobs), default=None)
 
-    def heartbeat(self, client: Any, worker: str, now: float) -> None:
+    def heartbeat(
+        self, client: Any, worker: str, now: float, running: Optional[HeldJob] = None
+    ) -> None:
         """Heartbeat the held jobs that are due, in one round trip; a job qless refuses one is
-        no longer ours: it is dropped, not run."""
+        no longer ours: it is dropped, not run. ``running``: a job running in this process,
+        heartbeated with them when it is due."""
         due = self.due_heartbeats(now)
+        if running is not None and running.next_heartbeat <= now:
+            due.append(running)
         if not due:
             return
         answers = pipelined(client, [["heartbeat", held.jid, worker] for held in due])
+        raise_if_down(answers)
         for held, answer in zip(due, answers):
-            if isinstance(answer, QlessException):
+            held.heartbeaten(now)
+            if not isinstance(answer, QlessException):
+                continue
+            if held is running:  # its outcome will be refused: it is no longer ours
+                log.warning("job %s: qless refused its heartbeat (%s)", held.jid, answer)
+            else:
                 self.drop(held.jid)
                 log.warning("job %s: qless refused its heartbeat (%s); not run", held.jid, answer)
-            else:
-                held.heartbeaten(now)
 
     def give_back(self, client: Any) -> None:
         """Return every held job to its queue (one round trip), and forget them."""
         jobs = [held.job for held in self.jobs]
-        self.jobs.clear()
         answers = pipelined(client, [give_back_command(job) for job in jobs])
+        raise_if_down(answers)  # still held: given back once Redis takes writes again
+        self.jobs.clear()
         for job, answer in zip(jobs, answers):
             what = f"job {job['jid']} ({job['klass']}) from {job['queue']}"
             if isinstance(answer, QlessException):
@@ -263,7 +278,8 @@ def give_back_command(job: dict[str, Any]) -> list[Any]:
 
     ``put`` of the existing jid to its own queue: qless moves it back to waiting, keeps its
     data, priority, tags and retry count, and resets its remaining retries to that count, so no
-    retry is lost and nothing is counted as a failure (``retry`` would spend one). It goes
+    retry is spent and nothing is counted as a failure (``retry`` would spend one). (A job that
+    had spent retries gets them back: the price of giving it back within qless's semantics.) It goes
     behind the jobs of its priority already waiting, and qless publishes ``lock_lost`` for this
     worker, which the worker, stopping, ignores.
     """

@@ -16,27 +16,36 @@ job's timeout and for the deadline of a graceful stop (--graceful-timeout).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import math
+import os
 import signal
+import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import qless
 from qless.exceptions import QlessException
 
-from .client import REDIS_DOWN
-from .logs import cap
+from .client import REDIS_DOWN, redis_is_down
+from .logs import cap, logger
 
 __all__ = [
     "MAX_RETURNED_DATA",
     "InProcess",
     "JobClient",
     "JobInterrupted",
+    "Keeper",
     "cap_message",
     "describe_job",
     "run_job",
 ]
+
+log = logger.getChild("worker")
 
 #: Data a returned job's report carries back for the worker's ``complete``; a job whose data
 #: grew bigger completes itself.
@@ -63,6 +72,10 @@ class JobClient(qless.Client):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        # Told at once when the job settles itself (before the command is sent): a job child
+        # tells its worker parent, which then neither kills it for qless's news of that (a
+        # cancel, a move) nor loses a deferred complete if the child dies before it reports.
+        self.on_settled: Optional[Callable[[dict[str, Any]], None]] = None
         self.track_job(None)
 
     def track_job(self, jid: Optional[str]) -> None:
@@ -103,16 +116,21 @@ class JobClient(qless.Client):
         if command == "complete" and len(args) == 4 and len(args[3]) <= MAX_RETURNED_DATA:
             # complete(jid, worker, queue, data): sent by the worker with its next pop.
             self.outcome, self.deferred = "complete", args[3]
+            if self.on_settled is not None:
+                self.on_settled({"completed": args[3]})
             return "complete"
         self.outcome = outcome
+        if self.on_settled is not None:
+            self.on_settled({"settled": outcome})
         if command == "fail" and len(args) > 2:
             self.group = args[2]
         elif command == "retry" and len(args) > 4:
             self.group = args[4]
         try:
             return super().__call__(command, *args)
-        except REDIS_DOWN:
-            self.unreported = [command, *args]
+        except Exception as error:
+            if redis_is_down(error):  # down, or refusing writes (a failover): not a refusal
+                self.unreported = [command, *args]
             raise
 
 
@@ -158,23 +176,44 @@ def run_job(client: JobClient, fields: dict[str, Any]) -> dict[str, Any]:
     except (*REDIS_DOWN, QlessException):
         if not client.settled:
             raise
-    if client.unreported is not None:
-        report = {"unreported": client.unreported}
-    elif client.deferred is not None:
-        report = {"outcome": "returned", "data": client.deferred}
-    elif client.settled:
-        report = {"outcome": client.outcome, "group": client.group}
+    report = settled_report(client) or report
     report["seconds"] = time.monotonic() - started
     return report
+
+
+def settled_report(client: JobClient) -> dict[str, Any]:
+    """The report of how the job settled itself, as far as it has (empty: not at all)."""
+    if client.unreported is not None:
+        return {"unreported": client.unreported}
+    if client.deferred is not None:
+        return {"outcome": "returned", "data": client.deferred}
+    if client.settled:
+        return {"outcome": client.outcome, "group": client.group}
+    return {}
 
 
 def _process(job: qless.Job, client: JobClient) -> dict[str, Any]:
     try:
         job.process()
+    except (TypeError, ValueError) as error:
+        # Escaped qless-py's own handling: failing the job for what the job function raised,
+        # its fail() could not save the job's data as JSON. Failed as qless-py meant to, with
+        # the data left as it was.
+        if not client.settled:  # else it settled first; the later attempt is moot
+            raised = error.__context__ or error
+            _fail(
+                client,
+                job,
+                f"{job.queue_name}-{type(raised).__name__}",
+                f"{_unsaveable(error)}\n{''.join(traceback.format_exception(raised))}",
+            )
+        return {}
     except (SystemExit, KeyboardInterrupt) as exit:
         # qless-py catches Exception only. Running it again would exit again: fail it.
         what = f"{type(exit).__name__}({exit.args[0]!r})" if exit.args else type(exit).__name__
-        job.fail(
+        _fail(
+            client,
+            job,
             f"{job.queue_name}-SystemExit",
             f"the job function raised {what}, which ends the process it runs in; a job must "
             f"return or raise an exception instead\n{traceback.format_exc()}",
@@ -184,11 +223,28 @@ def _process(job: qless.Job, client: JobClient) -> dict[str, Any]:
         return {}
     # qless's Ruby workers complete a job whose function returned; qless-py leaves it running
     # until its lock expires and then hands it to another worker.
-    data = json.dumps(job.data)
+    try:
+        data = json.dumps(job.data)
+    except (TypeError, ValueError) as error:  # say a datetime: it cannot be saved
+        _fail(client, job, f"{job.queue_name}-BadJobData", _unsaveable(error, "returned"))
+        return {}
     if len(data) > MAX_RETURNED_DATA:
         job.complete()  # sent here: too big for the report
         return {}
     return {"outcome": "returned", "data": data}
+
+
+def _unsaveable(error: Exception, returned: str = "failed") -> str:
+    return f"the job {returned}, but its data cannot be saved as JSON ({error})"
+
+
+def _fail(client: JobClient, job: qless.Job, group: str, message: str) -> None:
+    """Job.fail(), which also saves the job's data: without it if it cannot be saved."""
+    try:
+        data = [json.dumps(job.data)]
+    except (TypeError, ValueError):
+        data = []  # left as it was in qless
+    client("fail", job.jid, client.worker_name, group, message, *data)
 
 
 # --- jobs in the worker process -----------------------------------------------------------------
@@ -207,16 +263,27 @@ class InProcess:
 
     ``reason`` of an interruption: ``"timeout"`` (the job's --job-timeout), ``"graceful"`` (the
     graceful stop's deadline passed), or ``"interrupted by SIGTERM"`` (and INT, USR1).
+
+    A job that swallows the interruption (``except BaseException``) is interrupted again
+    ``kill_grace`` seconds later; if it swallows that too, the worker process exits at once
+    (status 70) after another ``kill_grace``: nothing else can stop it. Its job's lock then
+    expires and qless gives it to another worker; the manager starts a new worker.
     """
 
     INTERRUPTING = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    #: Interruptions a job may swallow before the worker gives up on it and exits.
+    MAX_INTERRUPTIONS = 3
 
-    def __init__(self, client: JobClient, job_timeout: Optional[float]):
+    def __init__(self, client: JobClient, job_timeout: Optional[float], kill_grace: float = 5.0):
         self.client = client
         self.job_timeout = job_timeout
+        self.kill_grace = kill_grace
         self.stop_deadline: Optional[float] = None  # monotonic
         self.job_deadline: Optional[float] = None  # monotonic
-        self.running = False
+        self.running = False  # the job's own code runs: a signal interrupts it
+        self.stop_requested: Optional[str] = None  # TERM or INT came: start no job
+        self.interrupted: Optional[str] = None  # why the running job was first interrupted
+        self.interruptions = 0
 
     def install(self) -> None:
         for signum in self.INTERRUPTING:
@@ -226,14 +293,34 @@ class InProcess:
     def _interrupt(self, signum: int, frame: Any) -> None:
         # Python's C handler has already written the signal to the worker's wakeup pipe; the
         # loop acts on it once the job is over. This only stops the job where it is.
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            # Also between two jobs: the loop may be about to start one before it reads this.
+            self.stop_requested = f"interrupted by {signal.Signals(signum).name}"
         if not self.running:
             return
-        self.running = False
         if signum != signal.SIGALRM:
-            raise JobInterrupted(f"interrupted by {signal.Signals(signum).name}")
-        if self.stop_deadline is not None and time.monotonic() >= self.stop_deadline - 0.01:
-            raise JobInterrupted("graceful")
-        raise JobInterrupted("timeout")
+            reason = f"interrupted by {signal.Signals(signum).name}"
+        elif self.stop_deadline is not None and time.monotonic() >= self.stop_deadline - 0.01:
+            reason = "graceful"
+        elif self.job_deadline is not None and time.monotonic() >= self.job_deadline - 0.01:
+            reason = "timeout"
+        else:
+            reason = self.interrupted or "timeout"  # the job swallowed an interruption
+        self.interrupted = self.interrupted or reason
+        self.interruptions += 1
+        if self.interruptions >= self.MAX_INTERRUPTIONS:
+            log.critical(
+                "the job running in this worker swallowed %d interruptions (%s); exiting, so "
+                "that its lock expires and another worker takes it",
+                self.interruptions - 1,
+                self.interrupted,
+            )
+            logging.shutdown()
+            os._exit(70)  # EX_SOFTWARE
+        if self.interruptions > 1:
+            log.warning("the job swallowed its interruption (%s); again", self.interrupted)
+        signal.setitimer(signal.ITIMER_REAL, self.kill_grace)  # again, if this one is swallowed
+        raise JobInterrupted(self.interrupted)
 
     def stop_by(self, deadline: float) -> None:
         """A graceful stop must be over by ``deadline``: the job running now too."""
@@ -250,17 +337,83 @@ class InProcess:
         """Run ``job``: its report, and why it was interrupted (None if it was not)."""
         started = time.monotonic()
         self.job_deadline = started + self.job_timeout if self.job_timeout else None
-        alarm = self.job_deadline is not None or self.stop_deadline is not None
-        if alarm:
-            self._arm()
-        self.running = True
+        self.interrupted, self.interruptions = None, 0
+        report: Optional[dict[str, Any]] = None
+        reason = None
         try:
-            return run_job(self.client, job), None
-        except JobInterrupted as interrupted:
-            return {"seconds": time.monotonic() - started}, interrupted.reason
+            try:
+                self.running = True
+                if self.stop_requested:  # came as the job was about to start
+                    raise JobInterrupted(self.stop_requested)
+                self._arm()
+                report = run_job(self.client, job)
+            finally:
+                self.running = False  # from here on a signal waits for the loop
+        except JobInterrupted as interrupted:  # (raised in the job, or as it unwound)
+            if report is None:
+                # What the job settled before it was cut short still counts: a complete() too.
+                report = settled_report(self.client)
+                report.update(seconds=time.monotonic() - started, cut_short=True)
+                reason = interrupted.reason
         finally:
-            self.running = False
-            if alarm or self.stop_deadline is not None:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.setitimer(signal.ITIMER_REAL, 0)
             self.job_deadline = None
             self.client.track_job(None)
+        return report, reason
+
+
+class Keeper:
+    """While a job runs in the worker process, the worker's loop cannot turn. This thread does
+    the loop's work that cannot wait for the job to end: the heartbeats (of the running job and
+    of the jobs held for later) and the completes owed (due within about a second), with the
+    worker's own client. It acts only while a job runs (``job_running()``); the rest of the
+    time the loop does that work itself. ``due()`` says when there is work, ``tend(now)``
+    does it.
+    """
+
+    #: After a failed attempt (Redis away), the next one waits this long.
+    RETRY_DELAY = 1.0
+
+    def __init__(self, due: Callable[[], Optional[float]], tend: Callable[[float], None]):
+        self._due, self._tend = due, tend
+        self._condition = threading.Condition()
+        self._active = False
+        self._looks_at = math.inf  # monotonic: when the thread looks next
+        self._retry_at = 0.0
+        self._thread: Optional[threading.Thread] = None
+
+    @contextlib.contextmanager
+    def job_running(self) -> Iterator[None]:
+        with self._condition:
+            self._active = True
+            due = self._due()
+            if due is not None and due < self._looks_at:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="qless-pool-keeper", daemon=True
+                    )
+                    self._thread.start()
+                self._condition.notify()
+        try:
+            yield
+        finally:
+            with self._condition:  # waits for a round of tending under way
+                self._active = False
+
+    def _run(self) -> None:
+        with self._condition:
+            while True:
+                now = time.monotonic()
+                due = self._due() if self._active else None
+                if due is not None:
+                    due = max(due, self._retry_at)
+                if due is not None and due <= now:
+                    try:
+                        self._tend(now)
+                    except Exception as error:
+                        if not redis_is_down(error):
+                            log.exception("could not heartbeat or settle while a job ran")
+                        self._retry_at = time.monotonic() + self.RETRY_DELAY
+                    continue
+                self._looks_at = math.inf if due is None else due
+                self._condition.wait(None if due is None else due - now)

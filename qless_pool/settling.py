@@ -5,11 +5,12 @@ A run ends one of these ways, and the worker settles the job accordingly:
 ==========================================  =================================================
 the run                                     the worker sends
 ==========================================  =================================================
-the job settled itself (complete, fail,     nothing
-retry, move, cancel)
-the job function returned                   ``complete`` (with the job's data), in one round
-                                            trip with the next pop (at the latest a second
-                                            later)
+the job settled itself (fail, retry, move,  nothing
+cancel, or complete to a next queue)
+the job function returned, or called a      ``complete`` (with the job's data), in one round
+plain ``complete()`` (then whatever ended   trip with the next pop, or without one a second
+its run)                                    later at the latest (while a job runs in the worker
+                                            process, its keeper thread sends it)
 it settled itself while Redis was down      that command, when Redis is back
 it ran past ``--job-timeout``               ``fail`` as ``<queue>-TimeoutError``
 its child died, or was killed, or it was    ``retry`` as ``<queue>-DirtyExit``: it runs again,
@@ -36,7 +37,7 @@ from typing import Any, Optional
 import qless
 from qless.exceptions import QlessException
 
-from .client import pipelined
+from .client import pipelined, raise_if_down, redis_is_down
 from .jobchild import describe_job
 from .logs import logger
 
@@ -85,7 +86,13 @@ def settlement_for(
     None: the job settled itself (its log line is written here)."""
     seconds = float(report.get("seconds") or 0.0)
     outcome = report.get("outcome")
-    if outcome == "returned" and not timed_out:
+    if outcome == "returned":  # even if its run was then cut short: complete() was called
+        if report.get("cut_short"):
+            log.warning(
+                "%s called complete() and then its run was cut short (%s); completing it",
+                describe_job(job),
+                "timeout" if timed_out else kill_reason or _ended(status),
+            )
         command = ["complete", job["jid"], worker, job["queue"], report.get("data") or "{}"]
         due = min(lock_due, time.monotonic() + MAX_COMPLETE_DELAY)
         return Settlement(job, command, "completed", seconds, due)
@@ -100,15 +107,18 @@ def settlement_for(
         message = f"killed after running longer than the job timeout ({job_timeout:g}s)"
         group = f"{job['queue']}-TimeoutError"
         return Settlement(job, ["fail", job["jid"], worker, group, message, job["data"]], message)
-    if status is None:  # ran in the worker process
-        ended = kill_reason or "the job was interrupted"
-    else:
-        ended = describe_status(status)
-        if kill_reason:
-            ended = f"{kill_reason}: {ended}"
+    ended = _ended(status)
+    if kill_reason:
+        ended = kill_reason if status is None else f"{kill_reason}: {ended}"
     message = f"{ended}; the job did not complete or fail"
     group = f"{job['queue']}-DirtyExit"
     return Settlement(job, ["retry", job["jid"], job["queue"], worker, 0, group, message], message)
+
+
+def _ended(status: Optional[int]) -> str:
+    """How a run ended that did not report: its child's wait status (None: it ran in the
+    worker process, or its child reported and is still exiting)."""
+    return "the job was interrupted" if status is None else describe_status(status)
 
 
 def _described(report: dict[str, Any]) -> str:
@@ -163,6 +173,7 @@ class Settler:
         answers to ``commands``."""
         batch = self.batched
         answers = pipelined(client, [s.command for s in batch] + [list(c) for c in commands])
+        raise_if_down(answers)  # the completes stay owed; a complete sent twice is refused
         self.batched = []
         for settlement, answer in zip(batch, answers):
             what = describe_job(settlement.job)
@@ -186,6 +197,8 @@ class Settler:
         try:
             result = client(*command)
         except QlessException as refused:
+            if redis_is_down(refused):
+                raise  # kept, and sent once Redis takes writes again
             log.info("%s: qless refused %s: %s", what, command[0], refused)
             return
         exhausted = command[0] == "retry" and int(result) < 0
@@ -212,6 +225,8 @@ class Settler:
         try:
             client("fail", job["jid"], self.worker, group, message)
         except QlessException as refused:
+            if redis_is_down(refused):
+                raise  # its lock expires; it is forbidden again by whoever pops it next
             log.info("%s: qless refused fail: %s", what, refused)
             return
         self.observe(job, "failed", 0.0)

@@ -65,7 +65,7 @@ from .reservation import (
     default_allowed_modules,
     make_reserver,
 )
-from .running import InProcess, JobClient, describe_job
+from .running import InProcess, JobClient, Keeper, describe_job
 from .settling import Settler, settled_outcome, settlement_for
 from .state import WorkerSlot
 
@@ -187,6 +187,8 @@ class Worker:
         self.paused = False
         self.children: Optional[Children] = None  # with a child per job
         self.in_process: Optional[InProcess] = None  # without
+        self.keeper: Optional[Keeper] = None  # its Redis work while a job runs in process
+        self.running_here: Optional[HeldJob] = None  # the job running in process
         self.holding = Holding()  # popped ahead (jobs in this process)
         self.settler = Settler(self.name)
         self.outage = Outage(log)
@@ -206,7 +208,8 @@ class Worker:
     # --- the loop -------------------------------------------------------------------------------
 
     def work(self) -> int:
-        """Run until QUIT (after the current job), TERM/INT, or the parent's death. Returns 0."""
+        """Run until QUIT (after the current job), TERM/INT, or the parent's death. Returns 0,
+        or RECYCLED when it stopped for --max-jobs or --max-memory."""
         self.pid = os.getpid()
         self.name = f"{socket.gethostname()}-{self.pid}"
         if not logger.handlers and not logging.getLogger().handlers:
@@ -232,7 +235,8 @@ class Worker:
             **self.job_redis_options,
         )
         if not self.fork_per_job:
-            self.in_process = InProcess(self.job_client, self.job_timeout)
+            self.in_process = InProcess(self.job_client, self.job_timeout, self.kill_grace)
+            self.keeper = Keeper(self._keeper_due, self._tend)
         self._install_signal_handlers()
         if self.fork_per_job:
             setup = ChildSetup(
@@ -267,8 +271,8 @@ class Worker:
     def _finished(self) -> bool:
         if not self.stopping or self.children:
             return False
-        if self.holding and not self.terminating:
-            return False  # QUIT: what it holds runs first
+        if self.holding and not self.terminating and self.outage.since is None:
+            return False  # QUIT: what it holds runs first (Redis willing)
         # Settle what is owed first; during an outage, give up (the jobs' locks will expire).
         return not self.settler or self.outage.since is not None
 
@@ -339,12 +343,13 @@ class Worker:
             for due in (self.settler.complete_due(), self.holding.next_heartbeat()):
                 if due is not None:
                     wake.append(due)
-        if self.stop_deadline is not None:
-            wake.append(self.stop_deadline)
+        deadline = self.stop_deadline
+        if deadline is not None and deadline > now and not self.terminating:
+            wake.append(deadline)  # once passed it is acted on (_check_limits), not waited for
         if self.child is not None and self.limits.max_memory is not None:
             wake.append(self.child.memory_check_at)
         if self.children is not None:
-            wake += self.children.wake_times()
+            wake += self.children.wake_times(now, self.stopping, self.outage.since is None)
         child = self.child
         poller = select.poll()
         poller.register(self._wakeup_r, select.POLLIN)
@@ -473,7 +478,9 @@ class Worker:
         jid = event.get("jid")
         child = self.child
         if child is not None and jid == child.jid:
-            self._kill_child(f"the job {what}")
+            child.read_report()  # it may have said it settled the job itself: that is the news
+            if child.settled is None and child.report is None:
+                self._kill_child(f"the job {what}")
         elif jid and (held := self.holding.drop(jid)) is not None:
             log.warning("%s %s before it ran; it is not run here", describe_job(held), what)
 
@@ -492,9 +499,11 @@ class Worker:
         self.next_poll = 0.0
         log.debug("popped %d job(s) (asked for %d)", len(jobs), count)
         self.prefetch.popped(len(jobs))
-        popped = [HeldJob.popped(job) for job in jobs]
-        self.holding.hold(popped[1:])
-        self._start(popped[0])
+        # Held first: if Redis goes away from here on, they are heartbeated, given back or run
+        # once it is back, like any held job.
+        self.holding.hold([HeldJob.popped(job) for job in jobs])
+        self.subscriptions.listen_for_puts(False)  # busy: stop hearing every put of qless
+        self._run_held()
 
     def _pop(self, count: int) -> list[dict[str, Any]]:
         """Pop up to ``count`` jobs from the first of the queues (in the reserver's order) that
@@ -532,9 +541,16 @@ class Worker:
     # --- a job in a child -----------------------------------------------------------------------
 
     def _start_child(self, popped: HeldJob) -> None:
-        child = self.children.start(popped, self.job_timeout)
-        # While busy, stop hearing every event of the whole qless instance.
-        self.subscriptions.listen_for_puts(False)
+        try:
+            child = self.children.start(popped, self.job_timeout)
+        except OSError as error:  # no fork (a pids limit, memory): not this job's fault
+            log.warning("could not fork a child for %s (%s); giving it back to its queue",
+                        describe_job(popped.job), error)  # fmt: skip
+            self.holding.hold([popped])
+            self._give_back_held()
+            self.subscriptions.listen_for_puts(False)  # its own put must not wake it at once
+            self.next_poll = time.monotonic() + self.interval
+            return
         log.debug("job child %d runs %s", child.pid, describe_job(popped.job))
 
     def _supervise_children(self, now: float) -> None:
@@ -557,8 +573,10 @@ class Worker:
                 # No data argument: the job may have changed its data; ours is stale.
                 self.client("heartbeat", child.jid, self.name)
             except QlessException as refused:
-                settled = (child.read_report() or {}).get("outcome")
-                if child.kill_reason is None and not settled:
+                if redis_is_down(refused):
+                    raise  # a failover or a full Redis: an outage, not a refusal
+                child.read_report()
+                if child.kill_reason is None and child.settled is None and child.report is None:
                     self._kill_child(f"qless refused its heartbeat ({refused})")
         self.holding.heartbeat(self.client, self.name, now)
 
@@ -567,17 +585,40 @@ class Worker:
     def _run_in_process(self, popped: HeldJob) -> None:
         """--no-fork-per-job: run the job here. TERM, INT and USR1 interrupt it; QUIT waits."""
         assert self.in_process is not None
+        if self.in_process.stop_requested:  # TERM or INT, not yet seen by the loop
+            self.holding.put_back(popped)  # given back, unstarted, once the loop sees it
+            return
         job = popped.job
         started_at = time.time()
         self._set_title(proctitle.processing(job["queue"], started_at))
         self._record_state("processing", job, started_at)
-        self.subscriptions.listen_for_puts(False)
-        report, reason = self.in_process.run(job)
+        self.running_here = popped
+        assert self.keeper is not None
+        with self.keeper.job_running():
+            report, reason = self.in_process.run(job)
+        self.running_here = None
         self.prefetch.ran(report["seconds"])
         if reason == "graceful":
             reason = self.limits.graceful_reason()
         timed_out = reason == "timeout"
         self._finish_job(job, report, None, reason, timed_out, popped.next_heartbeat)
+
+    def _keeper_due(self) -> Optional[float]:
+        """While a job runs in process: when a heartbeat or a complete owed is due."""
+        running = self.running_here
+        times = [
+            t for t in (self.settler.complete_due(), self.holding.next_heartbeat()) if t is not None
+        ]
+        if running is not None:
+            times.append(running.next_heartbeat)
+        return min(times, default=None)
+
+    def _tend(self, now: float) -> None:
+        """While a job runs in process (in the keeper's thread): heartbeats, completes owed."""
+        assert self.client is not None
+        self.holding.heartbeat(self.client, self.name, now, self.running_here)
+        if self._completes_due(now):
+            self.settler.send_with(self.client, [])
 
     def _finish_job(
         self,
@@ -665,6 +706,11 @@ class Worker:
         if self.slot is not None:
             self.slot.update("stopping")
         self.settler.abandon()
+        for held in self.holding:
+            log.warning(
+                "%s is left held: Redis is unreachable, so its lock will expire and qless will "
+                "give it to another worker", describe_job(held.job),
+            )  # fmt: skip
         self.subscriptions.close()
         if self.client is not None and self.outage.since is None:
             try:

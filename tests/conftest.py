@@ -15,7 +15,7 @@ become_subreaper()
 
 # The fixtures that start real workers and pools, for every test module.
 from test_manager import start_pool  # noqa: E402, F401
-from test_worker import start_worker  # noqa: E402, F401
+from test_worker import own_redis, start_worker  # noqa: E402, F401
 
 
 def pytest_addoption(parser):

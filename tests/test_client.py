@@ -348,3 +348,19 @@ def test_events_on_the_log_and_worker_channels(qless_client, redis_conn):
     assert ("ql:log", lock_lost) in seen
     assert ("ql:log", {"jid": jid, "event": "put", "queue": "bar"}) in seen
     pubsub.close()
+
+
+def test_redis_refusing_writes_for_now_is_an_outage_not_a_refusal():
+    from qless.exceptions import QlessException
+
+    from qless_pool.client import redis_is_down
+
+    for text in (
+        "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist",
+        "command not allowed when used memory > 'maxmemory'.",
+        "ERR Error running script: @user_script:12: READONLY You can't write against a read "
+        "only replica.",
+    ):
+        assert redis_is_down(QlessException(text)), text
+    assert not redis_is_down(QlessException("Heartbeat(): Job given out to another worker: w1"))
+    assert not redis_is_down(ValueError("MISCONF"))

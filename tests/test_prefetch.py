@@ -75,6 +75,7 @@ def test_term_gives_held_jobs_back_without_losing_a_retry_and_none_runs_twice(
     held = [put(client, "foo", "Noop", retries=3) for _ in range(4)]
     worker = start_worker(["foo"], fork_per_job=False, prefetch=5)
     wait_for(lambda: all(state(client, jid) == "running" for jid in [first, *held]))
+    wait_for(lambda: len(runs(redis_conn)) == 1, message="the first job to start")
     worker.send(signal.SIGTERM)
     assert worker.process.wait(timeout=10) == 0
     # The interrupted job is handed back with a retry spent; the held ones with none spent.

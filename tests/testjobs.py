@@ -165,3 +165,63 @@ class CompleteThenFail:
     def process(job):
         job.complete()
         raise RuntimeError("after complete")
+
+
+class CompleteThenSleep:
+    """Completes its job, then sleeps ``data["seconds"]``: whatever then ends its run, the job
+    stays complete."""
+
+    @staticmethod
+    def process(job):
+        _record(job)
+        job.complete()
+        time.sleep(job.data["seconds"])
+
+
+class Unsaveable:
+    """Puts a datetime in its data (which JSON cannot hold), then returns, or raises if
+    ``data["raise"]``."""
+
+    @staticmethod
+    def process(job):
+        import datetime
+
+        _record(job)
+        job.data["when"] = datetime.datetime(2026, 11, 28)
+        if job.data.get("raise"):
+            raise KeyError("raised with unsaveable data")
+
+
+class Swallow:
+    """Swallows every interruption, for ever (until killed)."""
+
+    @staticmethod
+    def process(job):
+        _record(job)
+        while True:
+            try:
+                time.sleep(60)
+            except BaseException:  # the point of this job
+                job.client.redis.rpush("test:swallowed", job.jid)
+
+
+class FailLater:
+    """Sleeps ``data["seconds"]``, then raises an exception ``data["size"]`` characters long."""
+
+    @staticmethod
+    def process(job):
+        _record(job)
+        time.sleep(job.data["seconds"])
+        raise ValueError("y" * job.data["size"])
+
+
+class MoveThenWork:
+    """Moves its job to ``data["to"]``, works on for ``data["seconds"]``, then records that it
+    finished: qless's news of the move must not get it killed."""
+
+    @staticmethod
+    def process(job):
+        _record(job)
+        job.move(job.data["to"])
+        time.sleep(job.data["seconds"])
+        _record(job, finished=True)
