@@ -347,7 +347,11 @@ class Children:
         if child is self.standby:
             self.standby = None
             if child.job_fd >= 0:  # not let go: it died
-                log.warning("the standby job child %d died (%s)", child.pid, _status(status))
+                log.warning(
+                    "the standby job child %d died (%s)",
+                    child.pid,
+                    lifeline.describe_status(status),
+                )
                 if time.monotonic() - child.forked < STANDBY_RETRY_DELAY:
                     self.standby_retry_at = time.monotonic() + STANDBY_RETRY_DELAY
         elif child is self.running:
@@ -408,11 +412,3 @@ class Children:
                 time.sleep(0.01)
         self.running = self.standby = None
         self.finishing = []
-
-
-def _status(status: int) -> str:
-    if status < 0:
-        return "vanished"
-    if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exit status {os.WEXITSTATUS(status)}"

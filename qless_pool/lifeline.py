@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Optional
+from typing import Any, Optional
 
 __all__ = [
     "HAVE_PDEATHSIG",
@@ -145,3 +145,18 @@ def leads_group_in_session(pid: int) -> bool:
         return os.getpgid(pid) == pid and os.getsid(pid) == os.getsid(0)
     except OSError:
         return False
+
+
+def describe_status(status: int) -> str:
+    """A wait status in words: ``exit status 3``, ``killed by SIGKILL``; ``vanished`` for -1 (a
+    child reaped by someone else)."""
+    if status < 0:
+        return "vanished"
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.WEXITSTATUS(status)}"
+
+
+def wake_only(signum: int, frame: Any) -> None:
+    """A signal handler that does nothing: installed with ``signal.set_wakeup_fd``, whose pipe
+    already holds the signal's number for the process's loop to act on."""

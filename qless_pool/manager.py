@@ -238,7 +238,7 @@ class Pool:
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
         for signum in MANAGER_SIGNALS:
-            signal.signal(signum, _record_signal)
+            signal.signal(signum, lifeline.wake_only)
 
     def _restore_signal_handlers(self) -> None:
         signal.set_wakeup_fd(-1)
@@ -379,26 +379,33 @@ class Pool:
             if pid == self.metrics_pid:
                 self.metrics_pid = None
                 if not self.stopping:
-                    log.error("the metrics helper exited (%s); restarting it", _describe(status))
+                    log.error(
+                        "the metrics helper exited (%s); restarting it",
+                        lifeline.describe_status(status),
+                    )
                     self.metrics_restart_at = time.monotonic() + FIRST_BACKOFF
                 continue
             record = self.workers.pop(pid, None)
             if record is None:
-                log.debug("reaped %d, not one of our workers (%s)", pid, _describe(status))
+                log.debug(
+                    "reaped %d, not one of our workers (%s)", pid, lifeline.describe_status(status)
+                )
                 continue
             if self.state is not None:
                 self.state.forget_worker(pid)
             lived = time.monotonic() - record.started_at
             what = f"worker {pid} ({','.join(record.queues)})"
             if record.retiring:
-                log.info("%s stopped: %s after %.1fs", what, _describe(status), lived)
+                log.info(
+                    "%s stopped: %s after %.1fs", what, lifeline.describe_status(status), lived
+                )
                 continue
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == RECYCLED:
                 # It said why when it decided to go; a recycle is not a failed start.
                 log.debug("%s recycled after %.1fs", what, lived)
                 self.restarts["recycled"] += 1
                 continue
-            log.warning("%s died: %s after %.1fs", what, _describe(status), lived)
+            log.warning("%s died: %s after %.1fs", what, lifeline.describe_status(status), lived)
             self.restarts["died"] += 1
             self._note_exit(record.queues, lived)
 
@@ -417,7 +424,9 @@ class Pool:
             self.exit_status = os.WEXITSTATUS(status)
             return
         if self.stopping is None:
-            log.error("the drain watcher failed (%s); stopping the pool", _describe(status))
+            log.error(
+                "the drain watcher failed (%s); stopping the pool", lifeline.describe_status(status)
+            )
             self.exit_status = 1
             self.signal_workers(signal.SIGQUIT)
             self._stop("wait")
@@ -685,21 +694,11 @@ def _describe_groups(groups: Groups) -> str:
     return ", ".join(f"{','.join(q)}: {n}" for q, n in groups.items()) or "no workers"
 
 
-def _record_signal(signum: int, frame: Any) -> None:
-    """The manager's signal handler: nothing. The wakeup pipe already holds the signal number."""
-
-
 def _kill(pid: int, signum: int) -> None:
     try:
         os.kill(pid, signum)
     except ProcessLookupError:  # exited and reaped by someone else: nothing to signal
         pass
-
-
-def _describe(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exit status {os.WEXITSTATUS(status)}"
 
 
 def run(

@@ -27,7 +27,6 @@ Every finished job gets one INFO log line: its jid, class, queue, outcome and ru
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -37,9 +36,10 @@ from typing import Any, Optional
 import qless
 from qless.exceptions import QlessException
 
+from . import lifeline
 from .client import pipelined, raise_if_down, redis_is_down
-from .jobchild import describe_job
 from .logs import logger
+from .running import describe_job
 
 __all__ = ["MAX_COMPLETE_DELAY", "Settlement", "Settler", "settled_outcome", "settlement_for"]
 
@@ -118,7 +118,13 @@ def settlement_for(
 def _ended(status: Optional[int]) -> str:
     """How a run ended that did not report: its child's wait status (None: it ran in the
     worker process, or its child reported and is still exiting)."""
-    return "the job was interrupted" if status is None else describe_status(status)
+    if status is None:
+        return "the job was interrupted"
+    if status < 0:
+        return "its child vanished"
+    if os.WIFSIGNALED(status):
+        return f"its child was {lifeline.describe_status(status)}"  # killed by SIG...
+    return f"its child exited with status {os.WEXITSTATUS(status)}"
 
 
 def _described(report: dict[str, Any]) -> str:
@@ -131,14 +137,6 @@ def settled_outcome(report: dict[str, Any]) -> str:
     """How a job that settled itself ended: completed, failed, retried, moved or canceled."""
     outcome = report.get("outcome")
     return OUTCOMES.get(outcome, str(outcome))
-
-
-def describe_status(status: int) -> str:
-    if status < 0:
-        return "its child vanished"
-    if os.WIFSIGNALED(status):
-        return f"its child was killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"its child exited with status {os.WEXITSTATUS(status)}"
 
 
 class Settler:

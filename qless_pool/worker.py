@@ -41,7 +41,7 @@ from typing import Any, Optional
 import qless
 from qless.exceptions import QlessException
 
-from . import logs, proctitle
+from . import lifeline, logs, proctitle
 from .client import (
     CONTROL_TIMEOUT,
     JOB_SOCKET_TIMEOUT,
@@ -200,6 +200,7 @@ class Worker:
         self.slot: Optional[WorkerSlot] = None
         self.meter: Optional[JobMeter] = None
         self._wakeup_r = self._wakeup_w = -1
+        self._saved_handlers: dict[int, Any] = {}
         self._title = ""
 
     def __repr__(self) -> str:
@@ -371,9 +372,11 @@ class Worker:
         for fd in (self._wakeup_r, self._wakeup_w):
             os.set_blocking(fd, False)
             os.set_inheritable(fd, False)
+        # Put back at exit, for a process that runs a worker and then goes on (invoke qless.work).
+        self._saved_handlers = {s: signal.getsignal(s) for s in (*HANDLED_SIGNALS, signal.SIGALRM)}
         signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
         for signum in HANDLED_SIGNALS:
-            signal.signal(signum, _record_signal)
+            signal.signal(signum, lifeline.wake_only)
         if self.in_process is not None:
             self.in_process.install()
             signal.signal(signal.SIGQUIT, self._quit_during_job)
@@ -718,8 +721,10 @@ class Worker:
             except (*REDIS_DOWN, QlessException):
                 pass
         signal.set_wakeup_fd(-1)
+        for signum, handler in self._saved_handlers.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for fd in (self._wakeup_r, self._wakeup_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wakeup_r = self._wakeup_w = -1
         log.info("worker %s exiting after %d job(s)", self.name, self.jobs_done)
-
-
-def _record_signal(signum: int, frame: Any) -> None:
-    """The worker's signal handler: nothing. The wakeup pipe already holds the signal number."""

@@ -545,3 +545,34 @@ def test_a_bare_worker_logs_without_any_logging_set_up(redis_url, tmp_path, clie
         process.wait()
     assert "INFO: worker " in err and "started on foo" in err
     assert f"job {jid} (testjobs.Noop) from foo: completed in" in err
+
+
+def test_a_worker_run_inside_a_program_gives_back_its_signals(redis_url, tmp_path):
+    script = f"""
+import signal, sys
+from qless_pool.worker import Worker
+
+def mine(signum, frame):
+    print("mine", signum, flush=True)
+
+signal.signal(signal.SIGTERM, mine)
+Worker(['foo'], {redis_url!r}, interval=0.2).work()
+assert signal.getsignal(signal.SIGTERM) is mine
+assert signal.getsignal(signal.SIGQUIT) is signal.SIG_DFL
+assert signal.set_wakeup_fd(-1) == -1
+signal.raise_signal(signal.SIGTERM)
+print("after", flush=True)
+"""
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": str(TESTS)},
+    )  # fmt: skip
+    try:
+        wait_for(lambda: WAITING.match(title(process.pid)), message="the worker")
+        process.send_signal(signal.SIGQUIT)
+        out, err = process.communicate(timeout=10)
+    finally:
+        kill_tree(process.pid)
+        process.wait()
+    assert process.returncode == 0, err
+    assert out.split() == ["mine", str(int(signal.SIGTERM)), "after"]
