@@ -314,7 +314,7 @@ class Identity:
 
     uid: int
     gid: int
-    user: Optional[str]  # for the supplementary groups; None: --group only
+    user: Optional[str]  # for the supplementary groups; None: a uid with no passwd entry
 
     def describe(self) -> str:
         return f"uid {self.uid}" + (f" ({self.user})" if self.user else "") + f", gid {self.gid}"
@@ -322,25 +322,35 @@ class Identity:
 
 def resolve_identity(user: Optional[str], group: Optional[str]) -> Optional[Identity]:
     """The identity ``--user``/``--group`` name (names or numbers), or None if neither is
-    given. Raises DaemonError (status 2) for an unknown user or group, or if this process
-    cannot switch to them (only root can switch to another user)."""
+    given. Raises DaemonError (status 2) for an unknown user or group, for a switch that would
+    keep root's uid or gid by accident, or if this process cannot switch to them (only root
+    can switch to another user)."""
     if not user and not group:
         return None
-    uid, gid, name = os.getuid(), os.getgid(), None
-    if user:
-        try:
-            entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-        except KeyError:
-            if not user.isdigit():
-                raise DaemonError(f"--user {user}: no such user", 2) from None
-            uid = int(user)
-        else:
-            uid, gid, name = entry.pw_uid, entry.pw_gid, entry.pw_name
+    if not user:
+        # It would keep uid 0: a pool that looks unprivileged and is not.
+        raise DaemonError(f"--group {group} needs --user (the user to run as)", 2)
+    gid, name = None, None
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        if not user.isdigit():
+            raise DaemonError(f"--user {user}: no such user", 2) from None
+        uid = int(user)
+    else:
+        uid, gid, name = entry.pw_uid, entry.pw_gid, entry.pw_name
     if group:
         try:
             gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
         except KeyError:
             raise DaemonError(f"--group {group}: no such group", 2) from None
+    if gid is None:
+        # A uid with no passwd entry has no group of its own; root's (0) would stay.
+        raise DaemonError(
+            f"--user {user}: no such user in the password database, so no group to run as; "
+            "give --group too",
+            2,
+        )
     identity = Identity(uid, gid, name)
     if os.geteuid() != 0 and (uid, gid) != (os.geteuid(), os.getegid()):
         raise DaemonError(

@@ -243,6 +243,49 @@ def test_a_user_that_cannot_be_switched_to_is_refused(project):
         assert attempt().startswith("2 qless-pool: --user/--group: only root can switch")
 
 
+def free_uid() -> int:
+    """A uid with no passwd entry."""
+    return next(uid for uid in range(42000, 43000) if not _has_entry(uid))
+
+
+def _has_entry(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--group", "0"], "qless-pool: --group 0 needs --user (the user to run as)\n"),
+        (["--group", "nogroup-here"], "qless-pool: --group nogroup-here needs --user (the user to run as)\n"),
+        (["--user", "UID"], "qless-pool: --user UID: no such user in the password database, so no group to run as; give --group too\n"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("daemon", [False, True], ids=["foreground", "daemon"])
+def test_a_switch_that_would_keep_roots_uid_or_gid_is_refused(project, args, message, daemon):
+    uid = str(free_uid())
+    args = [uid if arg == "UID" else arg for arg in args]
+    result = subprocess.run(
+        [SCRIPT, *(["-d"] if daemon else []), "-R", "redis://127.0.0.1:1/0", *args],
+        cwd=project, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert (result.returncode, result.stderr) == (2, message.replace("UID", uid))
+    assert not (project / "tmp").exists() and not (project / "log").exists()  # nothing started
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_a_uid_without_a_passwd_entry_runs_with_the_group_given(project):
+    uid = free_uid()
+    result = subprocess.run(
+        [SCRIPT, "--user", str(uid), "--group", str(uid), "--dry-run"],
+        cwd=project, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert (result.returncode, result.stdout) == (0, '{"foo": 1}\n'), result.stderr
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="handing files over needs root")
 def test_log_files_are_handed_to_the_user_only_if_they_are_its_own_or_new(project, redis_url):
     nobody = pwd.getpwnam("nobody")
