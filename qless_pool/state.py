@@ -247,16 +247,33 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 def private_bytes(pid: int) -> Optional[int]:
     """The memory a process holds that it shares with no other (a job child: what its job added
-    to what it shares, copy-on-write, with its worker), from /proc/<pid>/smaps_rollup."""
+    to what it shares, copy-on-write, with its worker), from /proc/<pid>/smaps_rollup.
+
+    A process that changed its user (the pool's, after --user) is not dumpable, and then only
+    root may read its smaps_rollup: the measure is then statm's resident pages less its shared
+    (file and shmem) ones. That counts the anonymous pages still shared copy-on-write with the
+    worker too, so it says more than smaps would, never less. None if neither can be read (the
+    process is gone, or /proc hides it: hidepid)."""
     total = 0
     try:
         with open(f"/proc/{pid}/smaps_rollup") as file:
             for line in file:
                 if line.startswith(("Private_Clean:", "Private_Dirty:")):
                     total += int(line.split()[1]) * 1024
-    except (OSError, IndexError, ValueError):
+    except OSError:  # EACCES; ENOENT on kernels before 4.14 (and if the process is gone)
+        return _unshared_bytes(pid)
+    except (IndexError, ValueError):
         return None
     return total
+
+
+def _unshared_bytes(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as file:
+            fields = file.read().split()
+        return (int(fields[1]) - int(fields[2])) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def read_manager(directory: str) -> Optional[dict[str, Any]]:
