@@ -30,6 +30,12 @@ READY = re.compile(rf"^qless-{VERSION}: Ready for (\S+) since (\d+)$")
 ANY_WORKER = re.compile(rf"^qless-{VERSION}: (Waiting|Forked|Processing|Paused)")
 
 
+def python_path(*directories) -> str:
+    """``directories``, then the caller's $PYTHONPATH: a subprocess imports the qless_pool this
+    test process does (a working copy's, not an editable install's)."""
+    return os.pathsep.join([*map(str, directories), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 @dataclass
 class WorkerProcess:
     process: subprocess.Popen
@@ -66,7 +72,7 @@ def start_worker(redis_url, tmp_path):
         options = {"queues": queues, "redis_url": url or redis_url, "interval": 0.2, **options}
         log = tmp_path / f"worker{len(started)}.log"
         orphanable = options.get("orphanable", False)
-        env = {**os.environ, "PYTHONPATH": str(TESTS)}
+        env = {**os.environ, "PYTHONPATH": python_path(TESTS)}
         with open(log, "w") as log_file:
             process = subprocess.Popen(
                 [sys.executable, WORKER_MAIN, json.dumps(options)],
@@ -532,7 +538,7 @@ def test_a_bare_worker_logs_without_any_logging_set_up(redis_url, tmp_path, clie
     )
     process = subprocess.Popen(
         [sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(TESTS)},
+        env={**os.environ, "PYTHONPATH": python_path(TESTS)},
     )  # fmt: skip
     try:
         wait_for(lambda: WAITING.match(title(process.pid)), message="the worker")
