@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import time
 from collections import Counter as Tally
 from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -39,7 +40,10 @@ log = logger.getChild("metrics")
 MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, float("inf"))
 QUEUE_STATES = ("waiting", "running", "scheduled", "stalled", "depends", "recurring")
-WORKER_STATES = ("starting", "waiting", "processing", "paused", "stopping", "retiring")
+#: What prometheus_client maps of a new file (its _INITIAL_MMAP_SIZE): room for a few hundred
+#: series, far more than a worker's job metrics.
+FILE_ALLOCATION = 64 * 1024
+WORKER_STATES = ("starting", "waiting", "processing", "paused", "stopping", "retiring", "unknown")
 
 
 class MetricsError(Exception):
@@ -87,6 +91,16 @@ def discard(directory: str) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def restore() -> None:
+    """Make the multiprocess directory again if prepare() made it and it is gone."""
+    from .state import private_base
+
+    directory = os.environ.get(MULTIPROC_VARIABLE)
+    if directory and os.path.dirname(directory) == private_base():
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o700)
+
+
 def bind(address: str, port: int) -> socket.socket:
     """The listening socket, bound by the manager at start so that a taken port fails it."""
     try:
@@ -125,10 +139,46 @@ class JobMeter:
             buckets=BUCKETS,
             registry=None,
         )
+        self._failed = False  # said so, until counting works again
+        self._allocated = False
 
     def finished(self, queue: str, outcome: str, seconds: float) -> None:
-        self.jobs.labels(queue, outcome).inc()
-        self.duration.labels(queue).observe(seconds)
+        # Best effort: the multiprocess directory may be gone (removed with the pool's state
+        # directory) or full; a job's count is not worth the worker.
+        try:
+            if not self._allocated:
+                directory = os.environ[MULTIPROC_VARIABLE]
+                for kind in ("counter", "histogram"):  # prometheus_client's names for them
+                    allocate(os.path.join(directory, f"{kind}_{os.getpid()}.db"))
+                self._allocated = True
+            self.jobs.labels(queue, outcome).inc()
+            self.duration.labels(queue).observe(seconds)
+        except OSError as error:
+            if not self._failed:
+                log.warning("cannot count jobs for the metrics: %s", error)
+                self._failed = True
+        else:
+            self._failed = False
+
+
+def allocate(path: str) -> None:
+    """Make sure the first FILE_ALLOCATION bytes of ``path`` have blocks (raises OSError).
+
+    prometheus_client maps its files after growing them with truncate, which allocates nothing:
+    on a full tmpfs (Docker's /dev/shm is 64 MB) the first write through the map would kill the
+    process with SIGBUS. Allocated first, the file is full size and the map never faults.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if hasattr(os, "posix_fallocate"):  # not on macOS
+            os.posix_fallocate(fd, 0, FILE_ALLOCATION)
+    except OSError:
+        if os.fstat(fd).st_size == 0:  # an empty file would read as corrupt
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
 
 
 # --- the helper process -------------------------------------------------------------------------
@@ -137,11 +187,9 @@ class JobMeter:
 def serve(listener: socket.socket, pool_directory: str, redis_url: str) -> int:
     """The metrics helper's body: serve /metrics until the manager is gone (it dies with it)."""
     from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
-    multiproc = os.environ[MULTIPROC_VARIABLE]
-    MultiProcessCollector(registry, path=multiproc)
+    registry.register(JobCollector(os.environ[MULTIPROC_VARIABLE]))
     registry.register(PoolCollector(pool_directory, redis_url))
 
     class Handler(BaseHTTPRequestHandler):
@@ -149,7 +197,6 @@ def serve(listener: socket.socket, pool_directory: str, redis_url: str) -> int:
             if self.path.split("?")[0] != "/metrics":
                 self.send_error(404)
                 return
-            fold_dead_processes(multiproc)
             body = generate_latest(registry)
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
@@ -168,6 +215,31 @@ def serve(listener: socket.socket, pool_directory: str, redis_url: str) -> int:
     return 0
 
 
+class JobCollector:
+    """The workers' job counts, from their multiprocess files, read at scrape time.
+
+    prometheus_client's MultiProcessCollector, made for each scrape: it refuses a directory that
+    is not there, and this one may go away under the pool (removed with the pool's state
+    directory; the manager makes it again). Meanwhile the scrape serves the other metrics.
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.missing = False  # said so
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        if not os.path.isdir(self.directory):
+            if not self.missing:
+                log.warning("%s is gone: no job metrics until it is back", self.directory)
+                self.missing = True
+            return iter(())
+        self.missing = False
+        fold_dead_processes(self.directory)
+        return MultiProcessCollector(None, path=self.directory).collect()
+
+
 class PoolCollector:
     """The workers by state, the restarts, and the queues' counts, read at scrape time."""
 
@@ -179,14 +251,15 @@ class PoolCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        from .state import read_manager, read_worker
+        from .state import read_manager, read_worker, worker_state
 
         manager = read_manager(self.directory) or {}
         states: Tally = Tally({state: 0 for state in WORKER_STATES})
+        now = time.time()
         for worker in manager.get("workers", []):
             record = read_worker(os.path.join(self.directory, f"worker-{worker['pid']}"))
-            state = "retiring" if worker.get("retiring") else (record or {}).get("state")
-            states[state or "starting"] += 1
+            retiring = worker.get("retiring")
+            states["retiring" if retiring else worker_state(record, worker["started"], now)] += 1
         workers = GaugeMetricFamily(
             "qless_pool_workers", "The pool's worker parents, by state", labels=["state"]
         )

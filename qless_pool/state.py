@@ -45,6 +45,7 @@ __all__ = [
     "read_worker",
     "rss_bytes",
     "runtime_root",
+    "worker_state",
 ]
 
 RUNTIME_VARIABLE = "QLESS_POOL_RUNTIME_DIR"
@@ -55,6 +56,8 @@ MANAGER_FILE = "manager.json"
 _RECORD = struct.Struct("<QBxxxddQiiI64s128s256s")
 RECORD_SIZE = 512
 STATES = ("starting", "waiting", "processing", "paused", "stopping")
+#: How long a worker without a record is taken to be starting.
+STARTING = 10.0
 
 
 def runtime_root(environ: Optional[Mapping[str, str]] = None) -> str:
@@ -105,12 +108,28 @@ class PoolState:
         path = os.path.join(self.directory, MANAGER_FILE)
         temporary = f"{path}.{os.getpid()}"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as file:
-            json.dump(data, file)
-        os.replace(temporary, path)
+        try:
+            with os.fdopen(fd, "w") as file:
+                json.dump(data, file)
+            os.replace(temporary, path)
+        except BaseException:  # a full tmpfs: leave no half-written file behind
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+
+    def intact(self) -> bool:
+        """Is manager.json still there? Something may remove the directory under a running
+        pool: systemd-logind's RemoveIPC when the pool's user has no session left, a tmpfs
+        cleaner."""
+        return os.path.exists(os.path.join(self.directory, MANAGER_FILE))
+
+    def restore(self) -> None:
+        """Make the directory again (raises OSError), for qless-pool status and new workers."""
+        _private_directory(os.path.dirname(self.directory))
+        _private_directory(self.directory)
 
     def forget_worker(self, pid: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # best effort: gone already, or its directory
             os.unlink(self.worker_path(pid))
 
     def remove(self) -> None:
@@ -118,14 +137,27 @@ class PoolState:
 
 
 class WorkerSlot:
-    """The worker's side: its record, rewritten in place."""
+    """The worker's side: its record, rewritten in place.
+
+    Making it raises OSError (its directory gone, a full tmpfs); the worker then runs without.
+    """
 
     def __init__(self, path: str):
         self.path = path
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.ftruncate(fd, RECORD_SIZE)
+            # Blocks allocated now, not on the first write through the map: on a full tmpfs
+            # (Docker's /dev/shm is 64 MB) that write would kill the worker with SIGBUS;
+            # allocating fails here instead, with ENOSPC. (macOS has no posix_fallocate.)
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, RECORD_SIZE)
+            else:
+                os.ftruncate(fd, RECORD_SIZE)
             self.map = mmap.mmap(fd, RECORD_SIZE)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
         finally:
             os.close(fd)
         self.sequence = 0
@@ -211,7 +243,7 @@ def read_worker(path: str) -> Optional[dict[str, Any]]:
                     break
             else:
                 return None
-    except FileNotFoundError:
+    except OSError:  # none yet, or its directory removed or replaced
         return None
     _, state, started, updated, done, child, standby, held, jid, queue, klass = fields
     job = None
@@ -231,6 +263,15 @@ def read_worker(path: str) -> Optional[dict[str, Any]]:
         "held": held,
         "job": job,
     }
+
+
+def worker_state(record: Optional[Mapping[str, Any]], started: float, now: float) -> str:
+    """A worker's state from its record; with none, "starting" at first (its after_prefork hooks
+    run before it writes one), then "unknown" (its record was lost: the directory removed since
+    it started, or could not be made)."""
+    if record:
+        return record["state"]
+    return "starting" if now - started < STARTING else "unknown"
 
 
 def rss_bytes(pid: int) -> Optional[int]:
@@ -277,8 +318,10 @@ def _unshared_bytes(pid: int) -> Optional[int]:
 
 
 def read_manager(directory: str) -> Optional[dict[str, Any]]:
+    """The manager's state, or None if it cannot be read (not written yet, its directory
+    removed or replaced)."""
     try:
         with open(os.path.join(directory, MANAGER_FILE)) as file:
             return json.load(file)
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,20 +15,21 @@ import urllib.request
 
 import pytest
 from processes import alive, children, title, wait_for
-from test_worker import put, runs, state, wait_state
+from test_worker import WAITING, put, runs, state, wait_state
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "qless-pool")
 
 
-def status(pool, *args, timeout=30):
+def status(pool, *args, timeout=30, env=None):
     return subprocess.run(
         [SCRIPT, "status", "--pid", str(pool.pid), *args],
         capture_output=True, text=True, timeout=timeout, cwd=pool.directory,
+        env={**os.environ, **(env or {})},
     )  # fmt: skip
 
 
-def status_json(pool) -> dict:
-    result = status(pool, "--json")
+def status_json(pool, env=None) -> dict:
+    result = status(pool, "--json", env=env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -150,6 +152,91 @@ def test_the_state_is_private_and_removed_at_exit(start_pool):
     pool.send(signal.SIGQUIT)
     pool.process.wait(timeout=15)
     assert not os.path.exists(directory)
+
+
+def replacements(pool, old: int) -> list[int]:
+    """Waiting workers other than ``old`` (not its standby child, adopted by the manager for the
+    moment it takes to die)."""
+    return [pid for pid, text in pool.worker_titles().items() if pid != old and WAITING.match(text)]
+
+
+def test_a_pool_whose_state_directory_is_removed_makes_it_again(
+    start_pool, client, redis_conn, tmp_path
+):
+    # systemd-logind's RemoveIPC (the pool's user has no session left), a tmpfs cleaner.
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    env = {"QLESS_POOL_RUNTIME_DIR": str(runtime)}
+    pool = start_pool(config="foo: 1\n", env=env, expect={"foo": 1})
+    base = runtime / f"qless-pool-{os.getuid()}"
+    wait_for(lambda: (base / str(pool.pid) / "manager.json").exists())
+    shutil.rmtree(base)
+    # Made again within a second: status works again.
+    wait_for(lambda: status(pool, env=env).returncode == 0, message="status to work again")
+    pool.wait_log("was removed under it; making it again")
+    [old] = pool.workers()
+    os.kill(old, signal.SIGKILL)
+    [new] = wait_for(lambda: replacements(pool, old), message="a new worker")
+    jid = put(client, "foo", "Noop")
+    wait_state(client, jid, "complete")
+    assert runs(redis_conn)[-1]["ppid"] == new
+    snapshot = wait_for(
+        lambda: (s := status_json(pool, env)) and s["workers"][0]["jobs_done"] == 1 and s
+    )
+    assert [(w["pid"], w["state"]) for w in snapshot["workers"]] == [(new, "waiting")]
+    assert snapshot["healthy"] is True
+    assert "cannot write the pool's state" not in pool.log_text()
+
+
+def test_a_pool_whose_state_directory_cannot_be_made_again_runs_jobs_without_it(
+    start_pool, client, redis_conn, tmp_path
+):
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    env = {"QLESS_POOL_RUNTIME_DIR": str(runtime)}
+    port = free_port()
+    pool = start_pool("--metrics-port", str(port), config="foo: 1\n", env=env, expect={"foo": 1})
+    base = runtime / f"qless-pool-{os.getuid()}"
+    directory = base / str(pool.pid)
+    wait_for(lambda: (directory / "manager.json").exists())
+    scrape(port)  # the metrics helper is up
+    # Gone, with the metrics' directory beside it, and files in the way of making them again.
+    [multiproc] = base.glob("metrics-*")
+    shutil.rmtree(base)
+    base.mkdir(mode=0o700)
+    directory.write_text("")
+    multiproc.write_text("")
+    [old] = pool.workers()
+    os.kill(old, signal.SIGKILL)
+    [helper] = [p for p in children(pool.pid) if title(p).startswith("qless-pool-metrics")]
+    os.kill(helper, signal.SIGKILL)  # its replacement starts without the directory
+    # Its replacement starts, and runs jobs, without a record and without counting them.
+    [new] = wait_for(lambda: replacements(pool, old), message="a new worker")
+    jids = [put(client, "foo", "Noop") for _ in range(2)]
+    for jid in jids:
+        wait_state(client, jid, "complete")
+    assert [run["ppid"] for run in runs(redis_conn)] == [new, new]
+    log = pool.log_text()
+    assert log.count(f"[{new}] WARNING: no record for qless-pool status: ") == 1
+    assert log.count(f"[{new}] WARNING: cannot count jobs for the metrics: ") == 1
+    # The manager says so once, not on every turn of its loop.
+    pool.wait_log("cannot write the pool's state (for qless-pool status): ")
+    time.sleep(1.5)  # a turn or two more (TICK is 1 s): it must not say it again
+    log = pool.log_text()
+    assert log.count("cannot write the pool's state") == 1
+    assert log.count("was removed under it") == 1
+    for args in ((), ("--check",)):
+        result = status(pool, *args, env=env)
+        assert result.returncode == 1  # a pool, in a state nobody can tell
+    assert result.stderr == ""  # --check says nothing
+    assert f"pool {pool.pid} is running, but its state is not in {directory}: " in (
+        status(pool, env=env).stderr
+    )
+    # Still served (but the job counts, and the workers that manager.json would list).
+    samples = wait_for(lambda: scrape(port), message="a new metrics helper")
+    assert 'qless_pool_workers{state="waiting"}' in samples
+    assert not any(name.startswith("qless_pool_jobs_total") for name in samples)
+    assert pool.log_text().count("no job metrics until it is back") == 1
 
 
 # --- recycling ------------------------------------------------------------------------------------

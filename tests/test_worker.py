@@ -170,6 +170,16 @@ def test_a_delayed_job_is_found_by_the_poll(start_worker, client):
     wait_state(client, jid, "complete", timeout=10)
 
 
+def test_a_worker_whose_record_cannot_be_made_runs_jobs_without_it(start_worker, client, tmp_path):
+    # The pool's state directory removed under it (systemd-logind's RemoveIPC, a tmpfs cleaner).
+    worker = start_worker(["foo"], state_path=str(tmp_path / "gone" / "worker-1"))
+    jids = [put(client, "foo", "Noop") for _ in range(2)]
+    for jid in jids:
+        wait_state(client, jid, "complete")
+    assert worker.log_text().count("no record for qless-pool status: ") == 1
+    assert "No such file or directory" in worker.log_text()
+
+
 # --- one child per job ----------------------------------------------------------------------------
 
 
