@@ -325,8 +325,8 @@ def test_without_graceful_timeout_quit_waits_for_the_job(start_pool, client):
 # --- Prometheus metrics ---------------------------------------------------------------------------
 
 
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+def scrape(port: int, timeout: float = 10) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as response:
         text = response.read().decode()
     samples = {}
     for line in text.splitlines():
@@ -382,6 +382,57 @@ def test_metrics_after_real_jobs(start_pool, client):
     pool.process.kill()
     pool.process.wait(timeout=10)
     wait_for(lambda: not alive(helpers[0]), timeout=2, message="the metrics helper to die")
+
+
+def test_an_idle_connection_does_not_stop_the_scrapes_and_is_dropped(start_pool):
+    import socket
+
+    port = free_port()
+    pool = start_pool("--metrics-port", str(port), config="foo: 1\n", expect={"foo": 1})
+    scrape(port)  # the helper is up
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as idle:  # says nothing
+        connected = time.monotonic()
+        for _ in range(3):
+            started = time.monotonic()
+            assert scrape(port, timeout=5)['qless_pool_workers{state="waiting"}'] == 1
+            assert time.monotonic() - started < 5
+        # Dropped after the helper's timeout (10 s), not held (with a thread) for ever.
+        idle.settimeout(20)
+        assert idle.recv(1) == b""
+        assert 9 < time.monotonic() - connected < 20
+    assert pool.process.poll() is None
+
+
+def test_a_multiprocess_file_that_cannot_be_read_is_left_out(start_pool, client, tmp_path):
+    import struct
+
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    port = free_port()
+    pool = start_pool(
+        "--metrics-port", str(port), config="foo: 1\n",
+        env={"QLESS_POOL_RUNTIME_DIR": str(runtime)}, expect={"foo": 1},
+    )  # fmt: skip
+    scrape(port)  # the helper is up
+    [multiproc] = (runtime / f"qless-pool-{os.getuid()}").glob("metrics-*")
+    # Files prometheus_client cannot read (it claims 100 bytes, then an entry of 500): one of a
+    # live process (the manager's pid), one of an exited one (folding reads it), the archive.
+    broken = struct.pack("<iii4s", 100, 0, 500, b"junk")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for name in (f"counter_{pool.pid}.db", f"counter_{gone.pid}.db", "histogram_archive.db"):
+        (multiproc / name).write_bytes(broken)
+    jids = [put(client, "foo", "Noop") for _ in range(2)]
+    for jid in jids:
+        wait_state(client, jid, "complete")
+    completed = 'qless_pool_jobs_total{outcome="completed",queue="foo"}'
+    wait_for(lambda: scrape(port).get(completed) == 2, message="the jobs counted")
+    assert scrape(port)[completed] == 2  # and again
+    log = pool.log_text()
+    assert log.count(f"leaving {multiproc}/counter_{pool.pid}.db out of the job metrics: ") == 1
+    assert log.count(f"counter_{gone.pid}.db cannot be read") == 1
+    assert log.count(f"leaving {multiproc}/histogram_archive.db out of the job metrics: ") == 1
+    assert (multiproc / f"counter_{gone.pid}.db.broken").exists()
 
 
 def test_metrics_without_the_extra_is_refused(tmp_path):
