@@ -50,6 +50,8 @@ __all__ = [
 
 RUNTIME_VARIABLE = "QLESS_POOL_RUNTIME_DIR"
 MANAGER_FILE = "manager.json"
+#: Far more than any manager.json (about 100 bytes a worker).
+MANAGER_LIMIT = 16 << 20
 
 #: A worker's record: sequence, state, job started (epoch), updated (epoch), jobs done,
 #: child pid, standby pid, held jobs, then the job's jid, queue and class (UTF-8, NUL-padded).
@@ -227,10 +229,23 @@ def _encoded(job: Optional[Mapping[str, Any]], key: str, size: int) -> bytes:
     return str(job.get(key, "")).encode()[:size]
 
 
+def _open_record(path: str) -> Any:
+    """``path`` opened for reading, if it is a regular file (raises OSError otherwise).
+
+    qless-pool status may run as root, and these files are in the pool's user's directory: a
+    symlink there must not make root read (and show) another file, nor a FIFO hang it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
 def read_worker(path: str) -> Optional[dict[str, Any]]:
-    """A worker's record as a dict, or None if there is none (yet)."""
+    """A worker's record as a dict, or None if there is none (yet), or none to trust."""
     try:
-        with open(path, "rb") as file:
+        with _open_record(path) as file:
             for _ in range(100):
                 file.seek(0)
                 data = file.read(_RECORD.size)
@@ -319,9 +334,15 @@ def _unshared_bytes(pid: int) -> Optional[int]:
 
 def read_manager(directory: str) -> Optional[dict[str, Any]]:
     """The manager's state, or None if it cannot be read (not written yet, its directory
-    removed or replaced)."""
+    removed or replaced, not a regular file)."""
     try:
-        with open(os.path.join(directory, MANAGER_FILE)) as file:
-            return json.load(file)
-    except (OSError, ValueError):
+        with _open_record(os.path.join(directory, MANAGER_FILE)) as file:
+            text = file.read(MANAGER_LIMIT + 1)
+    except OSError:
+        return None
+    if len(text) > MANAGER_LIMIT:  # not the manager's (a sparse file would be read for ever)
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
         return None

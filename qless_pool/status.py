@@ -23,12 +23,12 @@ import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
+from .daemon import DEFAULT_PIDFILE
 from .state import pool_directory, read_manager, read_worker, rss_bytes, worker_state
 
 __all__ = ["EX_NO_POOL", "collect", "main", "render"]
 
 EX_NO_POOL = 3
-DEFAULT_PIDFILE = "tmp/pids/qless-pool.pid"
 QUEUE_COLUMNS = ("waiting", "running", "scheduled", "stalled", "depends", "recurring")
 
 

@@ -105,3 +105,31 @@ def test_a_pool_on_a_full_tmpfs_runs_jobs(full_tmpfs, start_pool, client, tmp_pa
     assert log.count("WARNING: no record for qless-pool status: [Errno 28] No space left") == 2
     assert result.returncode == 1
     assert f"pool {pool.pid} is running, but its state is not in " in result.stderr
+
+
+@pytest.mark.timeout(20)  # a FIFO read the old way would block: fail, not hang
+def test_records_are_read_only_from_regular_files_not_through_links(tmp_path):
+    # qless-pool status may run as root; the directory is the pool's user's.
+    from qless_pool.state import PoolState, read_manager
+
+    state = PoolState(4242, root=str(tmp_path))
+    state.write_manager({"pid": 4242, "workers": []})
+    real = WorkerSlot(state.worker_path(1))
+    real.update("waiting")
+    assert read_worker(state.worker_path(1))["state"] == "waiting"
+    assert read_manager(state.directory) == {"pid": 4242, "workers": []}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "manager.json").write_text('{"secret": true}')
+    os.symlink(state.worker_path(1), state.worker_path(2))  # a valid record, through a link
+    os.mkfifo(state.worker_path(3))
+    assert read_worker(state.worker_path(2)) is None
+    assert read_worker(state.worker_path(3)) is None
+    os.unlink(os.path.join(state.directory, "manager.json"))
+    os.symlink(elsewhere / "manager.json", os.path.join(state.directory, "manager.json"))
+    assert read_manager(state.directory) is None
+    os.unlink(os.path.join(state.directory, "manager.json"))
+    os.mkfifo(os.path.join(state.directory, "manager.json"))
+    assert read_manager(state.directory) is None
+    real.close()
+    state.remove()
