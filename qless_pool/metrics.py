@@ -244,6 +244,7 @@ class JobCollector:
         self.directory = directory
         self.missing = False  # said so
         self.unreadable: set[str] = set()  # said so
+        self.fold_problem: Optional[str] = None  # said so
 
     def collect(self) -> Iterable[Any]:
         from prometheus_client.multiprocess import MultiProcessCollector
@@ -254,7 +255,10 @@ class JobCollector:
                 self.missing = True
             return ()
         self.missing = False
-        fold_dead_processes(self.directory)
+        problem = fold_dead_processes(self.directory)
+        if problem and problem != self.fold_problem:
+            log.warning("%s", problem)
+        self.fold_problem = problem
         files = glob.glob(os.path.join(self.directory, "*.db"))
         try:
             return MultiProcessCollector.merge(files, accumulate=True)
@@ -347,13 +351,14 @@ class PoolCollector:
             return {}
 
 
-def fold_dead_processes(directory: str, alive: Optional[Sequence[int]] = None) -> None:
+def fold_dead_processes(directory: str, alive: Optional[Sequence[int]] = None) -> Optional[str]:
     """Fold the files of exited processes into ``<type>_archive.db``: their counts stay, and the
     number of files stays bounded however often workers are recycled.
 
     A file that cannot be read is renamed ``*.db.broken`` (kept to look at, no longer read) with
     a warning, whether it is an exited process's or the archive itself. If the archive cannot be
-    written (a full tmpfs) the files stay as they are, to be folded at a later scrape.
+    written (a full tmpfs) the files stay as they are, to be folded at a later scrape, and the
+    reason is returned (None: all folded).
     """
     from prometheus_client.mmap_dict import MmapedDict
 
@@ -373,8 +378,7 @@ def fold_dead_processes(directory: str, alive: Optional[Sequence[int]] = None) -
             allocate(archive_path)
             archive = MmapedDict(archive_path)
         except OSError as error:
-            log.warning("cannot fold %s into %s: %s", path, archive_path, error)
-            return
+            return f"cannot fold the files of exited workers into {archive_path}: {error}"
         try:
             for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(path):
                 old, _ = archive.read_value(key)
@@ -383,6 +387,7 @@ def fold_dead_processes(directory: str, alive: Optional[Sequence[int]] = None) -
             archive.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+    return None
 
 
 def _set_aside_if_broken(path: str) -> bool:

@@ -133,3 +133,33 @@ def test_records_are_read_only_from_regular_files_not_through_links(tmp_path):
     assert read_manager(state.directory) is None
     real.close()
     state.remove()
+
+
+def test_folding_metrics_on_a_full_tmpfs_waits_rather_than_dying(full_tmpfs):
+    from prometheus_client.mmap_dict import MmapedDict
+
+    from qless_pool.metrics import fold_dead_processes
+
+    # Room for one page: an exited worker's file with a count in it; then full again.
+    ballast = full_tmpfs / "ballast"
+    os.truncate(ballast, ballast.stat().st_size - 8192)
+    dead = full_tmpfs / "counter_999999999.db"
+    counts = MmapedDict(str(dead))
+    counts.write_value('["c", "c_total", {}, "help"]', 3.0, 0.0)
+    counts.close()
+    with open(ballast, "ab", buffering=0) as file, contextlib.suppress(OSError):
+        while True:
+            file.write(b"x" * 4096)
+    pid = os.fork()
+    if pid == 0:  # SIGBUS would kill this child
+        status = 3
+        try:
+            problem = fold_dead_processes(str(full_tmpfs), alive=[])
+            status = 0 if problem and "No space left on device" in problem else 1
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert not os.WIFSIGNALED(status), signal.Signals(os.WTERMSIG(status)).name
+    assert os.WEXITSTATUS(status) == 0
+    assert dead.exists()  # still there, to be folded once there is room
+    assert not (full_tmpfs / "counter_archive.db").exists()
