@@ -484,7 +484,7 @@ def _run_manager(
             return fail(error.status, str(error))
     # The files are open: from here on, the application runs without root's privileges.
     if identity is not None:
-        drop_privileges(identity, own=[log_files.stdout, log_files.stderr] if log_files else [])
+        drop_privileges(identity, log_files)
     elif os.geteuid() == 0:
         log.warning(
             "running as root: give --user (and --group) to run the pool and its jobs "

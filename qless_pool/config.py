@@ -56,6 +56,8 @@ CONFIG_VARIABLE = "QLESS_POOL_CONFIG"
 #: The most workers one queue list may ask for (a typo of a few digits must not fork until
 #: fork fails).
 MAX_WORKERS = 1000
+#: The most characters of a value from the file an error message shows.
+SHOWN_LIMIT = 60
 #: YAML's limit on the length of a key written the usual way (``"key": value``).
 SIMPLE_KEY_LIMIT = 1024
 
@@ -77,9 +79,9 @@ class ConfigError(Exception):
         self.section = section
         where = ""
         if section is not None:
-            where += f"section {section!r}, "
+            where += f"section {_shown(section)}, "
         if key is not None:
-            where += f"key {key!r}: "
+            where += f"key {_shown(key)}: "
         super().__init__(f"{source}: {where}{problem}")
 
 
@@ -255,7 +257,7 @@ class _Expander:
                 raise ConfigError(
                     self.source,
                     f"line {variable.line}: ${{{variable.name}}} must be one plain value, "
-                    f"not {values[0]!r} (a variable cannot add keys, lists or sections)",
+                    f"not {_shown(values[0])} (a variable cannot add keys, lists or sections)",
                     key=key,
                     section=section,
                 )
@@ -284,7 +286,9 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
         key = loader.construct_object(key_node, deep=deep)
         if key in mapping:
             mark = key_node.start_mark
-            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {_shown(key)} appears twice", mark
+            )
         mapping[key] = loader.construct_object(value_node, deep=deep)
     return mapping
 
@@ -369,7 +373,7 @@ def resolve_groups(
     if environment is not None and section is None and sections:
         message = (
             f"no section {environment!r} (the file has sections "
-            + ", ".join(repr(str(name)) for name in sections)
+            + ", ".join(_shown(str(name)) for name in sections)
             + ")"
         )
         if warn is None:
@@ -389,7 +393,7 @@ def _groups(entries: Mapping[Any, Any], source: str, section: str | None) -> Gro
         if queues in groups:
             raise ConfigError(
                 source,
-                f"names the same queue list as key {spelled[queues]!r}",
+                f"names the same queue list as key {_shown(spelled[queues])}",
                 key=key,
                 section=section,
             )
@@ -412,7 +416,10 @@ def _queue_list(key: Any, source: str, section: str | None) -> Queues:
     repeated = sorted({name for name in queues if queues.count(name) > 1})
     if repeated:
         raise ConfigError(
-            source, f"queue {repeated[0]!r} appears twice in the list", key=key, section=section
+            source,
+            f"queue {_shown(repeated[0])} appears twice in the list",
+            key=key,
+            section=section,
         )
     return queues
 
@@ -445,12 +452,19 @@ def _kind(value: Any) -> str:
     if isinstance(value, bool):
         return f"a boolean ({str(value).lower()})"
     if isinstance(value, str):
-        return f"a string ({value!r})"
+        return f"a string ({_shown(value)})"
     if isinstance(value, (list, tuple)):
         return "a list"
     if isinstance(value, float):
-        return f"a fraction ({value!r})"
-    return f"{type(value).__name__} ({value!r})"
+        return f"a fraction ({_shown(value)})"
+    return f"{type(value).__name__} ({_shown(value)})"
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to SHOWN_LIMIT characters: the message of a config that is (a symlink
+    to) some other file, a secret perhaps, must not print that file."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_LIMIT else text[: SHOWN_LIMIT - 3] + "..."
 
 
 def groups_to_json(groups: Groups) -> str:

@@ -16,7 +16,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NoReturn, Optional
 
@@ -58,20 +58,27 @@ class DaemonError(Exception):
         self.status = status
 
 
-def _open_file(what: str, path: str, flags: int, mode: int = 0o644) -> int:
-    """Open (creating it, and its missing directories) a file the pool writes or locks.
+def _open_file(what: str, path: str, flags: int, mode: int = 0o644) -> tuple[int, bool]:
+    """Open (creating it, and its missing directories) a file the pool writes or locks; returns
+    the descriptor and whether this call created the file.
 
-    The pidfile and the lock must be the files they are named: a symlink is not followed, and
-    a file with other hard links (whose other name could be anything) is refused, so the pool
-    never writes through to another file. A problem is a DaemonError naming the path.
+    The pool's files must be the files they are named, even in a directory someone else may
+    write to (a log directory of the pool's user, while root starts the pool): the last
+    component is not followed if it is a symlink (the directories above it may be links), and
+    anything but a regular file with no other hard link (whose other name could be anything) is
+    refused, so the pool never writes through to another file. A problem is a DaemonError
+    naming the path.
     """
     try:
-        fd = _create(path, flags | os.O_NOFOLLOW, mode)
+        # O_NONBLOCK: a FIFO in the file's place must be refused, not hang the start.
+        fd, created = _create(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise DaemonError(
                 f"{what} {path} is a symlink; refusing to follow it", EX_CANTCREAT
             ) from None
+        if error.errno == errno.ENXIO:  # a FIFO with no reader, a socket, a device
+            raise DaemonError(f"{what} {path} is not a regular file", EX_CANTCREAT) from None
         reason = error.strerror or str(error)
         raise DaemonError(f"cannot create {what} {path}: {reason}", EX_CANTCREAT) from None
     info = os.fstat(fd)
@@ -83,7 +90,8 @@ def _open_file(what: str, path: str, flags: int, mode: int = 0o644) -> int:
     if problem:
         os.close(fd)
         raise DaemonError(f"{what} {path} {problem}", EX_CANTCREAT)
-    return fd
+    os.set_blocking(fd, True)
+    return fd, created
 
 
 # --- the pidfile ----------------------------------------------------------------------------------
@@ -104,7 +112,7 @@ class Pidfile:
         self.owner: Optional[int] = None
 
     def acquire(self) -> None:
-        fd = _open_file("pidfile", self.path, os.O_RDWR)
+        fd, _ = _open_file("pidfile", self.path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -179,7 +187,7 @@ class PoolLock:
         self.fd = -1
 
     def acquire(self) -> None:
-        fd = _open_file("lock file", self.path, os.O_RDWR)
+        fd, _ = _open_file("lock file", self.path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -193,24 +201,31 @@ class PoolLock:
 
 
 class LogFiles:
-    """stdout and stderr sent to files (appended), reopened on HUP (logrotate: rename, HUP)."""
+    """stdout and stderr sent to files (appended), reopened on HUP (logrotate: rename, HUP).
+
+    A log file is opened as the pidfile is (see ``_open_file``): the pool is often started by
+    root with its log directory writable by the pool's user, who could otherwise put a symlink
+    or a hard link to any file there and have root append to it (and hand it over, below).
+    """
 
     def __init__(self, stdout: str, stderr: str, sync: bool = True):
         self.stdout, self.stderr, self.sync = stdout, stderr, sync
+        self.created = (False, False)  # whether the last open() created each file
 
     def open(self) -> None:
         """Open both files (raises DaemonError), then put them in place of stdout and stderr."""
         opened = []
         try:
             for path in (self.stdout, self.stderr):
-                opened.append(_open_log(path))
+                opened.append(_open_file("log file", path, os.O_WRONLY | os.O_APPEND))
         except DaemonError:
-            for fd in opened:
+            for fd, _ in opened:
                 os.close(fd)
             raise
-        for new, fd in zip(opened, (1, 2)):
+        for (new, _), fd in zip(opened, (1, 2)):
             os.dup2(new, fd)
             os.close(new)
+        self.created = (opened[0][1], opened[1][1])
         # Synced (the default): every line reaches the file when written; --nosync: buffered.
         for stream in (sys.stdout, sys.stderr):
             if hasattr(stream, "reconfigure"):
@@ -230,20 +245,30 @@ class LogFiles:
             return
         log.info("reopened %s and %s", self.stdout, self.stderr)
 
+    def hand_to(self, identity: Identity) -> None:
+        """Root, before switching to ``identity``: make the open files its own, so that it can
+        reopen them on HUP. Only a file this start created, or one the user already owns, is
+        handed over: never a file of someone else (root's, another user's), whatever its name."""
+        for fd, path, created in zip((1, 2), (self.stdout, self.stderr), self.created):
+            owner = os.fstat(fd).st_uid
+            if not created and owner != identity.uid:
+                log.warning(
+                    "log file %s belongs to uid %d: not handing it to %s (HUP cannot reopen it)",
+                    path,
+                    owner,
+                    identity.describe(),
+                )
+                continue
+            try:
+                os.fchown(fd, identity.uid, identity.gid)  # the file open, not a name
+            except OSError as error:
+                log.warning("cannot hand %s to %s: %s", path, identity.describe(), error.strerror)
 
-def _open_log(path: str) -> int:
-    """A log file to append to (a symlink is followed: log directories often are links)."""
-    try:
-        return _create(path, os.O_WRONLY | os.O_APPEND)
-    except OSError as error:
-        reason = error.strerror or str(error)
-        raise DaemonError(f"cannot create log file {path}: {reason}", EX_CANTCREAT) from None
 
-
-def _create(path: str, flags: int, mode: int = 0o644) -> int:
+def _create(path: str, flags: int, mode: int = 0o644) -> tuple[int, bool]:
     """Open ``path``, creating it and its missing directories, none of them group- or
     world-writable whatever the umask the pool was started with (0 is not rare in init
-    scripts)."""
+    scripts); returns the descriptor and whether the file was created by this call."""
     previous = os.umask(0o022)
     try:
         directory = os.path.dirname(path)
@@ -254,7 +279,18 @@ def _create(path: str, flags: int, mode: int = 0o644) -> int:
                 raise NotADirectoryError(
                     errno.ENOTDIR, f"{_not_a_directory(directory)} is not a directory"
                 ) from None
-        return os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, mode)
+        flags |= os.O_CLOEXEC
+        # Created or found, told apart (O_EXCL): only a file root created may be handed over.
+        for _ in range(3):
+            try:
+                return os.open(path, flags | os.O_CREAT | os.O_EXCL, mode), True
+            except FileExistsError:
+                pass
+            try:
+                return os.open(path, flags), False
+            except FileNotFoundError:
+                continue  # removed in between: create it after all
+        return os.open(path, flags | os.O_CREAT, mode), False  # a race every time: not ours
     finally:
         os.umask(previous)
 
@@ -278,7 +314,7 @@ class Identity:
 
     uid: int
     gid: int
-    user: Optional[str]  # for the supplementary groups; None: --group only
+    user: Optional[str]  # for the supplementary groups; None: a uid with no passwd entry
 
     def describe(self) -> str:
         return f"uid {self.uid}" + (f" ({self.user})" if self.user else "") + f", gid {self.gid}"
@@ -286,25 +322,35 @@ class Identity:
 
 def resolve_identity(user: Optional[str], group: Optional[str]) -> Optional[Identity]:
     """The identity ``--user``/``--group`` name (names or numbers), or None if neither is
-    given. Raises DaemonError (status 2) for an unknown user or group, or if this process
-    cannot switch to them (only root can switch to another user)."""
+    given. Raises DaemonError (status 2) for an unknown user or group, for a switch that would
+    keep root's uid or gid by accident, or if this process cannot switch to them (only root
+    can switch to another user)."""
     if not user and not group:
         return None
-    uid, gid, name = os.getuid(), os.getgid(), None
-    if user:
-        try:
-            entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-        except KeyError:
-            if not user.isdigit():
-                raise DaemonError(f"--user {user}: no such user", 2) from None
-            uid = int(user)
-        else:
-            uid, gid, name = entry.pw_uid, entry.pw_gid, entry.pw_name
+    if not user:
+        # It would keep uid 0: a pool that looks unprivileged and is not.
+        raise DaemonError(f"--group {group} needs --user (the user to run as)", 2)
+    gid, name = None, None
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        if not user.isdigit():
+            raise DaemonError(f"--user {user}: no such user", 2) from None
+        uid = int(user)
+    else:
+        uid, gid, name = entry.pw_uid, entry.pw_gid, entry.pw_name
     if group:
         try:
             gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
         except KeyError:
             raise DaemonError(f"--group {group}: no such group", 2) from None
+    if gid is None:
+        # A uid with no passwd entry has no group of its own; root's (0) would stay.
+        raise DaemonError(
+            f"--user {user}: no such user in the password database, so no group to run as; "
+            "give --group too",
+            2,
+        )
     identity = Identity(uid, gid, name)
     if os.geteuid() != 0 and (uid, gid) != (os.geteuid(), os.getegid()):
         raise DaemonError(
@@ -315,16 +361,13 @@ def resolve_identity(user: Optional[str], group: Optional[str]) -> Optional[Iden
     return identity
 
 
-def drop_privileges(identity: Identity, own: Sequence[str] = ()) -> None:
-    """Become ``identity`` for good (groups, then gid, then uid), after handing it the files
-    in ``own`` (the log files, so that it can reopen them on HUP)."""
+def drop_privileges(identity: Identity, log_files: Optional[LogFiles] = None) -> None:
+    """Become ``identity`` for good (groups, then gid, then uid), after handing it the open
+    ``log_files`` (so that it can reopen them on HUP)."""
     if os.geteuid() != 0:
         return  # already this identity (resolve_identity checked)
-    for path in own:
-        try:
-            os.chown(path, identity.uid, identity.gid)
-        except OSError as error:
-            log.warning("cannot hand %s to %s: %s", path, identity.describe(), error.strerror)
+    if log_files is not None:
+        log_files.hand_to(identity)
     if identity.user:
         os.initgroups(identity.user, identity.gid)
     else:

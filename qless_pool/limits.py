@@ -21,9 +21,12 @@ import random
 import time
 from typing import Optional
 
+from .logs import logger
 from .state import private_bytes, rss_bytes
 
 __all__ = ["MEMORY_CHECK_INTERVAL", "RECYCLED", "Limits"]
+
+log = logger.getChild("worker")
 
 #: How often the worker looks at its own (after a job) or its job child's memory.
 MEMORY_CHECK_INTERVAL = 1.0
@@ -45,6 +48,7 @@ class Limits:
         self.max_memory = max_memory * 1024 * 1024 if max_memory else None
         self.graceful_timeout = graceful_timeout
         self._next_memory_check = 0.0
+        self._unmeasurable_said = False
 
     def worker_done(self, jobs_done: int) -> Optional[str]:
         """After a job: why this worker should be replaced now, if it should."""
@@ -63,6 +67,15 @@ class Limits:
         if self.max_memory is None:
             return None
         used = private_bytes(pid)
+        if used is None and not self._unmeasurable_said and _exists(pid):
+            # Not gone: /proc will not say (hidepid, no /proc). Said once: it will not change.
+            self._unmeasurable_said = True
+            log.warning(
+                "--max-memory: cannot measure the memory of job child %d (/proc/%d/smaps_rollup "
+                "and statm are unreadable): job children are not held to the limit",
+                pid,
+                pid,
+            )
         if used is not None and used > self.max_memory:
             return (
                 f"its own memory {used >> 20} MB went above --max-memory {self.max_memory >> 20} MB"
@@ -74,3 +87,13 @@ class Limits:
             f"still running {self.graceful_timeout:g}s after the worker was told to stop "
             f"(--graceful-timeout)"
         )
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True

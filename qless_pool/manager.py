@@ -153,6 +153,8 @@ class Pool:
         self._title = ""
         self._worker_count = -1
         self._published: Any = None
+        self._state_problem: Optional[str] = None  # why the state cannot be written, once said
+        self._state_written = False  # manager.json is there (or was, if intact() says no)
 
     # --- start and the loop ---------------------------------------------------------------------
 
@@ -641,9 +643,8 @@ class Pool:
             tuple(self.restarts.values()),
             self.metrics_pid,
         )
-        if snapshot == self._published:
+        if snapshot == self._published and self.state.intact():
             return
-        self._published = snapshot
         wall = time.time() - now  # monotonic -> epoch
         groups = []
         for queues in dict.fromkeys([*desired, *(w.queues for w in self.workers.values())]):
@@ -681,9 +682,36 @@ class Pool:
             "metrics_pid": self.metrics_pid,
         }
         try:
+            if not self.state.intact():
+                if self._state_written:
+                    log.warning(
+                        "the pool's state in %s was removed under it; making it again (the "
+                        "running workers' records for qless-pool status are lost)",
+                        self.state.directory,
+                    )
+                    self._state_written = False
+                self.state.restore()
+                self._restore_metrics_directory()
             self.state.write_manager(data)
         except OSError as error:
-            log.warning("cannot write the pool's state: %s", error)
+            # Tried again on every turn (intact() says no) or change; said once, not each time.
+            if str(error) != self._state_problem:
+                log.warning("cannot write the pool's state (for qless-pool status): %s", error)
+                self._state_problem = str(error)
+            return
+        self._published = snapshot
+        self._state_written = True
+        if self._state_problem is not None:
+            log.info("the pool's state is written again, in %s", self.state.directory)
+            self._state_problem = None
+
+    def _restore_metrics_directory(self) -> None:
+        """The multiprocess directory lives beside the pool's (state.private_base): gone with
+        it, it is made again, so that the workers count their jobs again."""
+        if self.metrics_listener is not None:
+            from . import metrics
+
+            metrics.restore()
 
     def _emit(self, event: str) -> None:
         if self.lifecycle is not None:

@@ -12,6 +12,10 @@ stays Redis-free and thread-free; the helper dies with it.
 - ``qless_pool_workers{state}``, ``qless_pool_worker_restarts_total{reason}``: read from the
   pool's state files (state.py) at scrape time.
 - ``qless_pool_queue_jobs{queue, state}``: qless's counts, read from Redis at scrape time.
+
+The helper gives each connection a thread (a client that sends nothing is dropped after
+CLIENT_TIMEOUT, and holds up no other) and makes one scrape at a time. A multiprocess file it
+cannot read is left out with a warning, not the whole scrape.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
+import time
 from collections import Counter as Tally
-from collections.abc import Iterator, Sequence
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from collections.abc import Iterable, Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
 from .logs import logger
@@ -39,7 +45,12 @@ log = logger.getChild("metrics")
 MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, float("inf"))
 QUEUE_STATES = ("waiting", "running", "scheduled", "stalled", "depends", "recurring")
-WORKER_STATES = ("starting", "waiting", "processing", "paused", "stopping", "retiring")
+#: Seconds a scraper may take to send its request, or to read the answer.
+CLIENT_TIMEOUT = 10.0
+#: What prometheus_client maps of a new file (its _INITIAL_MMAP_SIZE): room for a few hundred
+#: series, far more than a worker's job metrics.
+FILE_ALLOCATION = 64 * 1024
+WORKER_STATES = ("starting", "waiting", "processing", "paused", "stopping", "retiring", "unknown")
 
 
 class MetricsError(Exception):
@@ -87,6 +98,16 @@ def discard(directory: str) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def restore() -> None:
+    """Make the multiprocess directory again if prepare() made it and it is gone."""
+    from .state import private_base
+
+    directory = os.environ.get(MULTIPROC_VARIABLE)
+    if directory and os.path.dirname(directory) == private_base():
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o700)
+
+
 def bind(address: str, port: int) -> socket.socket:
     """The listening socket, bound by the manager at start so that a taken port fails it."""
     try:
@@ -125,10 +146,46 @@ class JobMeter:
             buckets=BUCKETS,
             registry=None,
         )
+        self._failed = False  # said so, until counting works again
+        self._allocated = False
 
     def finished(self, queue: str, outcome: str, seconds: float) -> None:
-        self.jobs.labels(queue, outcome).inc()
-        self.duration.labels(queue).observe(seconds)
+        # Best effort: the multiprocess directory may be gone (removed with the pool's state
+        # directory) or full; a job's count is not worth the worker.
+        try:
+            if not self._allocated:
+                directory = os.environ[MULTIPROC_VARIABLE]
+                for kind in ("counter", "histogram"):  # prometheus_client's names for them
+                    allocate(os.path.join(directory, f"{kind}_{os.getpid()}.db"))
+                self._allocated = True
+            self.jobs.labels(queue, outcome).inc()
+            self.duration.labels(queue).observe(seconds)
+        except OSError as error:
+            if not self._failed:
+                log.warning("cannot count jobs for the metrics: %s", error)
+                self._failed = True
+        else:
+            self._failed = False
+
+
+def allocate(path: str) -> None:
+    """Make sure ``path`` has blocks for all its bytes, at least FILE_ALLOCATION (raises OSError).
+
+    prometheus_client maps its files after growing them with truncate, which allocates nothing:
+    on a full tmpfs (Docker's /dev/shm is 64 MB) the first write through the map would kill the
+    process with SIGBUS. Allocated first, the file is full size and the map never faults.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if hasattr(os, "posix_fallocate"):  # not on macOS
+            os.posix_fallocate(fd, 0, max(FILE_ALLOCATION, os.fstat(fd).st_size))
+    except OSError:
+        if os.fstat(fd).st_size == 0:  # an empty file would read as corrupt
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
 
 
 # --- the helper process -------------------------------------------------------------------------
@@ -137,20 +194,24 @@ class JobMeter:
 def serve(listener: socket.socket, pool_directory: str, redis_url: str) -> int:
     """The metrics helper's body: serve /metrics until the manager is gone (it dies with it)."""
     from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
-    multiproc = os.environ[MULTIPROC_VARIABLE]
-    MultiProcessCollector(registry, path=multiproc)
+    registry.register(JobCollector(os.environ[MULTIPROC_VARIABLE]))
     registry.register(PoolCollector(pool_directory, redis_url))
+    # One scrape at a time: two could fold the same exited worker's file twice.
+    scraping = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
+        # A client that sends nothing (or reads nothing) is dropped after this long; it has a
+        # thread of its own meanwhile, so it never holds up the next scrape.
+        timeout = CLIENT_TIMEOUT
+
         def do_GET(self) -> None:
             if self.path.split("?")[0] != "/metrics":
                 self.send_error(404)
                 return
-            fold_dead_processes(multiproc)
-            body = generate_latest(registry)
+            with scraping:
+                body = generate_latest(registry)
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
@@ -160,12 +221,70 @@ def serve(listener: socket.socket, pool_directory: str, redis_url: str) -> int:
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("%s %s", self.address_string(), format % args)
 
-    server = HTTPServer(listener.getsockname()[:2], Handler, bind_and_activate=False)
+    server = ThreadingHTTPServer(listener.getsockname()[:2], Handler, bind_and_activate=False)
+    server.daemon_threads = True  # (its default): a stuck client never delays an exit
     server.socket.close()
     server.socket = listener
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     server.serve_forever()
     return 0
+
+
+class JobCollector:
+    """The workers' job counts, from their multiprocess files, read at scrape time.
+
+    prometheus_client's MultiProcessCollector fails the whole scrape for one file it cannot
+    read, and refuses a directory that is not there. Here a file that cannot be read (corrupt:
+    a disk error, a process killed while it grew the file, a stray file) is left out, with a
+    warning once; a directory that is gone (removed with the pool's state directory, until the
+    manager makes it again) serves the other metrics meanwhile.
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.missing = False  # said so
+        self.unreadable: set[str] = set()  # said so
+        self.fold_problem: Optional[str] = None  # said so
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        if not os.path.isdir(self.directory):
+            if not self.missing:
+                log.warning("%s is gone: no job metrics until it is back", self.directory)
+                self.missing = True
+            return ()
+        self.missing = False
+        problem = fold_dead_processes(self.directory)
+        if problem and problem != self.fold_problem:
+            log.warning("%s", problem)
+        self.fold_problem = problem
+        files = glob.glob(os.path.join(self.directory, "*.db"))
+        try:
+            return MultiProcessCollector.merge(files, accumulate=True)
+        except Exception:  # one of them: find it, leave it out
+            return MultiProcessCollector.merge([f for f in files if self._readable(f)])
+
+    def _readable(self, path: str) -> bool:
+        problem = unreadable(path)
+        if problem is None:
+            self.unreadable.discard(path)
+            return True
+        if path not in self.unreadable and os.path.exists(path):
+            log.warning("leaving %s out of the job metrics: %s", path, problem)
+        self.unreadable.add(path)
+        return False
+
+
+def unreadable(path: str) -> Optional[str]:
+    """Why prometheus_client cannot read the multiprocess file ``path``, or None if it can."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    try:
+        MultiProcessCollector.merge([path], accumulate=True)
+    except Exception as error:  # whatever a broken file makes it raise
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 class PoolCollector:
@@ -179,14 +298,15 @@ class PoolCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        from .state import read_manager, read_worker
+        from .state import read_manager, read_worker, worker_state
 
         manager = read_manager(self.directory) or {}
         states: Tally = Tally({state: 0 for state in WORKER_STATES})
+        now = time.time()
         for worker in manager.get("workers", []):
             record = read_worker(os.path.join(self.directory, f"worker-{worker['pid']}"))
-            state = "retiring" if worker.get("retiring") else (record or {}).get("state")
-            states[state or "starting"] += 1
+            retiring = worker.get("retiring")
+            states["retiring" if retiring else worker_state(record, worker["started"], now)] += 1
         workers = GaugeMetricFamily(
             "qless_pool_workers", "The pool's worker parents, by state", labels=["state"]
         )
@@ -231,9 +351,15 @@ class PoolCollector:
             return {}
 
 
-def fold_dead_processes(directory: str, alive: Optional[Sequence[int]] = None) -> None:
+def fold_dead_processes(directory: str, alive: Optional[Sequence[int]] = None) -> Optional[str]:
     """Fold the files of exited processes into ``<type>_archive.db``: their counts stay, and the
-    number of files stays bounded however often workers are recycled."""
+    number of files stays bounded however often workers are recycled.
+
+    A file that cannot be read is renamed ``*.db.broken`` (kept to look at, no longer read) with
+    a warning, whether it is an exited process's or the archive itself. If the archive cannot be
+    written (a full tmpfs) the files stay as they are, to be folded at a later scrape, and the
+    reason is returned (None: all folded).
+    """
     from prometheus_client.mmap_dict import MmapedDict
 
     for path in glob.glob(os.path.join(directory, "*.db")):
@@ -243,7 +369,16 @@ def fold_dead_processes(directory: str, alive: Optional[Sequence[int]] = None) -
         pid = int(rest)
         if (pid in alive) if alive is not None else _alive(pid):
             continue
-        archive = MmapedDict(os.path.join(directory, f"{kind}_archive.db"))
+        if _set_aside_if_broken(path):
+            continue
+        archive_path = os.path.join(directory, f"{kind}_archive.db")
+        if os.path.exists(archive_path):
+            _set_aside_if_broken(archive_path)  # then a new archive, from here on
+        try:
+            allocate(archive_path)
+            archive = MmapedDict(archive_path)
+        except OSError as error:
+            return f"cannot fold the files of exited workers into {archive_path}: {error}"
         try:
             for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(path):
                 old, _ = archive.read_value(key)
@@ -252,6 +387,17 @@ def fold_dead_processes(directory: str, alive: Optional[Sequence[int]] = None) -
             archive.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+    return None
+
+
+def _set_aside_if_broken(path: str) -> bool:
+    problem = unreadable(path)
+    if problem is None:
+        return False
+    log.warning("%s cannot be read (%s); renamed %s.broken", path, problem, path)
+    with contextlib.suppress(OSError):
+        os.rename(path, f"{path}.broken")
+    return True
 
 
 def _alive(pid: int) -> bool:

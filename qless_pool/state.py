@@ -45,16 +45,21 @@ __all__ = [
     "read_worker",
     "rss_bytes",
     "runtime_root",
+    "worker_state",
 ]
 
 RUNTIME_VARIABLE = "QLESS_POOL_RUNTIME_DIR"
 MANAGER_FILE = "manager.json"
+#: Far more than any manager.json (about 100 bytes a worker).
+MANAGER_LIMIT = 16 << 20
 
 #: A worker's record: sequence, state, job started (epoch), updated (epoch), jobs done,
 #: child pid, standby pid, held jobs, then the job's jid, queue and class (UTF-8, NUL-padded).
 _RECORD = struct.Struct("<QBxxxddQiiI64s128s256s")
 RECORD_SIZE = 512
 STATES = ("starting", "waiting", "processing", "paused", "stopping")
+#: How long a worker without a record is taken to be starting.
+STARTING = 10.0
 
 
 def runtime_root(environ: Optional[Mapping[str, str]] = None) -> str:
@@ -105,12 +110,28 @@ class PoolState:
         path = os.path.join(self.directory, MANAGER_FILE)
         temporary = f"{path}.{os.getpid()}"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as file:
-            json.dump(data, file)
-        os.replace(temporary, path)
+        try:
+            with os.fdopen(fd, "w") as file:
+                json.dump(data, file)
+            os.replace(temporary, path)
+        except BaseException:  # a full tmpfs: leave no half-written file behind
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+
+    def intact(self) -> bool:
+        """Is manager.json still there? Something may remove the directory under a running
+        pool: systemd-logind's RemoveIPC when the pool's user has no session left, a tmpfs
+        cleaner."""
+        return os.path.exists(os.path.join(self.directory, MANAGER_FILE))
+
+    def restore(self) -> None:
+        """Make the directory again (raises OSError), for qless-pool status and new workers."""
+        _private_directory(os.path.dirname(self.directory))
+        _private_directory(self.directory)
 
     def forget_worker(self, pid: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # best effort: gone already, or its directory
             os.unlink(self.worker_path(pid))
 
     def remove(self) -> None:
@@ -118,14 +139,27 @@ class PoolState:
 
 
 class WorkerSlot:
-    """The worker's side: its record, rewritten in place."""
+    """The worker's side: its record, rewritten in place.
+
+    Making it raises OSError (its directory gone, a full tmpfs); the worker then runs without.
+    """
 
     def __init__(self, path: str):
         self.path = path
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.ftruncate(fd, RECORD_SIZE)
+            # Blocks allocated now, not on the first write through the map: on a full tmpfs
+            # (Docker's /dev/shm is 64 MB) that write would kill the worker with SIGBUS;
+            # allocating fails here instead, with ENOSPC. (macOS has no posix_fallocate.)
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, RECORD_SIZE)
+            else:
+                os.ftruncate(fd, RECORD_SIZE)
             self.map = mmap.mmap(fd, RECORD_SIZE)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
         finally:
             os.close(fd)
         self.sequence = 0
@@ -195,10 +229,23 @@ def _encoded(job: Optional[Mapping[str, Any]], key: str, size: int) -> bytes:
     return str(job.get(key, "")).encode()[:size]
 
 
+def _open_record(path: str) -> Any:
+    """``path`` opened for reading, if it is a regular file (raises OSError otherwise).
+
+    qless-pool status may run as root, and these files are in the pool's user's directory: a
+    symlink there must not make root read (and show) another file, nor a FIFO hang it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
 def read_worker(path: str) -> Optional[dict[str, Any]]:
-    """A worker's record as a dict, or None if there is none (yet)."""
+    """A worker's record as a dict, or None if there is none (yet), or none to trust."""
     try:
-        with open(path, "rb") as file:
+        with _open_record(path) as file:
             for _ in range(100):
                 file.seek(0)
                 data = file.read(_RECORD.size)
@@ -211,7 +258,7 @@ def read_worker(path: str) -> Optional[dict[str, Any]]:
                     break
             else:
                 return None
-    except FileNotFoundError:
+    except OSError:  # none yet, or its directory removed or replaced
         return None
     _, state, started, updated, done, child, standby, held, jid, queue, klass = fields
     job = None
@@ -233,6 +280,15 @@ def read_worker(path: str) -> Optional[dict[str, Any]]:
     }
 
 
+def worker_state(record: Optional[Mapping[str, Any]], started: float, now: float) -> str:
+    """A worker's state from its record; with none, "starting" at first (its after_prefork hooks
+    run before it writes one), then "unknown" (its record was lost: the directory removed since
+    it started, or could not be made)."""
+    if record:
+        return record["state"]
+    return "starting" if now - started < STARTING else "unknown"
+
+
 def rss_bytes(pid: int) -> Optional[int]:
     """A process's resident memory, from /proc (None where there is none)."""
     try:
@@ -247,21 +303,46 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 def private_bytes(pid: int) -> Optional[int]:
     """The memory a process holds that it shares with no other (a job child: what its job added
-    to what it shares, copy-on-write, with its worker), from /proc/<pid>/smaps_rollup."""
+    to what it shares, copy-on-write, with its worker), from /proc/<pid>/smaps_rollup.
+
+    A process that changed its user (the pool's, after --user) is not dumpable, and then only
+    root may read its smaps_rollup: the measure is then statm's resident pages less its shared
+    (file and shmem) ones. That counts the anonymous pages still shared copy-on-write with the
+    worker too, so it says more than smaps would, never less. None if neither can be read (the
+    process is gone, or /proc hides it: hidepid)."""
     total = 0
     try:
         with open(f"/proc/{pid}/smaps_rollup") as file:
             for line in file:
                 if line.startswith(("Private_Clean:", "Private_Dirty:")):
                     total += int(line.split()[1]) * 1024
-    except (OSError, IndexError, ValueError):
+    except OSError:  # EACCES; ENOENT on kernels before 4.14 (and if the process is gone)
+        return _unshared_bytes(pid)
+    except (IndexError, ValueError):
         return None
     return total
 
 
-def read_manager(directory: str) -> Optional[dict[str, Any]]:
+def _unshared_bytes(pid: int) -> Optional[int]:
     try:
-        with open(os.path.join(directory, MANAGER_FILE)) as file:
-            return json.load(file)
-    except (FileNotFoundError, ValueError):
+        with open(f"/proc/{pid}/statm", "rb") as file:
+            fields = file.read().split()
+        return (int(fields[1]) - int(fields[2])) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def read_manager(directory: str) -> Optional[dict[str, Any]]:
+    """The manager's state, or None if it cannot be read (not written yet, its directory
+    removed or replaced, not a regular file)."""
+    try:
+        with _open_record(os.path.join(directory, MANAGER_FILE)) as file:
+            text = file.read(MANAGER_LIMIT + 1)
+    except OSError:
+        return None
+    if len(text) > MANAGER_LIMIT:  # not the manager's (a sparse file would be read for ever)
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
         return None

@@ -9,7 +9,8 @@ never talks to Redis). ``--check`` reads no Redis at all.
 
 Exit status: 0; with ``--check``, 0 when the pool is healthy (the manager is alive and every
 group has its count), 1 when a group is short (a worker in respawn backoff, one just died) or the
-pool is stopping, 3 when no pool is running (a stale or missing pidfile). 2 for a bad option.
+pool is stopping, 3 when no pool is running (a stale or missing pidfile). 1 too, with or without
+``--check``, when the manager is alive but its state cannot be read. 2 for a bad option.
 """
 
 from __future__ import annotations
@@ -22,17 +23,21 @@ import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from .state import pool_directory, read_manager, read_worker, rss_bytes
+from .daemon import DEFAULT_PIDFILE
+from .state import pool_directory, read_manager, read_worker, rss_bytes, worker_state
 
 __all__ = ["EX_NO_POOL", "collect", "main", "render"]
 
 EX_NO_POOL = 3
-DEFAULT_PIDFILE = "tmp/pids/qless-pool.pid"
 QUEUE_COLUMNS = ("waiting", "running", "scheduled", "stalled", "depends", "recurring")
 
 
 class NoPool(Exception):
     """No pool is running where we were told to look."""
+
+
+class NoState(Exception):
+    """The manager is running, but the state it keeps cannot be read."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="no output; exit 0 if healthy, 1 if short of workers or stopping, 3 if no pool",
+        help="no output; exit 0 if healthy, 1 if short of workers, stopping or its state "
+        "unreadable, 3 if no pool",
     )
     parser.add_argument(
         "-R", "--redis", metavar="URL", help="qless's Redis (default: the pool's own)"
@@ -100,8 +106,10 @@ def collect(pid: int, redis_url: Optional[str] = None, queues: bool = True) -> d
     directory = pool_directory(pid, uid)
     manager = read_manager(directory)
     if manager is None:
-        raise NoPool(
-            f"pool {pid} keeps no state in {directory} (is $QLESS_POOL_RUNTIME_DIR the same?)"
+        raise NoState(
+            f"pool {pid} is running, but its state is not in {directory}: removed under it (the "
+            "manager makes it again within a second, if it can), or $QLESS_POOL_RUNTIME_DIR "
+            "is not the pool's"
         )
     now = time.time()
     workers = []
@@ -112,14 +120,15 @@ def collect(pid: int, redis_url: Optional[str] = None, queues: bool = True) -> d
             job = {**job, "running_for": round(now - job["started"], 3)}
         else:
             job = None
-        state = record.get("state", "starting")
+        uptime = now - entry["started"]
+        state = worker_state(record, entry["started"], now)
         workers.append(
             {
                 "pid": entry["pid"],
                 "queues": entry["queues"],
                 "state": "retiring" if entry.get("retiring") else state,
                 "retiring": bool(entry.get("retiring")),
-                "uptime": round(now - entry["started"], 1),
+                "uptime": round(uptime, 1),
                 "job": job,
                 "jobs_done": record.get("jobs_done", 0),
                 "rss_bytes": rss_bytes(entry["pid"]),
@@ -270,8 +279,11 @@ def main(argv: Sequence[str]) -> int:
             print(json.dumps(snapshot, indent=2) if args.json else render(snapshot))
             return 0
         while True:
-            snapshot = collect(pid, args.redis)
-            text = json.dumps(snapshot, indent=2) if args.json else render(snapshot)
+            try:
+                snapshot = collect(pid, args.redis)
+                text = json.dumps(snapshot, indent=2) if args.json else render(snapshot)
+            except NoState as error:  # the manager makes it again: keep watching
+                text = f"qless-pool status: {error}"
             # Home, then clear: the screen is redrawn in place, like top.
             sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
             sys.stdout.flush()
@@ -281,5 +293,9 @@ def main(argv: Sequence[str]) -> int:
         if not args.check:
             print(f"qless-pool status: {error}", file=sys.stderr)
         return EX_NO_POOL
+    except NoState as error:  # a pool, in an unknown state: not healthy
+        if not args.check:
+            print(f"qless-pool status: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 0

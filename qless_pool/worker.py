@@ -219,8 +219,12 @@ class Worker:
         self.subscriptions = Subscriptions(f"ql:w:{self.name}")
         set_role("worker", self.appname)
         if self.state_path:
-            self.slot = WorkerSlot(self.state_path)
-            self.slot.update("starting")
+            try:
+                self.slot = WorkerSlot(self.state_path)
+            except OSError as error:  # best effort, as the manager's state: jobs come first
+                log.warning("no record for qless-pool status: %s", error)
+            else:
+                self.slot.update("starting")
         if self.metrics:
             self.meter = JobMeter()
         self.client = connect(self.redis_url, self.name, **self.redis_options)

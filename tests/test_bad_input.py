@@ -123,8 +123,11 @@ def test_a_pidfile_where_the_user_may_not_write_exits_73(project, daemon):
     assert one_line(result) == "qless-pool: cannot create pidfile /sys/x.pid: Permission denied"
 
 
-@pytest.mark.parametrize(("option", "what"), [("-p", "pidfile"), ("-l", "lock file")])
-def test_a_hard_linked_pidfile_or_lock_is_never_written_through(project, option, what):
+@pytest.mark.parametrize(
+    ("option", "what"),
+    [("-p", "pidfile"), ("-l", "lock file"), ("-e", "log file"), ("-o", "log file")],
+)
+def test_a_hard_linked_pidfile_lock_or_log_is_never_written_through(project, option, what):
     target = project / "precious"
     target.write_text("do not touch\n")
     os.link(target, project / "linked")
@@ -134,6 +137,41 @@ def test_a_hard_linked_pidfile_or_lock_is_never_written_through(project, option,
         f"qless-pool: {what} linked has 1 other hard link(s); refusing to write through it"
     )
     assert target.read_text() == "do not touch\n"
+
+
+@pytest.mark.parametrize("daemon", [False, True], ids=["foreground", "daemon"])
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "fifo"])
+def test_a_log_file_that_is_a_symlink_or_not_a_file_is_refused(project, kind, daemon):
+    # Where the pool's user may write in the log directory, a link put in place of a log file
+    # must not make root append to (and hand over) whatever it points to.
+    target = project / "precious"
+    if kind != "dangling symlink":
+        target.write_text("do not touch\n")
+    (project / "log").mkdir()
+    log = project / "log/qless-pool.stderr.log"
+    if kind == "fifo":
+        os.mkfifo(log)
+    else:
+        log.symlink_to(target)
+    result = qless_pool(project, *(["-d"] if daemon else ["-e", str(log)]), "-R", REDIS_DOWN)
+    assert result.returncode == 73
+    problem = "is not a regular file" if kind == "fifo" else "is a symlink; refusing to follow it"
+    shown = "log/qless-pool.stderr.log" if daemon else str(log)
+    assert one_line(result) == f"qless-pool: log file {shown} {problem}"
+    if kind == "dangling symlink":
+        assert not target.exists()
+    elif kind == "symlink":
+        assert target.read_text() == "do not touch\n"
+    assert not (project / "tmp").exists()  # nothing started
+
+
+def test_a_log_directory_that_is_a_symlink_is_followed(project):
+    (project / "logs-elsewhere").mkdir()
+    (project / "log").symlink_to("logs-elsewhere")
+    result = qless_pool(project, "-d", "-R", REDIS_DOWN)
+    assert result.returncode == 0, result.stderr
+    assert "manager started" in (project / "logs-elsewhere/qless-pool.stderr.log").read_text()
+    os.kill(int((project / "tmp/pids/qless-pool.pid").read_text()), 15)
 
 
 def test_files_are_not_created_group_or_world_writable_whatever_the_umask(project):

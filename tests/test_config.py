@@ -240,6 +240,43 @@ def test_bad_input_is_an_error_naming_the_file_and_the_key(text, environment, me
     assert str(error.value) == message
 
 
+LONG = "s3cret-" + "x" * 200
+
+
+@pytest.mark.parametrize(
+    ("text", "environment", "message"),
+    [
+        (f"foo: {LONG}\n", None, "pool.yml: key 'foo': the worker count must be a whole number, not a string ('s3cret-" + "x" * 49 + "...)"),
+        (f'"{LONG}": many\n', None, "pool.yml: key 's3cret-" + "x" * 49 + "...: the worker count must be a whole number, not a string ('many')"),
+        (f'"{LONG}": 1\n"{LONG}": 2\n', None, "pool.yml: not valid YAML: key 's3cret-" + "x" * 49 + "... appears twice (line 2, column 1)"),
+        (f"{LONG}:\n  foo: 1\n", "production", "pool.yml: no section 'production' (the file has sections 's3cret-" + "x" * 49 + "...)"),
+        (f"{LONG}\n", None, "pool.yml: the top level must be a mapping of queue lists to worker counts, not a string ('s3cret-" + "x" * 49 + "...)"),
+    ],
+)  # fmt: skip
+def test_a_long_value_from_the_file_is_cut_short_in_messages(text, environment, message):
+    with pytest.raises(ConfigError) as error:
+        parse(text, environment)
+    assert str(error.value) == message
+
+
+def test_a_config_that_is_a_symlink_to_a_secret_does_not_print_the_secret(tmp_path):
+    # Root starts the pool with a config file its user could replace by a symlink.
+    secret = tmp_path / "shadow"
+    secret.write_text(
+        "root:$6$saltsalt$" + "h" * 86 + ":19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n"
+    )
+    (tmp_path / "pool.yml").symlink_to(secret)
+    with pytest.raises(ConfigError) as error:
+        ConfigSource(str(tmp_path / "pool.yml")).load()
+    message = str(error.value)
+    # Its first line reads as a key (it ends in ':'), shown cut short.
+    assert message.endswith(
+        "pool.yml: key 'root:$6$saltsalt$" + "h" * 39 + "...: "
+        "the worker count must be a whole number, not empty"
+    )
+    assert "h" * 40 not in message and "daemon" not in message
+
+
 def test_unparsable_yaml_names_the_file_and_the_line():
     with pytest.raises(ConfigError) as error:
         parse("foo: 1\nbar: [2\n")

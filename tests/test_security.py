@@ -241,3 +241,92 @@ def test_a_user_that_cannot_be_switched_to_is_refused(project):
     assert unknown.stderr == "qless-pool: --user no-such-user-here: no such user\n"
     if os.geteuid() != 0:  # as nobody (below) the command itself may not be runnable here
         assert attempt().startswith("2 qless-pool: --user/--group: only root can switch")
+
+
+def free_uid() -> int:
+    """A uid with no passwd entry."""
+    return next(uid for uid in range(42000, 43000) if not _has_entry(uid))
+
+
+def _has_entry(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--group", "0"], "qless-pool: --group 0 needs --user (the user to run as)\n"),
+        (["--group", "nogroup-here"], "qless-pool: --group nogroup-here needs --user (the user to run as)\n"),
+        (["--user", "UID"], "qless-pool: --user UID: no such user in the password database, so no group to run as; give --group too\n"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("daemon", [False, True], ids=["foreground", "daemon"])
+def test_a_switch_that_would_keep_roots_uid_or_gid_is_refused(project, args, message, daemon):
+    uid = str(free_uid())
+    args = [uid if arg == "UID" else arg for arg in args]
+    result = subprocess.run(
+        [SCRIPT, *(["-d"] if daemon else []), "-R", "redis://127.0.0.1:1/0", *args],
+        cwd=project, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert (result.returncode, result.stderr) == (2, message.replace("UID", uid))
+    assert not (project / "tmp").exists() and not (project / "log").exists()  # nothing started
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_a_uid_without_a_passwd_entry_runs_with_the_group_given(project):
+    uid = free_uid()
+    result = subprocess.run(
+        [SCRIPT, "--user", str(uid), "--group", str(uid), "--dry-run"],
+        cwd=project, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert (result.returncode, result.stdout) == (0, '{"foo": 1}\n'), result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing files over needs root")
+def test_log_files_are_handed_to_the_user_only_if_they_are_its_own_or_new(project, redis_url):
+    nobody = pwd.getpwnam("nobody")
+    other = 1  # a third user's (daemon's) file: never given to nobody
+    os.chmod(project, 0o777)
+    (project / "log").mkdir()
+    os.chown(project / "log", nobody.pw_uid, nobody.pw_gid)  # the user's own log directory
+    secret = project / "shadow"
+    secret.write_text("root:secret\n")
+    os.chmod(secret, 0o600)
+    stderr_log = project / "log/qless-pool.stderr.log"
+    stdout_log = project / "log/qless-pool.stdout.log"
+    start = [SCRIPT, "-d", "-R", redis_url, "-i", "0.2", "--user", "nobody", "--group", str(nobody.pw_gid)]  # fmt: skip
+
+    # What the user can do in its log directory: a symlink in place of a log file.
+    stderr_log.symlink_to(secret)
+    os.lchown(stderr_log, nobody.pw_uid, nobody.pw_gid)
+    refused = subprocess.run(start, cwd=project, capture_output=True, text=True, timeout=30)
+    assert (refused.returncode, refused.stderr) == (
+        73, "qless-pool: log file log/qless-pool.stderr.log is a symlink; refusing to follow it\n"
+    )  # fmt: skip
+    assert (os.stat(secret).st_uid, secret.read_text()) == (0, "root:secret\n")
+
+    # A log file of a third user is written to, and left its own; a new one is the user's.
+    stderr_log.unlink()
+    stdout_log.write_text("")
+    os.chown(stdout_log, other, other)
+    result = subprocess.run(start, cwd=project, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    pid = int((project / "tmp/pids/qless-pool.pid").read_text())
+    try:
+        assert (os.stat(stdout_log).st_uid, os.stat(stdout_log).st_gid) == (other, other)
+        assert (os.stat(stderr_log).st_uid, os.stat(stderr_log).st_gid) == (
+            nobody.pw_uid, nobody.pw_gid,
+        )  # fmt: skip
+        log = stderr_log.read_text()
+        assert (
+            "log file log/qless-pool.stdout.log belongs to uid 1: not handing it to uid 65534"
+            in log
+        )
+        assert "dropped privileges" in log
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not alive(pid), message="the pool to stop")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,20 +15,21 @@ import urllib.request
 
 import pytest
 from processes import alive, children, title, wait_for
-from test_worker import put, runs, state, wait_state
+from test_worker import WAITING, put, runs, state, wait_state
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "qless-pool")
 
 
-def status(pool, *args, timeout=30):
+def status(pool, *args, timeout=30, env=None):
     return subprocess.run(
         [SCRIPT, "status", "--pid", str(pool.pid), *args],
         capture_output=True, text=True, timeout=timeout, cwd=pool.directory,
+        env={**os.environ, **(env or {})},
     )  # fmt: skip
 
 
-def status_json(pool) -> dict:
-    result = status(pool, "--json")
+def status_json(pool, env=None) -> dict:
+    result = status(pool, "--json", env=env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -152,6 +154,91 @@ def test_the_state_is_private_and_removed_at_exit(start_pool):
     assert not os.path.exists(directory)
 
 
+def replacements(pool, old: int) -> list[int]:
+    """Waiting workers other than ``old`` (not its standby child, adopted by the manager for the
+    moment it takes to die)."""
+    return [pid for pid, text in pool.worker_titles().items() if pid != old and WAITING.match(text)]
+
+
+def test_a_pool_whose_state_directory_is_removed_makes_it_again(
+    start_pool, client, redis_conn, tmp_path
+):
+    # systemd-logind's RemoveIPC (the pool's user has no session left), a tmpfs cleaner.
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    env = {"QLESS_POOL_RUNTIME_DIR": str(runtime)}
+    pool = start_pool(config="foo: 1\n", env=env, expect={"foo": 1})
+    base = runtime / f"qless-pool-{os.getuid()}"
+    wait_for(lambda: (base / str(pool.pid) / "manager.json").exists())
+    shutil.rmtree(base)
+    # Made again within a second: status works again.
+    wait_for(lambda: status(pool, env=env).returncode == 0, message="status to work again")
+    pool.wait_log("was removed under it; making it again")
+    [old] = pool.workers()
+    os.kill(old, signal.SIGKILL)
+    [new] = wait_for(lambda: replacements(pool, old), message="a new worker")
+    jid = put(client, "foo", "Noop")
+    wait_state(client, jid, "complete")
+    assert runs(redis_conn)[-1]["ppid"] == new
+    snapshot = wait_for(
+        lambda: (s := status_json(pool, env)) and s["workers"][0]["jobs_done"] == 1 and s
+    )
+    assert [(w["pid"], w["state"]) for w in snapshot["workers"]] == [(new, "waiting")]
+    assert snapshot["healthy"] is True
+    assert "cannot write the pool's state" not in pool.log_text()
+
+
+def test_a_pool_whose_state_directory_cannot_be_made_again_runs_jobs_without_it(
+    start_pool, client, redis_conn, tmp_path
+):
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    env = {"QLESS_POOL_RUNTIME_DIR": str(runtime)}
+    port = free_port()
+    pool = start_pool("--metrics-port", str(port), config="foo: 1\n", env=env, expect={"foo": 1})
+    base = runtime / f"qless-pool-{os.getuid()}"
+    directory = base / str(pool.pid)
+    wait_for(lambda: (directory / "manager.json").exists())
+    scrape(port)  # the metrics helper is up
+    # Gone, with the metrics' directory beside it, and files in the way of making them again.
+    [multiproc] = base.glob("metrics-*")
+    shutil.rmtree(base)
+    base.mkdir(mode=0o700)
+    directory.write_text("")
+    multiproc.write_text("")
+    [old] = pool.workers()
+    os.kill(old, signal.SIGKILL)
+    [helper] = [p for p in children(pool.pid) if title(p).startswith("qless-pool-metrics")]
+    os.kill(helper, signal.SIGKILL)  # its replacement starts without the directory
+    # Its replacement starts, and runs jobs, without a record and without counting them.
+    [new] = wait_for(lambda: replacements(pool, old), message="a new worker")
+    jids = [put(client, "foo", "Noop") for _ in range(2)]
+    for jid in jids:
+        wait_state(client, jid, "complete")
+    assert [run["ppid"] for run in runs(redis_conn)] == [new, new]
+    log = pool.log_text()
+    assert log.count(f"[{new}] WARNING: no record for qless-pool status: ") == 1
+    assert log.count(f"[{new}] WARNING: cannot count jobs for the metrics: ") == 1
+    # The manager says so once, not on every turn of its loop.
+    pool.wait_log("cannot write the pool's state (for qless-pool status): ")
+    time.sleep(1.5)  # a turn or two more (TICK is 1 s): it must not say it again
+    log = pool.log_text()
+    assert log.count("cannot write the pool's state") == 1
+    assert log.count("was removed under it") == 1
+    for args in ((), ("--check",)):
+        result = status(pool, *args, env=env)
+        assert result.returncode == 1  # a pool, in a state nobody can tell
+    assert result.stderr == ""  # --check says nothing
+    assert f"pool {pool.pid} is running, but its state is not in {directory}: " in (
+        status(pool, env=env).stderr
+    )
+    # Still served (but the job counts, and the workers that manager.json would list).
+    samples = wait_for(lambda: scrape(port), message="a new metrics helper")
+    assert 'qless_pool_workers{state="waiting"}' in samples
+    assert not any(name.startswith("qless_pool_jobs_total") for name in samples)
+    assert pool.log_text().count("no job metrics until it is back") == 1
+
+
 # --- recycling ------------------------------------------------------------------------------------
 
 
@@ -238,8 +325,8 @@ def test_without_graceful_timeout_quit_waits_for_the_job(start_pool, client):
 # --- Prometheus metrics ---------------------------------------------------------------------------
 
 
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+def scrape(port: int, timeout: float = 10) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as response:
         text = response.read().decode()
     samples = {}
     for line in text.splitlines():
@@ -295,6 +382,57 @@ def test_metrics_after_real_jobs(start_pool, client):
     pool.process.kill()
     pool.process.wait(timeout=10)
     wait_for(lambda: not alive(helpers[0]), timeout=2, message="the metrics helper to die")
+
+
+def test_an_idle_connection_does_not_stop_the_scrapes_and_is_dropped(start_pool):
+    import socket
+
+    port = free_port()
+    pool = start_pool("--metrics-port", str(port), config="foo: 1\n", expect={"foo": 1})
+    scrape(port)  # the helper is up
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as idle:  # says nothing
+        connected = time.monotonic()
+        for _ in range(3):
+            started = time.monotonic()
+            assert scrape(port, timeout=5)['qless_pool_workers{state="waiting"}'] == 1
+            assert time.monotonic() - started < 5
+        # Dropped after the helper's timeout (10 s), not held (with a thread) for ever.
+        idle.settimeout(20)
+        assert idle.recv(1) == b""
+        assert 9 < time.monotonic() - connected < 20
+    assert pool.process.poll() is None
+
+
+def test_a_multiprocess_file_that_cannot_be_read_is_left_out(start_pool, client, tmp_path):
+    import struct
+
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    port = free_port()
+    pool = start_pool(
+        "--metrics-port", str(port), config="foo: 1\n",
+        env={"QLESS_POOL_RUNTIME_DIR": str(runtime)}, expect={"foo": 1},
+    )  # fmt: skip
+    scrape(port)  # the helper is up
+    [multiproc] = (runtime / f"qless-pool-{os.getuid()}").glob("metrics-*")
+    # Files prometheus_client cannot read (it claims 100 bytes, then an entry of 500): one of a
+    # live process (the manager's pid), one of an exited one (folding reads it), the archive.
+    broken = struct.pack("<iii4s", 100, 0, 500, b"junk")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for name in (f"counter_{pool.pid}.db", f"counter_{gone.pid}.db", "histogram_archive.db"):
+        (multiproc / name).write_bytes(broken)
+    jids = [put(client, "foo", "Noop") for _ in range(2)]
+    for jid in jids:
+        wait_state(client, jid, "complete")
+    completed = 'qless_pool_jobs_total{outcome="completed",queue="foo"}'
+    wait_for(lambda: scrape(port).get(completed) == 2, message="the jobs counted")
+    assert scrape(port)[completed] == 2  # and again
+    log = pool.log_text()
+    assert log.count(f"leaving {multiproc}/counter_{pool.pid}.db out of the job metrics: ") == 1
+    assert log.count(f"counter_{gone.pid}.db cannot be read") == 1
+    assert log.count(f"leaving {multiproc}/histogram_archive.db out of the job metrics: ") == 1
+    assert (multiproc / f"counter_{gone.pid}.db.broken").exists()
 
 
 def test_metrics_without_the_extra_is_refused(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from invoke import Collection, Program, task
 from processes import children, kill_processes_in, reap_orphans, title, wait_for
-from test_worker import WAITING, put, wait_state
+from test_worker import WAITING, put, python_path, wait_state
 
 import qless_pool.tasks
 
@@ -80,7 +80,7 @@ def invoke(project, redis_url, *args, env=None, timeout=60):
         {
             "CHAIN_LOG": str(project / "chain.log"),
             "QLESS_URL": redis_url,
-            "PYTHONPATH": os.pathsep.join([str(TESTS), str(project)]),
+            "PYTHONPATH": python_path(TESTS, project),
         }
     )
     environ.update(env or {})
@@ -144,7 +144,7 @@ def test_the_hooks_reach_every_task_that_depends_on_qless_setup(project, redis_u
             **os.environ,
             "CHAIN_LOG": str(project / "chain.log"),
             "QLESS_URL": redis_url,
-            "PYTHONPATH": os.pathsep.join([str(TESTS), str(project)]),
+            "PYTHONPATH": python_path(TESTS, project),
         },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -282,7 +282,7 @@ def test_qless_work_takes_its_queues_from_QUEUES(project, redis_url, client, red
             "QUEUES": "bar,foo",
             "QLESS_URL": redis_url,
             "CHAIN_LOG": str(project / "chain.log"),
-            "PYTHONPATH": os.pathsep.join([str(TESTS), str(project)]),
+            "PYTHONPATH": python_path(TESTS, project),
             "INVOKE_QLESS_POOL_INTERVAL": "0.2",
         },
         stdout=subprocess.DEVNULL,
@@ -447,7 +447,7 @@ def test_qless_work_takes_the_worker_options(project, redis_url, client):
         [INVOKE, "qless.work", "--queues", "foo,bar", "--redis", redis_url, "--interval", "0.3",
          "--reserver", "round-robin", "--no-fork-per-job", "--job-timeout", "9"],
         cwd=project, env={**os.environ, "QLESS_URL": "unix:///nowhere.sock",
-                          "PYTHONPATH": os.pathsep.join([str(TESTS), str(project)]),
+                          "PYTHONPATH": python_path(TESTS, project),
                           "CHAIN_LOG": str(project / "chain.log")},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

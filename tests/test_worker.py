@@ -30,6 +30,12 @@ READY = re.compile(rf"^qless-{VERSION}: Ready for (\S+) since (\d+)$")
 ANY_WORKER = re.compile(rf"^qless-{VERSION}: (Waiting|Forked|Processing|Paused)")
 
 
+def python_path(*directories) -> str:
+    """``directories``, then the caller's $PYTHONPATH: a subprocess imports the qless_pool this
+    test process does (a working copy's, not an editable install's)."""
+    return os.pathsep.join([*map(str, directories), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 @dataclass
 class WorkerProcess:
     process: subprocess.Popen
@@ -66,7 +72,7 @@ def start_worker(redis_url, tmp_path):
         options = {"queues": queues, "redis_url": url or redis_url, "interval": 0.2, **options}
         log = tmp_path / f"worker{len(started)}.log"
         orphanable = options.get("orphanable", False)
-        env = {**os.environ, "PYTHONPATH": str(TESTS)}
+        env = {**os.environ, "PYTHONPATH": python_path(TESTS)}
         with open(log, "w") as log_file:
             process = subprocess.Popen(
                 [sys.executable, WORKER_MAIN, json.dumps(options)],
@@ -162,6 +168,16 @@ def test_a_delayed_job_is_found_by_the_poll(start_worker, client):
     start_worker(["foo"], interval=0.2)
     jid = put(client, "foo", "Noop", delay=1)
     wait_state(client, jid, "complete", timeout=10)
+
+
+def test_a_worker_whose_record_cannot_be_made_runs_jobs_without_it(start_worker, client, tmp_path):
+    # The pool's state directory removed under it (systemd-logind's RemoveIPC, a tmpfs cleaner).
+    worker = start_worker(["foo"], state_path=str(tmp_path / "gone" / "worker-1"))
+    jids = [put(client, "foo", "Noop") for _ in range(2)]
+    for jid in jids:
+        wait_state(client, jid, "complete")
+    assert worker.log_text().count("no record for qless-pool status: ") == 1
+    assert "No such file or directory" in worker.log_text()
 
 
 # --- one child per job ----------------------------------------------------------------------------
@@ -532,7 +548,7 @@ def test_a_bare_worker_logs_without_any_logging_set_up(redis_url, tmp_path, clie
     )
     process = subprocess.Popen(
         [sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(TESTS)},
+        env={**os.environ, "PYTHONPATH": python_path(TESTS)},
     )  # fmt: skip
     try:
         wait_for(lambda: WAITING.match(title(process.pid)), message="the worker")
