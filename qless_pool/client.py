@@ -8,6 +8,11 @@ made the globals of scripts read-only, so on any modern Redis every qless call f
 The fix is a small transform of the script text: the function becomes a local defined at the
 same place (``local function qless_table_extend``) and its two call sites call that local. The
 rest of the script is untouched, so behaviour is exactly qless-core's.
+
+connect() also takes ``redis+sentinel://`` URLs (urls.py): the client's Redis is then the one
+redis-py's ``Sentinel.master_for()`` gives, which asks the Sentinels for the master's address
+whenever it opens a connection, so a worker that rides out a failover's outage reconnects to
+the new master.
 """
 
 from __future__ import annotations
@@ -25,7 +30,14 @@ import qless
 import redis
 from qless.exceptions import QlessException
 
-from .urls import DEFAULT_REDIS_URL, check_redis_url, default_redis_url
+from .urls import (
+    DEFAULT_REDIS_URL,
+    SENTINEL_SCHEME,
+    SentinelTarget,
+    check_redis_url,
+    default_redis_url,
+    parse_sentinel_url,
+)
 
 __all__ = [
     "CONTROL_TIMEOUT",
@@ -40,12 +52,15 @@ __all__ = [
     "patch_qless",
     "pipelined",
     "redis_is_down",
+    "sentinel_master",
     "use_fixed_script",
 ]
 
 #: The errors that mean "Redis is not there right now" (down, restarting, loading, unreachable),
 #: as opposed to a refusal by qless (``QlessException``).
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+#: How Redis refuses a write on a replica (a master demoted by a failover).
+_READONLY = "READONLY You can't write against a read only replica"
 #: The longest pause between two attempts to reach Redis during an outage.
 MAX_OUTAGE_BACKOFF = 30.0
 #: How long the pool's own calls (a worker parent's pop, heartbeat and settling, the drain
@@ -137,7 +152,7 @@ class Outage:
     def failed(self, now: float, error: BaseException) -> None:
         if self.since is None:
             self.since = now
-            self.log.error("Redis is unavailable (%s); retrying with backoff", error)
+            self.log.error("Redis is unavailable (%s); retrying with backoff", _describe(error))
         self.delay = min(max(self.delay * 2, 0.5), MAX_OUTAGE_BACKOFF)
         self.retry_at = now + self.delay
 
@@ -145,6 +160,21 @@ class Outage:
         if self.since is not None:
             self.log.warning("Redis is back after %.1fs", now - self.since)
         self.since, self.delay, self.retry_at = None, 0.0, 0.0
+
+
+def _describe(error: BaseException) -> str:
+    """An error, for a log line. redis-py's "No master found" (Sentinel) describes the client of
+    every Sentinel it could not reach at length; their addresses are enough."""
+    from redis.sentinel import MasterNotFoundError
+
+    text = str(error)
+    if isinstance(error, MasterNotFoundError):
+        head, _, rest = text.partition(" : ")
+        asked = re.findall(r"host=([^,]+),port=(\d+)", rest)
+        if asked:
+            return f"{head} (Sentinels unreachable: {', '.join(f'{h}:{p}' for h, p in asked)})"
+        return head
+    return text
 
 
 def redis_is_down(error: BaseException) -> bool:
@@ -156,9 +186,7 @@ def redis_is_down(error: BaseException) -> bool:
         return True
     if not isinstance(error, QlessException):
         return False
-    return isinstance(error.__context__, redis.exceptions.ReadOnlyError) or (
-        "READONLY You can't write against a read only replica" in str(error)
-    )
+    return isinstance(error.__context__, redis.exceptions.ReadOnlyError) or _READONLY in str(error)
 
 
 def connect(
@@ -171,17 +199,84 @@ def connect(
 ) -> qless.Client:
     """Return a ``qless.Client`` for ``url`` that runs the fixed qless-core script.
 
-    ``url`` defaults to :func:`default_redis_url`. ``worker_name`` is the name qless records as
-    the owner of the jobs this client pops (qless-py defaults to the host name). ``client_class``
-    may be a subclass of ``qless.Client``. Other keyword arguments go to
-    ``redis.Redis.from_url``; the protocol is RESP2, the one qless-py was written for, unless
+    ``url`` defaults to :func:`default_redis_url`; ``redis://``, ``rediss://``, ``unix://`` and
+    ``redis+sentinel://`` (see urls.py). ``worker_name`` is the name qless records as the owner
+    of the jobs this client pops (qless-py defaults to the host name). ``client_class`` may be a
+    subclass of ``qless.Client``. Other keyword arguments go to redis-py's connections (options
+    in the URL's query win); the protocol is RESP2, the one qless-py was written for, unless
     ``protocol`` says otherwise. ``announce=False`` skips ``CLIENT SETINFO``. No connection is
     opened until the first command. A URL that cannot be used raises ValueError.
     """
     options = {"protocol": 2, **_driver_options(announce), **redis_options}
     url = check_redis_url(url or default_redis_url())
-    client = client_class(url, hostname=worker_name, **options)
+    if url.split("://", 1)[0].lower() == SENTINEL_SCHEME:
+        # qless.Client makes its Redis from a URL, which redis-py cannot read for Sentinel:
+        # it is given a placeholder (no connection is ever opened to it) and then the
+        # Sentinel-managed Redis, before anything uses it (use_fixed_script registers the
+        # script on that one).
+        client = client_class(_PLACEHOLDER_URL, hostname=worker_name)
+        client.redis = sentinel_master(parse_sentinel_url(url), **options)
+    else:
+        client = client_class(url, hostname=worker_name, **options)
     return use_fixed_script(client)
+
+
+_PLACEHOLDER_URL = "redis://localhost:6379/0"
+#: The options a master connection's Sentinel lookups share with it.
+_SENTINEL_SHARED = ("protocol", "lib_name", "lib_version", "driver_info")
+
+
+def sentinel_master(target: SentinelTarget, **options: Any) -> redis.Redis:
+    """A ``redis.Redis`` for the master of ``target.service``, as its Sentinels name it.
+
+    redis-py asks the Sentinels (the first that answers is asked first from then on) for the
+    master's address each time it opens a connection, and drops a connection whose server
+    answers READONLY (a demoted master) as a ConnectionError: to the worker, a failover is an
+    outage like any other, after which it reconnects to whichever server is master then.
+    ``options`` go to the master's connections (the URL's own options win over them); the
+    Sentinels get the same socket options and none of redis-py's retries, so that one that is
+    down costs one refused connection, not a series of retries.
+    """
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    from redis.sentinel import Sentinel
+
+    master = {
+        **options,
+        "decode_responses": True,
+        "connection_class": _master_connection_class(),
+        **target.master_options(),
+    }
+    lookups = {
+        key: value
+        for key, value in master.items()
+        if key.startswith("socket_") or key in _SENTINEL_SHARED
+    }
+    lookups.update(retry=Retry(NoBackoff(), 0), **target.sentinel_options())
+    sentinels = Sentinel(list(target.sentinels), sentinel_kwargs=lookups)
+    return sentinels.master_for(target.service, **master)
+
+
+@functools.cache
+def _master_connection_class() -> type:
+    """redis-py's connection to a Sentinel-managed master, which drops itself (and raises
+    ConnectionError) when its server answers READONLY: the server is a demoted master, and
+    the next connection asks the Sentinels again. This one also knows the READONLY of Redis
+    6.2, which reports a script's write on a replica as a script error quoting it; redis-py
+    would keep the connection, and every command after it would go to the demoted master."""
+    from redis.sentinel import SentinelManagedConnection
+
+    class MasterConnection(SentinelManagedConnection):
+        def read_response(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().read_response(*args, **kwargs)
+            except redis.ResponseError as error:
+                if not (self.connection_pool.is_master and _READONLY in str(error)):
+                    raise
+                self.disconnect()
+                raise redis.ConnectionError("the master is now a replica (READONLY)") from error
+
+    return MasterConnection
 
 
 def patch_qless() -> None:

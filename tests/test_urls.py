@@ -10,6 +10,7 @@ import sys
 import pytest
 from processes import kill_processes_in, reap_orphans
 
+from qless_pool.client import connect
 from qless_pool.urls import (
     DEFAULT_SENTINEL_PORT,
     SentinelTarget,
@@ -91,6 +92,35 @@ def test_a_sentinel_url_read():
     assert target.sentinel_options() == {"password": "spw"}
     assert parse_sentinel_url("redis+sentinel://s1/m").sentinel_options() == {}
     assert parse_sentinel_url("redis+sentinel://s1/m?db=2").db == 2
+
+
+def test_connect_hands_a_sentinel_url_to_redis_pys_sentinel():
+    # Nothing is connected until the first command: no Sentinel needs to be there.
+    client = connect(
+        "redis+sentinel://:pw@s1:26379,s2:26380/mymaster/2?sentinel_password=spw",
+        "worker-1",
+        socket_timeout=3,
+        socket_connect_timeout=1,
+        announce=False,
+    )
+    assert client.worker_name == "worker-1"
+    pool = client.redis.connection_pool
+    assert pool.service_name == "mymaster" and pool.is_master
+    options = pool.connection_kwargs
+    assert (options["db"], options["password"], options["socket_timeout"]) == (2, "pw", 3)
+    assert options["decode_responses"] is True and options["protocol"] == 2
+    sentinels = pool.sentinel_manager.sentinels
+    assert [
+        (s.connection_pool.connection_kwargs["host"], s.connection_pool.connection_kwargs["port"])
+        for s in sentinels
+    ] == [("s1", 26379), ("s2", 26380)]
+    for sentinel in sentinels:
+        kwargs = sentinel.connection_pool.connection_kwargs
+        assert kwargs["password"] == "spw"
+        assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (3, 1)
+        assert kwargs["retry"].get_retries() == 0  # a Sentinel that is down: the next one
+    # The fixed qless-core script is registered on the Sentinel-managed Redis.
+    assert client._lua.registered_client is client.redis
 
 
 @pytest.mark.parametrize(
