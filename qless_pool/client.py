@@ -12,7 +12,8 @@ rest of the script is untouched, so behaviour is exactly qless-core's.
 connect() also takes ``redis+sentinel://`` URLs (urls.py): the client's Redis is then the one
 redis-py's ``Sentinel.master_for()`` gives, which asks the Sentinels for the master's address
 whenever it opens a connection, so a worker that rides out a failover's outage reconnects to
-the new master.
+the new master. On every URL, the replies that mean "not now" (READONLY, NOREPLICAS,
+MASTERDOWN) are raised as RedisUnavailable, a ConnectionError: an outage, never a refusal.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = [
     "JOB_SOCKET_TIMEOUT",
     "REDIS_DOWN",
     "Outage",
+    "RedisUnavailable",
     "connect",
     "default_redis_url",
     "fix_script",
@@ -53,6 +55,7 @@ __all__ = [
     "pipelined",
     "redis_is_down",
     "sentinel_master",
+    "unavailable_aware",
     "use_fixed_script",
 ]
 
@@ -61,6 +64,9 @@ __all__ = [
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 #: How Redis refuses a write on a replica (a master demoted by a failover).
 _READONLY = "READONLY You can't write against a read only replica"
+#: Other refusals that mean "not now" rather than "no": a master with fewer replicas than its
+#: min-replicas-to-write, a replica cut off from its master (replica-serve-stale-data no).
+_UNAVAILABLE = (_READONLY, "NOREPLICAS Not enough good replicas", "MASTERDOWN Link with MASTER")
 #: The longest pause between two attempts to reach Redis during an outage.
 MAX_OUTAGE_BACKOFF = 30.0
 #: How long the pool's own calls (a worker parent's pop, heartbeat and settling, the drain
@@ -178,15 +184,16 @@ def _describe(error: BaseException) -> str:
 
 
 def redis_is_down(error: BaseException) -> bool:
-    """Is ``error`` Redis being away (down, restarting, loading, or a read-only replica after a
-    failover) rather than a refusal by qless? qless-py turns every error reply into a plain
-    ``QlessException``: Redis 7 answers a write on a replica with READONLY (kept as the
-    exception's context), Redis 6.2 with a script error quoting it."""
+    """Is ``error`` Redis being away (down, restarting, loading, a read-only replica after a
+    failover, a master short of the replicas it must write to) rather than a refusal by qless?
+    qless-py turns every error reply into a plain ``QlessException``: Redis 7 answers a write
+    on a replica with READONLY (kept as the exception's context), Redis 6.2 with a script
+    error quoting it; NOREPLICAS and MASTERDOWN come quoted in a script error."""
     if isinstance(error, REDIS_DOWN):
         return True
     if not isinstance(error, QlessException):
         return False
-    return isinstance(error.__context__, redis.exceptions.ReadOnlyError) or _READONLY in str(error)
+    return _unavailable(error) or _unavailable(error.__context__)
 
 
 def connect(
@@ -217,6 +224,7 @@ def connect(
         client = client_class(_PLACEHOLDER_URL, hostname=worker_name)
         client.redis = sentinel_master(parse_sentinel_url(url), **options)
     else:
+        options.setdefault("connection_class", _connection_class(url))
         client = client_class(url, hostname=worker_name, **options)
     return use_fixed_script(client)
 
@@ -230,8 +238,8 @@ def sentinel_master(target: SentinelTarget, **options: Any) -> redis.Redis:
     """A ``redis.Redis`` for the master of ``target.service``, as its Sentinels name it.
 
     redis-py asks the Sentinels (the first that answers is asked first from then on) for the
-    master's address each time it opens a connection, and drops a connection whose server
-    answers READONLY (a demoted master) as a ConnectionError: to the worker, a failover is an
+    master's address each time it opens a connection; a connection whose server answers
+    READONLY (a demoted master) is dropped, as RedisUnavailable: to the worker, a failover is an
     outage like any other, after which it reconnects to whichever server is master then.
     ``options`` go to the master's connections (the URL's own options win over them); the
     Sentinels get the same socket options and none of redis-py's retries, so that one that is
@@ -239,12 +247,12 @@ def sentinel_master(target: SentinelTarget, **options: Any) -> redis.Redis:
     """
     from redis.backoff import NoBackoff
     from redis.retry import Retry
-    from redis.sentinel import Sentinel
+    from redis.sentinel import Sentinel, SentinelManagedConnection
 
     master = {
+        "connection_class": unavailable_aware(SentinelManagedConnection),
         **options,
         "decode_responses": True,
-        "connection_class": _master_connection_class(),
         **target.master_options(),
     }
     lookups = {
@@ -257,26 +265,61 @@ def sentinel_master(target: SentinelTarget, **options: Any) -> redis.Redis:
     return sentinels.master_for(target.service, **master)
 
 
-@functools.cache
-def _master_connection_class() -> type:
-    """redis-py's connection to a Sentinel-managed master, which drops itself (and raises
-    ConnectionError) when its server answers READONLY: the server is a demoted master, and
-    the next connection asks the Sentinels again. This one also knows the READONLY of Redis
-    6.2, which reports a script's write on a replica as a script error quoting it; redis-py
-    would keep the connection, and every command after it would go to the demoted master."""
-    from redis.sentinel import SentinelManagedConnection
+class RedisUnavailable(redis.ConnectionError):
+    """Redis answered, but cannot serve a write now: READONLY (a replica: a master demoted by a
+    failover, or a primary's DNS name that has moved on), NOREPLICAS (a master short of its
+    min-replicas-to-write), MASTERDOWN (a replica cut off from its master). An outage, like a
+    connection that breaks: the connection is dropped (the next one may reach the new master),
+    and the command that got it did nothing."""
 
-    class MasterConnection(SentinelManagedConnection):
+
+@functools.cache
+def unavailable_aware(base: type) -> type:
+    """``base``, a redis-py connection class, made to raise RedisUnavailable for the replies
+    above instead of a ResponseError.
+
+    qless-py turns a ResponseError into a QlessException, which the worker reads as qless
+    refusing it: a complete sent with a pop, refused NOREPLICAS, would be dropped, and a job
+    whose heartbeat was refused READONLY killed. As a ConnectionError it is an outage at every
+    level (a single command, a pipeline, a job's own client, which keeps the outcome for the
+    worker to report). redis-py's Sentinel connection already turns Redis 7's READONLY into a
+    ConnectionError; this also covers Redis 6.2's, which comes as a script error quoting it.
+    """
+
+    class Connection(base):
         def read_response(self, *args: Any, **kwargs: Any) -> Any:
             try:
                 return super().read_response(*args, **kwargs)
             except redis.ResponseError as error:
-                if not (self.connection_pool.is_master and _READONLY in str(error)):
+                if not _unavailable(error):
                     raise
                 self.disconnect()
-                raise redis.ConnectionError("the master is now a replica (READONLY)") from error
+                raise RedisUnavailable(_reply(error)) from error
 
-    return MasterConnection
+    Connection.__name__ = Connection.__qualname__ = f"Unavailable{base.__name__}"
+    return Connection
+
+
+def _unavailable(error: BaseException) -> bool:
+    return isinstance(error, redis.exceptions.ReadOnlyError) or any(
+        reply in str(error) for reply in _UNAVAILABLE
+    )
+
+
+def _reply(error: BaseException) -> str:
+    """The error as Redis said it (redis-py drops the READONLY code from its message)."""
+    if isinstance(error, redis.exceptions.ReadOnlyError):
+        return f"READONLY {error}"
+    return str(error)
+
+
+def _connection_class(url: str) -> type:
+    scheme = url.split("://", 1)[0].lower()
+    if scheme == "unix":
+        return unavailable_aware(redis.UnixDomainSocketConnection)
+    if scheme == "rediss":
+        return unavailable_aware(redis.SSLConnection)
+    return unavailable_aware(redis.Connection)
 
 
 def patch_qless() -> None:

@@ -1,5 +1,6 @@
 """redis+sentinel:// URLs against real Redis Sentinels: a master, its replica, two Sentinels, and
-failovers in the middle of a pool's run."""
+failovers in the middle of a pool's run; and a master short of replicas (min-replicas-to-write),
+which is an outage too."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import json
 import os
 
 import pytest
-from processes import wait_for
+from processes import alive, wait_for
 from redis_sentinel import MASTER_PASSWORD, SENTINEL_PASSWORD, SentinelCluster, free_port
-from test_worker import put
+from test_worker import put, runs, wait_state
 
 from qless_pool.client import connect, pipelined, redis_is_down
 
@@ -125,3 +126,25 @@ def test_a_pool_rides_out_a_failover_mid_run_and_loses_nothing(cluster, start_po
     log = pool.log_text()
     assert "Redis is unavailable" in log and "Redis is back" in log
     assert MASTER_PASSWORD not in log and SENTINEL_PASSWORD not in log
+
+
+def test_a_master_short_of_replicas_is_an_outage_and_the_job_is_not_lost(
+    start_worker, client, redis_conn
+):
+    # min-replicas-to-write 1 and no replica: every write is refused NOREPLICAS. That is Redis
+    # not able to serve now, not qless refusing: the worker must not kill its job because a
+    # heartbeat was refused, nor drop the completion it owes.
+    client.config["heartbeat"] = 6  # a heartbeat every 2 s
+    worker = start_worker(["foo"])
+    jid = put(client, "foo", "Sleep", {"seconds": 3})
+    wait_state(client, jid, "running")
+    redis_conn.config_set("min-replicas-to-write", 1)
+    try:
+        wait_for(lambda: "Redis is unavailable (NOREPLICAS" in worker.log_text(), 10)
+        wait_for(lambda: worker.job_child() is None, 10, message="the job to end")
+    finally:
+        redis_conn.config_set("min-replicas-to-write", 0)
+    wait_state(client, jid, "complete", timeout=30)
+    assert [run["jid"] for run in runs(redis_conn)] == [jid]  # ran once: not killed, not re-run
+    assert "refused" not in worker.log_text()
+    assert alive(worker.pid)

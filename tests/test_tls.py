@@ -26,7 +26,7 @@ def test_rediss_query_options_reach_redis_pys_ssl_connection(tmp_path):
     )
     client = connect(url, "test-producer", socket_timeout=3)
     pool = client.redis.connection_pool
-    assert pool.connection_class is redis.SSLConnection
+    assert issubclass(pool.connection_class, redis.SSLConnection)
     connection = pool.make_connection()  # made, not connected
     assert (connection.host, connection.port, connection.db) == ("redis.example", 6390, 2)
     assert connection.ca_certs == str(ca)
