@@ -145,27 +145,43 @@ def _driver_options(announce: bool = True) -> dict[str, Any]:
 @dataclass
 class Outage:
     """Redis being away: logged once (to ``log``) when it starts and once when it ends, and
-    retried with an exponential backoff capped at MAX_OUTAGE_BACKOFF seconds."""
+    retried with an exponential backoff capped at MAX_OUTAGE_BACKOFF seconds.
+
+    A look that gets through ends the outage only once the next one gets through too: some
+    outages let reads (and SUBSCRIBE) through and refuse every write (a demoted master's
+    READONLY, a master's NOREPLICAS), and a worker that reads first would otherwise call Redis
+    back, then lost again, twice a second, without ever backing off. (A busy worker, which
+    writes only to heartbeat, may still take such an outage for over between two heartbeats.)"""
 
     log: logging.Logger
     since: Optional[float] = None
     delay: float = 0.0
     retry_at: float = 0.0
+    #: An outage that seems over: (since, when Redis answered again), until the next look.
+    ending: Optional[tuple[float, float]] = None
 
     def ready(self, now: float) -> bool:
         return now >= self.retry_at
 
     def failed(self, now: float, error: BaseException) -> None:
         if self.since is None:
-            self.since = now
-            self.log.error("Redis is unavailable (%s); retrying with backoff", _describe(error))
+            if self.ending is not None:  # not over after all: the same outage goes on
+                self.since, self.ending = self.ending[0], None
+            else:
+                self.since = now
+                self.log.error("Redis is unavailable (%s); retrying with backoff", _describe(error))
         self.delay = min(max(self.delay * 2, 0.5), MAX_OUTAGE_BACKOFF)
         self.retry_at = now + self.delay
 
     def recovered(self, now: float) -> None:
         if self.since is not None:
-            self.log.warning("Redis is back after %.1fs", now - self.since)
-        self.since, self.delay, self.retry_at = None, 0.0, 0.0
+            self.ending = (self.since, now)
+            self.since, self.retry_at = None, 0.0
+            return
+        if self.ending is not None:
+            since, back = self.ending
+            self.log.warning("Redis is back after %.1fs", back - since)
+        self.ending, self.delay, self.retry_at = None, 0.0, 0.0
 
 
 def _describe(error: BaseException) -> str:
