@@ -13,6 +13,12 @@ Beside it: ``connect()`` (the one way the pool makes a client), ``pipelined()`` 
 commands in one round trip), and what the pool calls an outage: ``redis_is_down()`` tells Redis
 being away (or refusing writes for now) from a refusal by qless, and ``Outage`` paces the
 attempts to reach it again.
+
+connect() also takes ``redis+sentinel://`` URLs (urls.py): the client's Redis is then the one
+redis-py's ``Sentinel.master_for()`` gives, which asks the Sentinels for the master's address
+whenever it opens a connection, so a worker that rides out a failover's outage reconnects to
+the new master. On every URL, the replies that mean "not now" (READONLY, NOREPLICAS,
+MASTERDOWN) are raised as RedisUnavailable, a ConnectionError: an outage, never a refusal.
 """
 
 from __future__ import annotations
@@ -30,7 +36,14 @@ import qless
 import redis
 from qless.exceptions import QlessException
 
-from .urls import DEFAULT_REDIS_URL, check_redis_url, default_redis_url
+from .urls import (
+    DEFAULT_REDIS_URL,
+    SENTINEL_SCHEME,
+    SentinelTarget,
+    check_redis_url,
+    default_redis_url,
+    parse_sentinel_url,
+)
 
 __all__ = [
     "CONTROL_TIMEOUT",
@@ -38,6 +51,7 @@ __all__ = [
     "JOB_SOCKET_TIMEOUT",
     "REDIS_DOWN",
     "Outage",
+    "RedisUnavailable",
     "connect",
     "default_redis_url",
     "fix_script",
@@ -46,12 +60,19 @@ __all__ = [
     "pipelined",
     "raise_if_down",
     "redis_is_down",
+    "sentinel_master",
+    "unavailable_aware",
     "use_fixed_script",
 ]
 
 #: The errors that mean "Redis is not there right now" (down, restarting, loading, unreachable),
 #: as opposed to a refusal by qless (``QlessException``).
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+#: How Redis refuses a write on a replica (a master demoted by a failover).
+_READONLY = "READONLY You can't write against a read only replica"
+#: Other refusals that mean "not now" rather than "no": a master with fewer replicas than its
+#: min-replicas-to-write, a replica cut off from its master (replica-serve-stale-data no).
+_UNAVAILABLE = (_READONLY, "NOREPLICAS Not enough good replicas", "MASTERDOWN Link with MASTER")
 #: The longest pause between two attempts to reach Redis during an outage.
 MAX_OUTAGE_BACKOFF = 30.0
 #: How long the pool's own calls (a worker parent's pop, heartbeat and settling, the drain
@@ -130,41 +151,76 @@ def _driver_options(announce: bool = True) -> dict[str, Any]:
 @dataclass
 class Outage:
     """Redis being away: logged once (to ``log``) when it starts and once when it ends, and
-    retried with an exponential backoff capped at MAX_OUTAGE_BACKOFF seconds."""
+    retried with an exponential backoff capped at MAX_OUTAGE_BACKOFF seconds.
+
+    A look that gets through ends the outage only once the next one gets through too: some
+    outages let reads (and SUBSCRIBE) through and refuse every write (a demoted master's
+    READONLY, a master's NOREPLICAS), and a worker that reads first would otherwise call Redis
+    back, then lost again, twice a second, without ever backing off. (A busy worker, which
+    writes only to heartbeat, may still take such an outage for over between two heartbeats.)"""
 
     log: logging.Logger
     since: Optional[float] = None
     delay: float = 0.0
     retry_at: float = 0.0
+    #: An outage that seems over: (since, when Redis answered again), until the next look.
+    ending: Optional[tuple[float, float]] = None
 
     def ready(self, now: float) -> bool:
         return now >= self.retry_at
 
     def failed(self, now: float, error: BaseException) -> None:
         if self.since is None:
-            self.since = now
-            self.log.error("Redis is unavailable (%s); retrying with backoff", error)
+            if self.ending is not None:  # not over after all: the same outage goes on
+                self.since, self.ending = self.ending[0], None
+            else:
+                self.since = now
+                self.log.error("Redis is unavailable (%s); retrying with backoff", _describe(error))
         self.delay = min(max(self.delay * 2, 0.5), MAX_OUTAGE_BACKOFF)
         self.retry_at = now + self.delay
 
     def recovered(self, now: float) -> None:
         if self.since is not None:
-            self.log.warning("Redis is back after %.1fs", now - self.since)
-        self.since, self.delay, self.retry_at = None, 0.0, 0.0
+            self.ending = (self.since, now)
+            self.since, self.retry_at = None, 0.0
+            return
+        if self.ending is not None:
+            since, back = self.ending
+            self.log.warning("Redis is back after %.1fs", back - since)
+        self.ending, self.delay, self.retry_at = None, 0.0, 0.0
+
+
+def _describe(error: BaseException) -> str:
+    """An error, for a log line. redis-py's "No master found" (Sentinel) describes the client of
+    every Sentinel it could not reach at length; their addresses are enough."""
+    from redis.sentinel import MasterNotFoundError
+
+    text = str(error)
+    if isinstance(error, MasterNotFoundError):
+        head, _, rest = text.partition(" : ")
+        asked = re.findall(r"host=([^,]+),port=(\d+)", rest)
+        if asked:
+            return f"{head} (Sentinels unreachable: {', '.join(f'{h}:{p}' for h, p in asked)})"
+        return head
+    return text
 
 
 def redis_is_down(error: BaseException) -> bool:
     """Is ``error`` Redis being away rather than a refusal by qless? Away: down, restarting,
     loading, unreachable, or refusing writes for now (a read-only replica after a failover, a
-    master whose replica link is down, a failed snapshot, maxmemory reached). qless-py turns
-    every error reply into a plain ``QlessException``: Redis 7 answers a script with the error
-    itself (kept as the exception's context), Redis 6.2 with a script error quoting it."""
+    master short of the replicas it must write to, a replica cut off from its master, a failed
+    snapshot, maxmemory reached). qless-py turns every error reply into a plain
+    ``QlessException``: Redis 7 answers a script with the error itself (kept as the exception's
+    context), Redis 6.2 with a script error quoting it."""
     if isinstance(error, REDIS_DOWN):
         return True
     if not isinstance(error, QlessException):
         return False
-    return isinstance(error.__context__, _REFUSING_WRITES_ERRORS) or bool(
-        _REFUSING_WRITES.search(str(error))
+    return (
+        _unavailable(error)
+        or _unavailable(error.__context__)
+        or isinstance(error.__context__, _REFUSING_WRITES_ERRORS)
+        or bool(_REFUSING_WRITES.search(str(error)))
     )
 
 
@@ -199,17 +255,120 @@ def connect(
 ) -> qless.Client:
     """Return a ``qless.Client`` for ``url`` that runs the fixed qless-core script.
 
-    ``url`` defaults to :func:`default_redis_url`. ``worker_name`` is the name qless records as
-    the owner of the jobs this client pops (qless-py defaults to the host name). ``client_class``
-    may be a subclass of ``qless.Client``. Other keyword arguments go to
-    ``redis.Redis.from_url``; the protocol is RESP2, the one qless-py was written for, unless
+    ``url`` defaults to :func:`default_redis_url`; ``redis://``, ``rediss://``, ``unix://`` and
+    ``redis+sentinel://`` (see urls.py). ``worker_name`` is the name qless records as the owner
+    of the jobs this client pops (qless-py defaults to the host name). ``client_class`` may be a
+    subclass of ``qless.Client``. Other keyword arguments go to redis-py's connections (options
+    in the URL's query win); the protocol is RESP2, the one qless-py was written for, unless
     ``protocol`` says otherwise. ``announce=False`` skips ``CLIENT SETINFO``. No connection is
     opened until the first command. A URL that cannot be used raises ValueError.
     """
     options = {"protocol": 2, **_driver_options(announce), **redis_options}
     url = check_redis_url(url or default_redis_url())
-    client = client_class(url, hostname=worker_name, **options)
+    if url.split("://", 1)[0].lower() == SENTINEL_SCHEME:
+        # qless.Client makes its Redis from a URL, which redis-py cannot read for Sentinel:
+        # it is given a placeholder (no connection is ever opened to it) and then the
+        # Sentinel-managed Redis, before anything uses it (use_fixed_script registers the
+        # script on that one).
+        client = client_class(_PLACEHOLDER_URL, hostname=worker_name)
+        client.redis = sentinel_master(parse_sentinel_url(url), **options)
+    else:
+        options.setdefault("connection_class", _connection_class(url))
+        client = client_class(url, hostname=worker_name, **options)
     return use_fixed_script(client)
+
+
+_PLACEHOLDER_URL = "redis://localhost:6379/0"
+#: The options a master connection's Sentinel lookups share with it.
+_SENTINEL_SHARED = ("protocol", "lib_name", "lib_version", "driver_info")
+
+
+def sentinel_master(target: SentinelTarget, **options: Any) -> redis.Redis:
+    """A ``redis.Redis`` for the master of ``target.service``, as its Sentinels name it.
+
+    redis-py asks the Sentinels (the first that answers is asked first from then on) for the
+    master's address each time it opens a connection; a connection whose server answers
+    READONLY (a demoted master) is dropped, as RedisUnavailable: to the worker, a failover is an
+    outage like any other, after which it reconnects to whichever server is master then.
+    ``options`` go to the master's connections (the URL's own options win over them); the
+    Sentinels get the same socket options and none of redis-py's retries, so that one that is
+    down costs one refused connection, not a series of retries.
+    """
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    from redis.sentinel import Sentinel, SentinelManagedConnection
+
+    master = {
+        "connection_class": unavailable_aware(SentinelManagedConnection),
+        **options,
+        "decode_responses": True,
+        **target.master_options(),
+    }
+    lookups = {
+        key: value
+        for key, value in master.items()
+        if key.startswith("socket_") or key in _SENTINEL_SHARED
+    }
+    lookups.update(retry=Retry(NoBackoff(), 0), **target.sentinel_options())
+    sentinels = Sentinel(list(target.sentinels), sentinel_kwargs=lookups)
+    return sentinels.master_for(target.service, **master)
+
+
+class RedisUnavailable(redis.ConnectionError):
+    """Redis answered, but cannot serve a write now: READONLY (a replica: a master demoted by a
+    failover, or a primary's DNS name that has moved on), NOREPLICAS (a master short of its
+    min-replicas-to-write), MASTERDOWN (a replica cut off from its master). An outage, like a
+    connection that breaks: the connection is dropped (the next one may reach the new master),
+    and the command that got it did nothing."""
+
+
+@functools.cache
+def unavailable_aware(base: type) -> type:
+    """``base``, a redis-py connection class, made to raise RedisUnavailable for the replies
+    above instead of a ResponseError.
+
+    qless-py turns a ResponseError into a QlessException, which the worker reads as qless
+    refusing it: a complete sent with a pop, refused NOREPLICAS, would be dropped, and a job
+    whose heartbeat was refused READONLY killed. As a ConnectionError it is an outage at every
+    level (a single command, a pipeline, a job's own client, which keeps the outcome for the
+    worker to report). redis-py's Sentinel connection already turns Redis 7's READONLY into a
+    ConnectionError; this also covers Redis 6.2's, which comes as a script error quoting it.
+    """
+
+    class Connection(base):
+        def read_response(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().read_response(*args, **kwargs)
+            except redis.ResponseError as error:
+                if not _unavailable(error):
+                    raise
+                self.disconnect()
+                raise RedisUnavailable(_reply(error)) from error
+
+    Connection.__name__ = Connection.__qualname__ = f"Unavailable{base.__name__}"
+    return Connection
+
+
+def _unavailable(error: BaseException) -> bool:
+    return isinstance(error, redis.exceptions.ReadOnlyError) or any(
+        reply in str(error) for reply in _UNAVAILABLE
+    )
+
+
+def _reply(error: BaseException) -> str:
+    """The error as Redis said it (redis-py drops the READONLY code from its message)."""
+    if isinstance(error, redis.exceptions.ReadOnlyError):
+        return f"READONLY {error}"
+    return str(error)
+
+
+def _connection_class(url: str) -> type:
+    scheme = url.split("://", 1)[0].lower()
+    if scheme == "unix":
+        return unavailable_aware(redis.UnixDomainSocketConnection)
+    if scheme == "rediss":
+        return unavailable_aware(redis.SSLConnection)
+    return unavailable_aware(redis.Connection)
 
 
 def patch_qless() -> None:

@@ -13,7 +13,15 @@ import qless
 import redis
 from qless.exceptions import LostLockException, QlessException
 
-from qless_pool.client import LOCAL_EXTEND, connect, fix_script, fixed_script, redis_is_down
+from qless_pool.client import (
+    LOCAL_EXTEND,
+    RedisUnavailable,
+    connect,
+    fix_script,
+    fixed_script,
+    redis_is_down,
+    use_fixed_script,
+)
 
 KLASS = "jobs.Noop"
 
@@ -120,15 +128,19 @@ def test_redis_is_down_tells_an_outage_from_a_refusal(error, down):
     assert redis_is_down(error) is down
 
 
-def test_redis_is_down_on_a_read_only_replica(qless_client):
-    # Redis 7 replies READONLY; qless-py wraps it, and the reply stays the exception's context.
-    qless_client.queues["foo"].put(KLASS, {})
-    qless_client.redis.execute_command("REPLICAOF", "127.0.0.1", "1")
+@pytest.mark.parametrize("own_client", [False, True], ids=["connect", "qless.Client"])
+def test_redis_is_down_on_a_read_only_replica(qless_client, redis_url, own_client):
+    # Redis 7 replies READONLY. connect()'s connections raise it as RedisUnavailable, an outage
+    # at every level; a qless.Client of one's own wraps it in a QlessException, and the reply
+    # stays the exception's context.
+    client = use_fixed_script(qless.Client(redis_url)) if own_client else qless_client
+    client.queues["foo"].put(KLASS, {})
+    client.redis.execute_command("REPLICAOF", "127.0.0.1", "1")
     try:
-        with pytest.raises(QlessException) as refused:
-            qless_client.queues["foo"].pop()
+        with pytest.raises(QlessException if own_client else RedisUnavailable) as refused:
+            client.queues["foo"].pop()
     finally:
-        qless_client.redis.execute_command("REPLICAOF", "NO", "ONE")
+        client.redis.execute_command("REPLICAOF", "NO", "ONE")
     assert redis_is_down(refused.value)
 
 
