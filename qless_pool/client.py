@@ -263,8 +263,13 @@ def connect(
     ``protocol`` says otherwise. ``announce=False`` skips ``CLIENT SETINFO``. No connection is
     opened until the first command. A URL that cannot be used raises ValueError.
     """
-    options = {"protocol": 2, **_driver_options(announce), **redis_options}
     url = check_redis_url(url or default_redis_url())
+    if _speaks_tls(url, redis_options):
+        # TLS 1.3 servers send their session tickets after the handshake; with no CLIENT
+        # SETINFO to read past them, redis-py finds a new connection "has data" and refuses
+        # it. The handshake costs far more than the two round trips saved anyway.
+        announce = True
+    options = {"protocol": 2, **_driver_options(announce), **redis_options}
     if url.split("://", 1)[0].lower() == SENTINEL_SCHEME:
         # qless.Client makes its Redis from a URL, which redis-py cannot read for Sentinel:
         # it is given a placeholder (no connection is ever opened to it) and then the
@@ -276,6 +281,16 @@ def connect(
         options.setdefault("connection_class", _connection_class(url))
         client = client_class(url, hostname=worker_name, **options)
     return use_fixed_script(client)
+
+
+def _speaks_tls(url: str, options: dict[str, Any]) -> bool:
+    scheme, _, rest = url.partition("://")
+    query = rest.partition("?")[2].lower()
+    return (
+        scheme.lower() == "rediss"
+        or bool(options.get("ssl"))
+        or bool(re.search(r"(?:^|&)ssl=(?:1|true|yes|on)(?:&|$)", query))
+    )
 
 
 _PLACEHOLDER_URL = "redis://localhost:6379/0"

@@ -107,6 +107,14 @@ def test_a_pool_runs_jobs_over_tls(start_pool, tls_url):
     assert "Redis is unavailable" not in pool.log_text()
 
 
+def test_a_job_childs_quiet_connection_reads_past_tls_session_tickets(tls_url):
+    # A job child's client skips CLIENT SETINFO; over TLS 1.3 nothing would then read the
+    # session tickets the server sends after the handshake, and redis-py would refuse the new
+    # connection as one that "has data".
+    client = connect(tls_url, "test-producer", announce=False)
+    assert client.redis.rpush("tickets", "read") == 1
+
+
 def test_a_certificate_that_does_not_verify_is_an_outage_not_a_crash(start_worker, tls_redis):
     port, _ = tls_redis
     # No ssl_ca_certs: the system's CAs do not vouch for the self-signed certificate.
