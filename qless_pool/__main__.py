@@ -21,9 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _hide_secrets(argv: Sequence[str]) -> None:
     """If the command line holds a password (in a URL), show it masked from now on."""
-    from .urls import mask_secrets
+    from .urls import mask_argument
 
-    masked = [mask_secrets(arg) for arg in argv]
+    masked = [mask_argument(arg) for arg in argv]
     if masked != list(argv):
         from setproctitle import setproctitle
 

@@ -32,6 +32,7 @@ __all__ = [
     "SentinelTarget",
     "check_redis_url",
     "default_redis_url",
+    "mask_argument",
     "mask_secrets",
     "parse_sentinel_url",
     "redis_url_and_origin",
@@ -47,9 +48,10 @@ SENTINEL_FORM = "redis+sentinel://[:password@]host:port[,host:port...]/service[/
 SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
 #: The URL schemes connect() takes.
 SCHEMES = ("redis", "rediss", "unix", SENTINEL_SCHEME)
-_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"]+", re.IGNORECASE)
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
+_SCHEME_AT_START = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 # password=, sentinel_password=, ssl_password= (a key file's passphrase) ...
-_QUERY_PASSWORD = re.compile(r"([?&][a-z_]*password=)[^&#]*", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&][a-z_]*password=)[^&#\s]*", re.IGNORECASE)
 
 
 def mask_secrets(text: str) -> str:
@@ -58,16 +60,28 @@ def mask_secrets(text: str) -> str:
     return _URL.sub(lambda match: _mask_url(match.group(0)), text)
 
 
+def mask_argument(argument: str) -> str:
+    """A command-line argument with its secrets masked: an argument that is a URL (or
+    ``--option=URL``) is one URL to its end, even if its password holds a space or a quote."""
+    option, equals, value = argument.partition("=")
+    if _SCHEME_AT_START.match(argument):
+        return _mask_url(argument)
+    if option.startswith("-") and equals and _SCHEME_AT_START.match(value):
+        return f"{option}={_mask_url(value)}"
+    return mask_secrets(argument)
+
+
 def _mask_url(url: str) -> str:
+    # The user information ends at the URL's last "@": a password may hold an unescaped "@",
+    # "/", "?", "'" or ":" (not a valid URL, but shown in the message refusing it). An "@"
+    # further on (in a query option) masks more than needed, never less.
     scheme, rest = url.split("://", 1)
-    netloc, slash, tail = rest.partition("/")
-    if "?" in netloc:  # no path: the query follows the host
-        netloc, mark, query = netloc.partition("?")
-        slash, tail = "", mark + query
-    userinfo, at, host = netloc.rpartition("@")  # a password may hold an unescaped "@"
+    userinfo, at, after = rest.rpartition("@")
     if at and ":" in userinfo:
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
-    return _QUERY_PASSWORD.sub(r"\1***", f"{scheme}://{netloc}{slash}{tail}")
+        user = userinfo.split(":", 1)[0]
+        if "/" not in user and "?" not in user:
+            rest = f"{user}:***@{after}"
+    return _QUERY_PASSWORD.sub(r"\1***", f"{scheme}://{rest}")
 
 
 def check_redis_url(url: str) -> str:

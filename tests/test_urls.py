@@ -15,6 +15,7 @@ from qless_pool.urls import (
     DEFAULT_SENTINEL_PORT,
     SentinelTarget,
     check_redis_url,
+    mask_argument,
     mask_secrets,
     parse_sentinel_url,
 )
@@ -142,6 +143,29 @@ def test_connect_hands_a_sentinel_url_to_redis_pys_sentinel():
 )
 def test_passwords_are_masked(url, shown):
     assert mask_secrets(f"connecting to {url} now") == f"connecting to {shown} now"
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("redis://:pa/ss@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://:pa?ss@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://:pa'ss@h:6379/0", "redis://:***@h:6379/0"),
+        ('redis://:pa"ss@h/0', "redis://:***@h/0"),
+        ("redis://:p@s:s@h/0", "redis://:***@h/0"),
+        ("redis://h/0?password=pa'ss&db=1", "redis://h/0?password=***&db=1"),
+    ],
+)
+def test_passwords_with_characters_a_url_should_escape_are_masked(url, shown):
+    assert mask_secrets(f"cannot use {url}: no") == f"cannot use {shown}: no"
+    assert mask_secrets(f"cannot use '{url}'") == f"cannot use '{shown}'"
+
+
+def test_a_command_line_url_is_masked_to_its_end():
+    assert mask_argument("redis://:pa ss@h:6379/0") == "redis://:***@h:6379/0"
+    assert mask_argument("--redis=redis://:a b'c@h/0") == "--redis=redis://:***@h/0"
+    assert mask_argument("-Rredis://:pw@h/0") == "-Rredis://:***@h/0"
+    assert mask_argument("--interval=2") == "--interval=2"
 
 
 # --- at the command line --------------------------------------------------------------------------
