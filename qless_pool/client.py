@@ -24,6 +24,7 @@ MASTERDOWN) are raised as RedisUnavailable, a ConnectionError: an outage, never 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import pkgutil
 import re
@@ -406,6 +407,16 @@ def patch_qless() -> None:
     cls.__init__ = __init__
 
 
+#: What ConnectionPool.get_connection() is given: redis-py before 5.3 needs a command name;
+#: later ones warn that it is deprecated.
+_COMMAND_NAME: tuple[str, ...] = (
+    ()
+    if inspect.signature(redis.ConnectionPool.get_connection).parameters["command_name"].default
+    is not inspect.Parameter.empty
+    else ("EVALSHA",)
+)
+
+
 def pipelined(client: qless.Client, commands: Sequence[Sequence[Any]]) -> list[Any]:
     """Send qless commands in one round trip; returns each one's answer, or the
     ``QlessException`` it was refused with (Redis being down raises, as for one command).
@@ -421,7 +432,7 @@ def pipelined(client: qless.Client, commands: Sequence[Sequence[Any]]) -> list[A
     todo = list(range(len(commands)))
     for attempt in range(2):
         now = repr(time.time())
-        connection = pool.get_connection("EVALSHA")
+        connection = pool.get_connection(*_COMMAND_NAME)
         try:
             connection.send_packed_command(
                 connection.pack_commands(
