@@ -26,8 +26,10 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import pkgutil
 import re
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +56,7 @@ __all__ = [
     "Outage",
     "RedisUnavailable",
     "connect",
+    "control_client",
     "default_redis_url",
     "fix_script",
     "fixed_script",
@@ -291,6 +294,17 @@ def _speaks_tls(url: str, options: dict[str, Any]) -> bool:
         scheme.lower() == "rediss"
         or bool(options.get("ssl"))
         or bool(re.search(r"(?:^|&)ssl=(?:1|true|yes|on)(?:&|$)", query))
+    )
+
+
+def control_client(url: Optional[str], role: str) -> qless.Client:
+    """A client for one of the pool's own helpers (``role``: drain, status, metrics), named
+    ``<host>-<pid>-<role>``, with the short CONTROL_TIMEOUT: a stalled Redis must not hold it."""
+    return connect(
+        url,
+        f"{socket.gethostname()}-{os.getpid()}-{role}",
+        socket_connect_timeout=CONTROL_TIMEOUT,
+        socket_timeout=CONTROL_TIMEOUT,
     )
 
 

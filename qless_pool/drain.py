@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Optional
 
-from .client import CONTROL_TIMEOUT, Outage, connect, redis_is_down
+from .client import Outage, control_client, redis_is_down
 from .logs import logger, set_role
 from .proctitle import set_title
 
@@ -79,12 +79,7 @@ class DrainWatcher:
         set_role("drain", self.appname)
         app = f"[{self.appname}]" if self.appname else ""
         set_title(f"qless-pool-drain{app}: watching {','.join(self.queues)}")
-        self.client = connect(
-            self.redis_url,
-            f"{os.uname().nodename}-{os.getpid()}-drain",
-            socket_connect_timeout=CONTROL_TIMEOUT,
-            socket_timeout=CONTROL_TIMEOUT,
-        )
+        self.client = control_client(self.redis_url, "drain")
         empty_looks = 0
         summary: Optional[Summary] = None
         outage = Outage(log)

@@ -331,19 +331,14 @@ class PoolCollector:
         yield queues
 
     def _queue_counts(self, manager: dict[str, Any]) -> dict[str, dict[str, int]]:
-        names = list(
-            dict.fromkeys(q for group in manager.get("groups", []) for q in group["queues"])
-        )
+        from .state import configured_queues
+
+        names = configured_queues(manager)
         try:
             if self.client is None:
-                from .client import CONTROL_TIMEOUT, connect
+                from .client import control_client
 
-                self.client = connect(
-                    self.redis_url,
-                    f"{socket.gethostname()}-{os.getpid()}-metrics",
-                    socket_connect_timeout=CONTROL_TIMEOUT,
-                    socket_timeout=CONTROL_TIMEOUT,
-                )
+                self.client = control_client(self.redis_url, "metrics")
             return {name: json.loads(self.client("queues", name)) for name in names}
         except Exception as error:  # Redis away: the other metrics are still worth serving
             log.warning("qless_pool_queue_jobs: cannot read the queues: %s", error)

@@ -38,6 +38,7 @@ __all__ = [
     "RUNTIME_VARIABLE",
     "PoolState",
     "WorkerSlot",
+    "configured_queues",
     "pool_directory",
     "private_base",
     "private_bytes",
@@ -330,6 +331,11 @@ def _unshared_bytes(pid: int) -> Optional[int]:
         return (int(fields[1]) - int(fields[2])) * _PAGE_SIZE
     except (OSError, IndexError, ValueError):
         return None
+
+
+def configured_queues(manager: Mapping[str, Any]) -> list[str]:
+    """Every queue the manager's groups name, once each, in the config's order."""
+    return list(dict.fromkeys(q for group in manager.get("groups", []) for q in group["queues"]))
 
 
 def read_manager(directory: str) -> Optional[dict[str, Any]]:

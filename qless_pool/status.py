@@ -24,7 +24,14 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from .daemon import DEFAULT_PIDFILE
-from .state import pool_directory, read_manager, read_worker, rss_bytes, worker_state
+from .state import (
+    configured_queues,
+    pool_directory,
+    read_manager,
+    read_worker,
+    rss_bytes,
+    worker_state,
+)
 
 __all__ = ["EX_NO_POOL", "collect", "main", "render"]
 
@@ -179,16 +186,11 @@ def collect(pid: int, redis_url: Optional[str] = None, queues: bool = True) -> d
 
 
 def _queues(manager: dict[str, Any], redis_url: Optional[str]) -> dict[str, Any]:
-    from .client import CONTROL_TIMEOUT, connect
+    from .client import control_client
 
-    names = list(dict.fromkeys(q for group in manager.get("groups", []) for q in group["queues"]))
+    names = configured_queues(manager)
     try:
-        client = connect(
-            redis_url,
-            f"{os.uname().nodename}-{os.getpid()}-status",
-            socket_connect_timeout=CONTROL_TIMEOUT,
-            socket_timeout=CONTROL_TIMEOUT,
-        )
+        client = control_client(redis_url, "status")
         failed = json.loads(client("failed"))
         counts = {}
         for name in names:
