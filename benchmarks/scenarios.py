@@ -487,21 +487,23 @@ def _memory_run(
     with running(ctx, contender, launch) as run:
         run.wait_ready(workers, 300)
         put = 0
-        for _ in range(20):
+        # In process, prefetch hands fast jobs out in batches, unevenly: put more until every
+        # worker has run its share, checking after each batch.
+        for batches in range(61):
             counts: dict[int, int] = {}
             for record in benchjobs.read_starts(connection):
                 counts[record[worker_of]] = counts.get(record[worker_of], 0) + 1
             short = len(counts) < workers or min(counts.values()) < jobs_per_worker
             if not short:
                 break
-            batch = workers * max(jobs_per_worker - min(counts.values(), default=0), 2)
+            if batches == 60:
+                raise RuntimeError(f"not every worker ran {jobs_per_worker} jobs: {counts}")
+            batch = workers * max(jobs_per_worker - min(counts.values(), default=0), 10)
             producer.put("collect", batch)
             put += batch
             wait_until(
                 lambda put=put: producer.completed() >= put, 300, 0.02, f"{put} jobs to complete"
             )
-        else:
-            raise RuntimeError(f"not every worker ran {jobs_per_worker} jobs: {counts}")
         # Idle again (fork per job: the last job children have exited).
         run.wait_ready(workers, 30)
         time.sleep(0.3)
