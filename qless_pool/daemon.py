@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NoReturn, Optional
 
+from . import lifeline
 from .logs import logger
 
 __all__ = [
@@ -159,12 +160,8 @@ def _read_pid(fd: int) -> Optional[int]:
 
 def _is_qless_pool(pid: int) -> bool:
     """Is ``pid`` alive, and (where /proc tells) a qless-pool process rather than a reused pid?"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not lifeline.alive(pid):
         return False
-    except PermissionError:
-        pass
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as file:
             return b"qless-pool" in file.read()

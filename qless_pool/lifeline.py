@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 __all__ = [
     "HAVE_PDEATHSIG",
+    "alive",
     "become_subreaper",
     "die_with_parent",
     "kill_group",
@@ -81,6 +82,17 @@ def _watch_parent(parent_pid: int) -> None:
         if os.getpgid(0) == os.getpid():
             os.killpg(0, signal.SIGKILL)  # a job child: its leftovers go with it
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """Is there a process ``pid`` (ours or another user's)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # there is one; it is another user's
+        pass
+    return True
 
 
 def become_subreaper(on: bool = True) -> bool:

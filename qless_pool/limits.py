@@ -21,6 +21,7 @@ import random
 import time
 from typing import Optional
 
+from . import lifeline
 from .logs import logger
 from .state import private_bytes, rss_bytes
 
@@ -67,7 +68,7 @@ class Limits:
         if self.max_memory is None:
             return None
         used = private_bytes(pid)
-        if used is None and not self._unmeasurable_said and _exists(pid):
+        if used is None and not self._unmeasurable_said and lifeline.alive(pid):
             # Not gone: /proc will not say (hidepid, no /proc). Said once: it will not change.
             self._unmeasurable_said = True
             log.warning(
@@ -87,13 +88,3 @@ class Limits:
             f"still running {self.graceful_timeout:g}s after the worker was told to stop "
             f"(--graceful-timeout)"
         )
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True

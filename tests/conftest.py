@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import redis
-from processes import become_subreaper
+from processes import become_subreaper, kill_processes_in, reap_orphans
 from redis_server import RedisServer, server_binary, server_version
 
 from qless_pool.client import connect
@@ -63,3 +63,13 @@ def qless_client(redis_url):
 def client(redis_url):
     """A qless client for the test's own puts and looks (not a worker)."""
     return connect(redis_url, worker_name="test-producer")
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A working directory with a one-worker config; every process left in it is killed
+    afterwards. Modules that need another config define their own."""
+    (tmp_path / "qless-pool.yml").write_text("foo: 1\n")
+    yield tmp_path
+    kill_processes_in(tmp_path)
+    reap_orphans()

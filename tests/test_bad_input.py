@@ -10,17 +10,8 @@ import sys
 import time
 
 import pytest
-from processes import kill_processes_in, reap_orphans
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "qless-pool")
-
-
-@pytest.fixture
-def project(tmp_path):
-    (tmp_path / "qless-pool.yml").write_text("foo: 1\n")
-    yield tmp_path
-    kill_processes_in(tmp_path)
-    reap_orphans()
 
 
 def qless_pool(project, *args, env=None, timeout=30):

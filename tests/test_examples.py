@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from processes import alive, children, kill_processes_in, reap_orphans, wait_for
+from processes import alive, children, wait_for
 
 from qless_pool.cli import build_parser
 
@@ -52,14 +52,6 @@ def qless_pool_args(command: str) -> list[str]:
     args = words[next(i for i, w in enumerate(words) if w.endswith("qless-pool")) + 1 :]
     build_parser().parse_args(args)  # exits (fails the test) on an unknown or bad option
     return args
-
-
-@pytest.fixture
-def project(tmp_path):
-    (tmp_path / "qless-pool.yml").write_text("foo: 1\n")
-    yield tmp_path
-    kill_processes_in(tmp_path)
-    reap_orphans()
 
 
 # --- systemd --------------------------------------------------------------------------------------

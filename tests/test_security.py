@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from processes import alive, as_unprivileged, descendants, kill_processes_in, reap_orphans, wait_for
+from processes import alive, as_unprivileged, descendants, wait_for
 from redis_server import RedisServer
 from test_worker import history_events, put, runs, wait_state
 
@@ -157,14 +157,6 @@ def ids(pid: int) -> tuple[int, int]:
     with open(f"/proc/{pid}/status") as file:
         fields = dict(line.split(":", 1) for line in file if ":" in line)
     return int(fields["Uid"].split()[0]), int(fields["Gid"].split()[0])
-
-
-@pytest.fixture
-def project(tmp_path):
-    (tmp_path / "qless-pool.yml").write_text("foo: 1\n")
-    yield tmp_path
-    kill_processes_in(tmp_path)
-    reap_orphans()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")

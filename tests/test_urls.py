@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-from processes import kill_processes_in, reap_orphans
 
 from qless_pool.client import connect
 from qless_pool.urls import (
@@ -169,14 +168,6 @@ def test_a_command_line_url_is_masked_to_its_end():
 
 
 # --- at the command line --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def project(tmp_path):
-    (tmp_path / "qless-pool.yml").write_text("foo: 1\n")
-    yield tmp_path
-    kill_processes_in(tmp_path)
-    reap_orphans()
 
 
 def qless_pool(project, *args):
