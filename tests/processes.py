@@ -122,32 +122,45 @@ def as_unprivileged(fn):
     """Run ``fn()`` as a user without privileges and return what it returns (or raise what it
     raised, as RuntimeError with the message): in a forked child that drops to nobody when the
     tests run as root, in this process otherwise. Its result must be JSON."""
-    import json
-
     if os.geteuid() != 0:
         return fn()
+
+    def drop_privileges():
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+
+    return in_child(fn, drop_privileges)
+
+
+def in_child(fn, setup=None):
+    """Run ``setup()`` then ``fn()`` in a forked child (which may change what it likes: its
+    user, its mount namespace) and return what ``fn`` returns, which must be JSON; what it
+    raised is raised here as RuntimeError with the message."""
+    import json
+
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
-        status = 0
+        status = 1
         try:
             os.close(read_end)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
+            if setup is not None:
+                setup()
             try:
                 answer = {"value": fn()}
             except Exception as error:
                 answer = {"error": f"{type(error).__name__}: {error}"}
             os.write(write_end, json.dumps(answer).encode())
-        except BaseException:
-            status = 1
+            status = 0
         finally:
             os._exit(status)
     os.close(write_end)
     with os.fdopen(read_end) as pipe:
         data = pipe.read()
     os.waitpid(pid, 0)
+    if not data:
+        raise RuntimeError("the child died before it answered")
     answer = json.loads(data)
     if "error" in answer:
         raise RuntimeError(answer["error"])

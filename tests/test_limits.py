@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import signal
@@ -13,7 +12,7 @@ import time
 
 import pytest
 import testjobs  # noqa: F401  (imported before dropping privileges: the job child needs it)
-from processes import as_unprivileged, kill_tree, reap_orphans, wait_for
+from processes import as_unprivileged, in_child, kill_tree, reap_orphans, wait_for
 from redis_server import RedisServer
 from test_worker import put, wait_state
 
@@ -76,33 +75,6 @@ def test_a_child_of_a_process_that_changed_its_user_is_measured_from_statm():
     result = as_unprivileged(measure)
     assert result["smaps_readable"] is False  # what made --max-memory do nothing
     assert result["measured"] is not None and result["measured"] >= 64 * MB
-
-
-def in_child(fn) -> dict:
-    """Run ``fn()`` in a forked child (as root, for it to change what it needs) and return its
-    JSON result."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            os.close(read_end)
-            try:
-                answer = {"value": fn()}
-            except Exception as error:
-                answer = {"error": f"{type(error).__name__}: {error}"}
-            os.write(write_end, json.dumps(answer).encode())
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        data = pipe.read()
-    os.waitpid(pid, 0)
-    answer = json.loads(data)
-    if "error" in answer:
-        raise RuntimeError(answer["error"])
-    return answer["value"]
 
 
 def _mount_proc_with_hidepid() -> None:
