@@ -360,9 +360,24 @@ def test_metrics_after_real_jobs(start_pool, client):
     waiting = put(client, "foo", "Noop", delay=600)
 
     def settled(samples):
-        return samples.get('qless_pool_jobs_total{outcome="completed",queue="foo"}') == 10
+        # The worker gauge is read from each worker's own record, written at its next turn.
+        return (
+            samples.get('qless_pool_jobs_total{outcome="completed",queue="foo"}') == 10
+            and samples.get('qless_pool_workers{state="processing"}') == 1
+            and samples.get('qless_pool_workers{state="waiting"}') == 2
+        )
 
-    samples = wait_for(lambda: (s := scrape(port)) and settled(s) and s)
+    last = {}
+
+    def scraped_and_settled():
+        last.update(scrape(port))
+        return settled(last) and dict(last)
+
+    try:
+        samples = wait_for(scraped_and_settled, message="the metrics to settle")
+    except AssertionError as error:
+        workers = {k: v for k, v in last.items() if k.startswith("qless_pool_workers")}
+        raise AssertionError(f"{error}; last scrape: {workers}") from None
     # The Exit job was handed back once, then failed out of retries.
     assert samples['qless_pool_jobs_total{outcome="failed",queue="bar"}'] == 3
     assert samples['qless_pool_jobs_total{outcome="retried",queue="bar"}'] == 1
