@@ -4,6 +4,7 @@
     python benchmarks/profile_worker.py qless-py-worker
     python benchmarks/profile_worker.py qless-pool-fork --timeline
     python benchmarks/profile_worker.py qless-pool-fork --child-profile
+    python benchmarks/profile_worker.py rq-fork --cpu
 
 The worker runs here against a private redis-server, under cProfile (the default), so the
 numbers are slower than a real run but comparable with each other:
@@ -16,6 +17,11 @@ numbers are slower than a real run but comparable with each other:
 ``--timeline`` (fork per job) profiles nothing: it timestamps each job's way through the worker
 parent and its child (CLOCK_MONOTONIC is shared by all processes) and prints the median of each
 step. ``--child-profile`` runs cProfile inside every job child and adds the children up.
+``--cpu`` profiles nothing either: it reads the CPU time (user and system) and the page faults
+of the worker and of every child it forked and reaped (``getrusage``), and redis-server's CPU
+time, per job. With a fork per job most of that is the kernel's (fork, copy-on-write faults,
+exit), which cProfile does not see; when every core is busy, CPU per job is what sets the rate.
+``rq-fork`` and ``rq-simple`` run rq's own ``Worker(...).work(burst=True)`` here.
 
 This is a measuring tool: it wraps a few qless_pool functions in this process to take its
 readings; qless-pool itself is not changed.
@@ -30,8 +36,10 @@ import gc
 import glob
 import io
 import json
+import logging
 import os
 import pstats
+import resource
 import shutil
 import signal
 import subprocess
@@ -41,7 +49,7 @@ import time
 
 import benchjobs
 from contenders import Producer
-from harness import RedisServer, median, percentile
+from harness import RedisServer, cpu_seconds, median, percentile
 
 WATCHER = """
 import os, signal, sys, time, redis
@@ -84,7 +92,44 @@ def make_worker(contender: str, url: str):
 
         worker = SerialWorker(["bench"], reqless.Client(url), interval=1)
         return worker.run
+    if contender in ("rq-fork", "rq-simple"):
+        import redis
+        from rq import SimpleWorker
+        from rq import Worker as RqWorker
+
+        cls = SimpleWorker if contender == "rq-simple" else RqWorker
+        worker = cls(["bench"], connection=redis.Redis.from_url(url))
+        logging.getLogger("rq.worker").setLevel(logging.WARNING)  # rq logs 2 lines a job
+        return lambda: worker.work(burst=True, logging_level="WARNING")
     raise SystemExit(f"unknown contender {contender}")
+
+
+def cpu_report(before: tuple, after: tuple, jobs: int) -> str:
+    """CPU and page faults per job: the worker, its reaped children, redis-server."""
+    (self0, children0, redis0), (self1, children1, redis1) = before, after
+    lines = [f"{'per job':<28} {'user ms':>8} {'system ms':>10} {'faults':>8}"]
+    for name, start, end in (("worker", self0, self1), ("its children", children0, children1)):
+        user, system = (end.ru_utime - start.ru_utime), (end.ru_stime - start.ru_stime)
+        faults = end.ru_minflt - start.ru_minflt
+        lines.append(
+            f"{name:<28} {user / jobs * 1000:8.3f} {system / jobs * 1000:10.3f} "
+            f"{faults / jobs:8.1f}"
+        )
+    lines.append(f"{'redis-server (user+system)':<28} {(redis1 - redis0) / jobs * 1000:19.3f}")
+    total = sum(
+        (end.ru_utime - start.ru_utime) + (end.ru_stime - start.ru_stime)
+        for start, end in ((self0, self1), (children0, children1))
+    ) + (redis1 - redis0)
+    lines.append(f"{'all of it':<28} {total / jobs * 1000:19.3f} ms a job ({jobs} jobs)")
+    return "\n".join(lines)
+
+
+def cpu_readings(redis_pid: int) -> tuple:
+    return (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+        cpu_seconds(redis_pid),
+    )
 
 
 def instrument_timeline(directory: str) -> str:
@@ -184,16 +229,30 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "contender",
-        choices=["qless-pool-inproc", "qless-pool-fork", "qless-py-worker", "reqless-py-worker"],
+        choices=[
+            "qless-pool-inproc",
+            "qless-pool-fork",
+            "qless-py-worker",
+            "reqless-py-worker",
+            "rq-fork",
+            "rq-simple",
+        ],
     )
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--sort", default="tottime", help="pstats sort key (default: tottime)")
     parser.add_argument("--timeline", action="store_true", help="fork per job: time each step")
     parser.add_argument("--child-profile", action="store_true", help="profile the job children")
+    parser.add_argument(
+        "--cpu", action="store_true", help="CPU and page faults per job, no profiler"
+    )
     args = parser.parse_args()
 
-    family = "reqless" if args.contender == "reqless-py-worker" else "qless"
+    family = {"reqless-py-worker": "reqless", "rq-fork": "rq", "rq-simple": "rq"}.get(
+        args.contender, "qless"
+    )
+    if family == "rq" and (args.timeline or args.child_profile):
+        parser.error("--timeline and --child-profile are for qless-pool-fork")
     directory = tempfile.mkdtemp(prefix="qless-pool-profile-")
     atexit.register(shutil.rmtree, directory, True)  # the job children leave by os._exit
     with RedisServer() as server:
@@ -202,8 +261,11 @@ def main() -> int:
         timeline = instrument_timeline(directory) if args.timeline else None
         if args.child_profile:
             instrument_child_profile(directory)
-        profile = None if args.timeline or args.child_profile else cProfile.Profile()
-        watcher = watch(server.url(), args.jobs)
+        profiled = not (args.timeline or args.child_profile or args.cpu)
+        profile = cProfile.Profile() if profiled else None
+        # rq's burst worker stops by itself once the queue is empty.
+        watcher = watch(server.url(), args.jobs) if family != "rq" else None
+        readings = cpu_readings(server.process.pid)
         signal.signal(signal.SIGQUIT, signal.default_int_handler)  # qless-py's own handler below
         started = time.perf_counter()
         try:
@@ -216,9 +278,11 @@ def main() -> int:
             if profile:
                 profile.disable()
             elapsed = time.perf_counter() - started
-            watcher.kill()
-            watcher.wait()
-        done = server.connection().zcard("ql:completed")
+            readings = (readings, cpu_readings(server.process.pid))
+            if watcher is not None:
+                watcher.kill()
+                watcher.wait()
+        done = server.connection().zcard("rq:finished:bench" if family == "rq" else "ql:completed")
         starts = sorted(r[0] for r in benchjobs.read_starts(server.connection()))
     print(
         json.dumps(
@@ -232,12 +296,16 @@ def main() -> int:
                 if args.timeline
                 else "children"
                 if args.child_profile
+                else "rusage"
+                if args.cpu
                 else "cProfile",
             }
         )
     )
     if timeline:
         print(timeline_report(timeline))
+    if args.cpu:
+        print(cpu_report(*readings, done))
     stats_source = None
     if profile:
         stats_source = [profile]

@@ -109,6 +109,12 @@ def summarize_results(results: dict[str, Any]) -> dict[str, Any]:
                 "with_command_ms": summarize([r["with_command_ms"]["median"] for r in runs]),
                 "rss_mb": median([r["rss_mb"] for r in runs]),
             }
+            if all("bare_cpu_ms" in r for r in runs):  # results from before these were taken
+                for key in ("bare_cpu_ms", "with_command_cpu_ms"):
+                    summary["fork"][key] = {
+                        side: median([r[key][side] for r in runs])
+                        for side in ("parent", "child", "total")
+                    }
     if "throughput" in scenarios:
         summary["fork_overhead"] = fork_overhead(scenarios["throughput"], summary.get("fork"))
     summary["targets"] = targets(summary)
@@ -600,18 +606,20 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], plots: Sequence[s
             f"MB RSS, qless-pool's worker imported, connected to Redis); median of "
             f"{params['iterations']:,} per round, {_rounds(params)}.\n"
         )
-        parts.append(
-            table(
-                ["", "ms"],
-                [
-                    ["fork + exit + wait", _spread(fork["bare_ms"], 3)],
-                    [
-                        "fork + one Redis command on a new connection + exit + wait",
-                        _spread(fork["with_command_ms"], 3),
-                    ],
-                ],
-            )
-        )
+        rows = [
+            ["fork + exit + wait", _spread(fork["bare_ms"], 3)],
+            [
+                "fork + one Redis command on a new connection + exit + wait",
+                _spread(fork["with_command_ms"], 3),
+            ],
+        ]
+        headers = ["", "ms"]
+        if "bare_cpu_ms" in fork:
+            headers += ["CPU ms, parent + child"]
+            for row, key in zip(rows, ("bare_cpu_ms", "with_command_cpu_ms")):
+                cpu = fork[key]
+                row.append(f"{cpu['total']:.2f} ({cpu['parent']:.2f} + {cpu['child']:.2f})")
+        parts.append(table(headers, rows))
     errors = [(name, r) for name, s in scenarios.items() for r in s.get("runs", []) if "error" in r]
     if errors:
         parts.append("\n### Failed runs\n")
