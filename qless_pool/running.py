@@ -16,7 +16,6 @@ job's timeout and for the deadline of a graceful stop (--graceful-timeout).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -25,7 +24,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Optional
 
 import qless
@@ -382,8 +381,11 @@ class Keeper:
         self._retry_at = 0.0
         self._thread: Optional[threading.Thread] = None
 
-    @contextlib.contextmanager
-    def job_running(self) -> Iterator[None]:
+    def job_running(self) -> Keeper:
+        """``with keeper.job_running():`` around a job run in process (entered once a job)."""
+        return self
+
+    def __enter__(self) -> None:
         with self._condition:
             self._active = True
             due = self._due()
@@ -394,11 +396,10 @@ class Keeper:
                     )
                     self._thread.start()
                 self._condition.notify()
-        try:
-            yield
-        finally:
-            with self._condition:  # waits for a round of tending under way
-                self._active = False
+
+    def __exit__(self, *exc: object) -> None:
+        with self._condition:  # waits for a round of tending under way
+            self._active = False
 
     def _run(self) -> None:
         with self._condition:

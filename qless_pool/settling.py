@@ -148,16 +148,27 @@ class Settler:
         self.observe = observe or (lambda job, outcome, seconds: None)
         self.now: deque[Settlement] = deque()
         self.batched: list[Settlement] = []
+        self._due: Optional[float] = None  # the earliest of the batched ones' (asked every turn)
 
     def __bool__(self) -> bool:
         return bool(self.now or self.batched)
 
     def add(self, settlement: Settlement) -> None:
-        (self.batched if settlement.batched else self.now).append(settlement)
+        if not settlement.batched:
+            self.now.append(settlement)
+            return
+        self.batched.append(settlement)
+        if self._due is None or settlement.due < self._due:
+            self._due = settlement.due
 
     def complete_due(self) -> Optional[float]:
         """When the batched completes must go, with or without a pop (monotonic)."""
-        return min((s.due for s in self.batched), default=None)
+        return self._due if self.batched else None
+
+    def _sent_batched(self) -> None:
+        """The batched ones are sent (or given up): none is owed."""
+        self.batched = []
+        self._due = None
 
     def send_now(self, client: qless.Client) -> None:
         """Send the settlements that do not wait for a pop (Redis being down raises; what is
@@ -172,7 +183,7 @@ class Settler:
         batch = self.batched
         answers = pipelined(client, [s.command for s in batch] + [list(c) for c in commands])
         raise_if_down(answers)  # the completes stay owed; a complete sent twice is refused
-        self.batched = []
+        self._sent_batched()
         for settlement, answer in zip(batch, answers):
             what = describe_job(settlement.job)
             if isinstance(answer, QlessException):
@@ -239,4 +250,4 @@ class Settler:
                 settlement.reason,
             )
         self.now.clear()
-        self.batched = []
+        self._sent_batched()

@@ -355,6 +355,9 @@ class Worker:
             wake.append(self.child.memory_check_at)
         if self.children is not None:
             wake += self.children.wake_times(now, self.stopping, self.outage.since is None)
+        timeout = min(wake) - now
+        if timeout <= 0:
+            return  # something is due now: the next turn reads the pipes anyway, unblocked
         child = self.child
         poller = select.poll()
         poller.register(self._wakeup_r, select.POLLIN)
@@ -363,7 +366,6 @@ class Worker:
             poller.register(pubsub_fd, select.POLLIN)
         if child is not None:
             poller.register(child.report_fd, select.POLLIN)
-        timeout = max(0.0, min(wake) - now)
         poller.poll(timeout * 1000)
 
     # --- signals --------------------------------------------------------------------------------
