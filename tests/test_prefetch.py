@@ -114,3 +114,58 @@ def test_a_held_job_taken_away_is_not_run(start_worker, client, redis_conn):
     wait_for(lambda: "lost its lock before it ran" in worker.log_text())
     assert [run["jid"] for run in runs(redis_conn)] == [first]
     assert state(client, moved) == "waiting"
+
+
+# --- completes written ahead ----------------------------------------------------------------------
+
+
+def test_a_returned_job_is_completed_while_the_next_held_one_runs(start_worker, client, redis_conn):
+    # Not kept for the next pop (up to a second later): written at once, so Redis completes it
+    # while the worker runs the next job of its batch.
+    first = put(client, "foo", "Noop")
+    second = put(client, "foo", "SeePrevious", {"previous": first, "wait": 0.5})
+    start_worker(["foo"], fork_per_job=False, prefetch=2)
+    wait_state(client, second, "complete")
+    seen = {run["jid"]: run for run in runs(redis_conn)}
+    assert seen[second]["previous"] == "complete"
+    assert [history_events(client, jid).count("done") for jid in (first, second)] == [1, 1]
+
+
+def test_completes_written_ahead_survive_redis_forgetting_its_scripts(
+    start_worker, client, redis_conn
+):
+    # The first job's complete is written after Redis lost the script: refused with NOSCRIPT,
+    # so it did not run; it goes again, with the next pop, once the script is loaded again.
+    jids = [put(client, "foo", "FlushScripts"), *(put(client, "foo", "Noop") for _ in range(3))]
+    worker = start_worker(["foo"], fork_per_job=False, prefetch=4)
+    for jid in jids:
+        wait_state(client, jid, "complete")
+    assert sorted(run["jid"] for run in runs(redis_conn)) == sorted(jids)  # each ran once
+    assert [history_events(client, jid).count("done") for jid in jids] == [1, 1, 1, 1]
+    assert "refused" not in worker.log_text()
+
+
+def test_completes_written_ahead_when_redis_goes_away_are_sent_again_once_it_is_back(
+    start_worker, own_redis
+):
+    url = own_redis.url()
+    client = connect(url, "test-producer")
+    first = put(client, "foo", "Noop")
+    slow = put(client, "foo", "Sleep", {"seconds": 1.0})
+    last = put(client, "foo", "Noop")
+    worker = start_worker(["foo"], url=url, fork_per_job=False, prefetch=3)
+    # The slow job has started, so the first one's complete was written ahead of it.
+    wait_for(lambda: len(runs(client.redis)) == 2, message="the slow job to start")
+    own_redis.stop()  # saves: what Redis had run by then survives
+    own_redis.start()
+    for jid in (first, slow, last):
+        wait_state(client, jid, "complete", timeout=30)
+    assert [history_events(client, jid).count("done") for jid in (first, slow, last)] == [1, 1, 1]
+    assert sorted(run["jid"] for run in runs(client.redis)) == sorted([first, slow, last])
+    assert worker.process.poll() is None  # rode it out
+    log = worker.log_text()
+    assert "Redis is back after" in log
+    # Each job's outcome is known, and said: the first one's answer was lost with the
+    # connection, so its complete went again (and was refused, as it had run).
+    for jid in (first, slow, last):
+        assert re.search(rf"job {jid} .*: (completed|qless refused complete)", log), jid
