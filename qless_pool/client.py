@@ -55,7 +55,6 @@ __all__ = [
     "REDIS_DOWN",
     "Outage",
     "RedisUnavailable",
-    "WrittenAhead",
     "connect",
     "control_client",
     "default_redis_url",
@@ -63,7 +62,6 @@ __all__ = [
     "fixed_script",
     "patch_qless",
     "pipelined",
-    "qless_answer",
     "raise_if_down",
     "redis_is_down",
     "sentinel_master",
@@ -447,10 +445,23 @@ def pipelined(client: qless.Client, commands: Sequence[Sequence[Any]]) -> list[A
     answers: list[Any] = [None] * len(commands)
     todo = list(range(len(commands)))
     for attempt in range(2):
+        now = repr(time.time())
         connection = pool.get_connection(*_COMMAND_NAME)
         try:
-            _write(client, connection, [commands[i] for i in todo])
-            results = _read(connection, len(todo))
+            connection.send_packed_command(
+                connection.pack_commands(
+                    [
+                        ("EVALSHA", script.sha, 0, c[0], now, *c[1:])
+                        for c in map(commands.__getitem__, todo)
+                    ]
+                )
+            )
+            results = []
+            for _ in todo:
+                try:
+                    results.append(connection.read_response())
+                except redis.ResponseError as error:
+                    results.append(error)
         except BaseException:
             connection.disconnect()  # half a conversation: not fit for the next caller
             raise
@@ -460,86 +471,14 @@ def pipelined(client: qless.Client, commands: Sequence[Sequence[Any]]) -> list[A
         for index, result in zip(todo, results):
             if isinstance(result, redis.exceptions.NoScriptError) and attempt == 0:
                 missing.append(index)
+            elif isinstance(result, redis.ResponseError):
+                refused = QlessException(str(result))
+                refused.__context__ = result  # redis_is_down() looks for READONLY here
+                answers[index] = refused
             else:
-                answers[index] = qless_answer(result)
+                answers[index] = result
         if not missing:
             break
         script.sha = client.redis.script_load(script.script)
         todo = missing
     return answers
-
-
-class WrittenAhead:
-    """qless commands written now to one connection of the client's pool and answered later,
-    in order (Redis's pipelining): Redis runs them while the writer goes on with its work.
-
-    The connection stays taken from the pool until the answers are read, so nobody else's
-    command can come between. A failed write or read drops the connection, and with it the
-    answers: what was written may or may not have run.
-    """
-
-    def __init__(self) -> None:
-        self.pool: Any = None
-        self.connection: Any = None
-        self.count = 0  # written, not yet answered
-
-    def write(self, client: qless.Client, commands: Sequence[Sequence[Any]]) -> None:
-        if self.connection is None:
-            self.pool = client.redis.connection_pool
-            self.connection = self.pool.get_connection(*_COMMAND_NAME)
-        try:
-            _write(client, self.connection, commands)
-        except BaseException:
-            self.drop()
-            raise
-        self.count += len(commands)
-
-    def read(self) -> list[Any]:
-        """The answers of everything written since the last read, as the connection gives them
-        (a NOSCRIPT refusal is a ``NoScriptError``, for the caller to send that command again);
-        waits for them if Redis is still at work."""
-        if self.connection is None:
-            return []
-        try:
-            results = _read(self.connection, self.count)
-        except BaseException:
-            self.drop()
-            raise
-        self.pool.release(self.connection)
-        self.connection, self.count = None, 0
-        return results
-
-    def drop(self) -> None:
-        """Forget what was written: the connection is closed (and given back to its pool)."""
-        if self.connection is not None:
-            self.connection.disconnect()
-            self.pool.release(self.connection)
-        self.connection, self.count = None, 0
-
-
-def _write(client: qless.Client, connection: Any, commands: Sequence[Sequence[Any]]) -> None:
-    now = repr(time.time())
-    sha = client._lua.sha
-    connection.send_packed_command(
-        connection.pack_commands([("EVALSHA", sha, 0, c[0], now, *c[1:]) for c in commands])
-    )
-
-
-def _read(connection: Any, count: int) -> list[Any]:
-    results: list[Any] = []
-    for _ in range(count):
-        try:
-            results.append(connection.read_response())
-        except redis.ResponseError as error:
-            results.append(error)
-    return results
-
-
-def qless_answer(result: Any) -> Any:
-    """A script's answer as qless-py gives it: a refusal (a ``ResponseError``) becomes the
-    ``QlessException`` qless-py raises."""
-    if not isinstance(result, redis.ResponseError):
-        return result
-    refused = QlessException(str(result))
-    refused.__context__ = result  # redis_is_down() looks for READONLY here
-    return refused

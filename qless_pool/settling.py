@@ -10,10 +10,7 @@ cancel, or complete to a next queue)
 the job function returned, or called a      ``complete`` (with the job's data), in one round
 plain ``complete()`` (then whatever ended   trip with the next pop, or without one a second
 its run)                                    later at the latest (while a job runs in the worker
-                                            process, its keeper thread sends it); while the
-                                            worker holds more jobs to run, written at once and
-                                            answered with the next pop, so that Redis runs it
-                                            while the next job runs
+                                            process, its keeper thread sends it)
 it settled itself while Redis was down      that command, when Redis is back
 it ran past ``--job-timeout``               ``fail`` as ``<queue>-TimeoutError``
 its child died, or was killed, or it was    ``retry`` as ``<queue>-DirtyExit``: it runs again,
@@ -37,11 +34,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import qless
-import redis
 from qless.exceptions import QlessException
 
 from . import lifeline
-from .client import WrittenAhead, pipelined, qless_answer, raise_if_down, redis_is_down
+from .client import pipelined, raise_if_down, redis_is_down
 from .logs import logger
 from .running import describe_job
 
@@ -145,8 +141,7 @@ def settled_outcome(report: dict[str, Any]) -> str:
 
 class Settler:
     """The settlements a worker owes qless: the ones to send now, one by one, each after a look
-    at the job; and the completes to send with the next pop (``batched``), or written ahead of
-    it (``written``: sent, their answers read with the pop)."""
+    at the job; and the completes to send with the next pop."""
 
     def __init__(self, worker: str, observe: Optional[Callable[[dict, str, float], None]] = None):
         self.worker = worker
@@ -154,16 +149,9 @@ class Settler:
         self.now: deque[Settlement] = deque()
         self.batched: list[Settlement] = []
         self._due: Optional[float] = None  # the earliest of the batched ones' (asked every turn)
-        self.written: list[Settlement] = []
-        self._ahead = WrittenAhead()
 
     def __bool__(self) -> bool:
-        return bool(self.now or self.batched or self.written)
-
-    @property
-    def completes_owed(self) -> bool:
-        """Completes not yet sent, or sent and not yet answered."""
-        return bool(self.batched or self.written)
+        return bool(self.now or self.batched)
 
     def add(self, settlement: Settlement) -> None:
         if not settlement.batched:
@@ -189,70 +177,21 @@ class Settler:
             self._send_checked(client, self.now[0])
             self.now.popleft()
 
-    def send_ahead(self, client: qless.Client) -> None:
-        """Write the batched completes now, without waiting for their answers: Redis runs them
-        while the worker runs its next job, and ``send_with`` reads the answers (by then there,
-        as a rule) with the next pop. For a worker that holds more jobs to run."""
-        if not self.batched:
-            return
-        batch = self.batched
-        try:
-            self._ahead.write(client, [s.command for s in batch])
-        except BaseException:
-            # The connection is dropped, and the answers of what was written before with it:
-            # those may or may not have run, so they are batched again (as this batch still is).
-            lost, self.written = self.written, []
-            self._rebatch(lost)
-            raise
-        self.written += batch
-        self._sent_batched()
-
     def send_with(self, client: qless.Client, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send the batched completes and ``commands`` (a pop) in one round trip; returns the
-        answers to ``commands``. The answers of the completes written ahead are read first."""
-        self._read_written(client)
+        answers to ``commands``."""
         batch = self.batched
         answers = pipelined(client, [s.command for s in batch] + [list(c) for c in commands])
         raise_if_down(answers)  # the completes stay owed; a complete sent twice is refused
         self._sent_batched()
         for settlement, answer in zip(batch, answers):
-            self._completed(settlement, answer)
-        return answers[len(batch) :]
-
-    def _read_written(self, client: qless.Client) -> None:
-        """The answers of the completes written ahead. If Redis goes away meanwhile they may or
-        may not have run: they are batched again (a complete sent twice is refused)."""
-        if not self.written:
-            return
-        written, self.written = self.written, []
-        try:
-            answers = [qless_answer(a) for a in self._ahead.read()]
-            raise_if_down(answers)
-        except BaseException:
-            self._rebatch(written)
-            raise
-        if len(answers) != len(written):  # (cannot be: each write is answered or dropped)
-            self._rebatch(written)
-            return
-        for settlement, answer in zip(written, answers):
-            if isinstance(answer, QlessException) and isinstance(
-                answer.__context__, redis.exceptions.NoScriptError
-            ):  # it did not run (Redis restarted, without the script): sent again with the pop
-                self._rebatch([settlement])
+            what = describe_job(settlement.job)
+            if isinstance(answer, QlessException):
+                log.info("%s: qless refused complete: %s", what, answer)
             else:
-                self._completed(settlement, answer)
-
-    def _rebatch(self, settlements: Sequence[Settlement]) -> None:
-        for settlement in settlements:
-            self.add(settlement)
-
-    def _completed(self, settlement: Settlement, answer: Any) -> None:
-        what = describe_job(settlement.job)
-        if isinstance(answer, QlessException):
-            log.info("%s: qless refused complete: %s", what, answer)
-        else:
-            log.info("%s: completed in %.3fs", what, settlement.seconds)
-            self.observe(settlement.job, "completed", settlement.seconds)
+                log.info("%s: completed in %.3fs", what, settlement.seconds)
+                self.observe(settlement.job, "completed", settlement.seconds)
+        return answers[len(batch) :]
 
     def _send_checked(self, client: qless.Client, settlement: Settlement) -> None:
         job = settlement.job
@@ -303,8 +242,7 @@ class Settler:
 
     def abandon(self) -> None:
         """The worker is stopping and Redis is unreachable: say what is left unsettled."""
-        self._ahead.drop()
-        for settlement in [*self.now, *self.written, *self.batched]:
+        for settlement in [*self.now, *self.batched]:
             log.warning(
                 "job %s is left running in qless: %s; Redis is unreachable, so its lock will "
                 "expire and qless will give it to another worker",
@@ -312,5 +250,4 @@ class Settler:
                 settlement.reason,
             )
         self.now.clear()
-        self.written = []
         self._sent_batched()

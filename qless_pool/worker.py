@@ -314,12 +314,10 @@ class Worker:
         if self.settler.batched and self._completes_due(now):
             self.settler.send_with(self.client, [])  # no pop to wait for: a lock is due
         if self._may_run_held():
-            # Redis runs the last job's complete while the next one runs here.
-            self.settler.send_ahead(self.client)
             self._run_held()
         elif self._may_pop() and self.next_poll <= time.monotonic():
             self._reserve_and_run()
-        elif self.settler.completes_owed and not self._may_pop():
+        elif self.settler.batched and not self._may_pop():
             self.settler.send_with(self.client, [])
         # Whatever arrived meanwhile (reading may have buffered it, which poll cannot see).
         self._handle_events(self.subscriptions.read())
@@ -347,8 +345,6 @@ class Worker:
                 wake.append(self.next_poll)
             if self.settler.now or self._may_run_held() or (self.terminating and self.holding):
                 wake.append(now)
-            elif self.settler.completes_owed and not self._may_pop():
-                wake.append(now)  # the next turn sends them: no pop is coming to take them
             for due in (self.settler.complete_due(), self.holding.next_heartbeat()):
                 if due is not None:
                     wake.append(due)

@@ -225,26 +225,3 @@ class MoveThenWork:
         job.move(job.data["to"])
         time.sleep(job.data["seconds"])
         _record(job, finished=True)
-
-
-class SeePrevious:
-    """Records the state of the job ``data["previous"]`` as this one runs: it waits up to
-    ``data["wait"]`` seconds for it to be complete."""
-
-    @staticmethod
-    def process(job):
-        previous = job.client.jobs[job.data["previous"]]
-        deadline = time.monotonic() + job.data.get("wait", 0.5)
-        while previous.state != "complete" and time.monotonic() < deadline:
-            time.sleep(0.01)
-            previous = job.client.jobs[job.data["previous"]]
-        _record(job, previous=previous.state)
-
-
-class FlushScripts:
-    """Makes Redis forget its scripts (as a restart without persistence would), then returns."""
-
-    @staticmethod
-    def process(job):
-        _record(job)
-        job.client.redis.script_flush()
