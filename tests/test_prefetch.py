@@ -114,3 +114,41 @@ def test_a_held_job_taken_away_is_not_run(start_worker, client, redis_conn):
     wait_for(lambda: "lost its lock before it ran" in worker.log_text())
     assert [run["jid"] for run in runs(redis_conn)] == [first]
     assert state(client, moved) == "waiting"
+
+
+# --- the batched completes when Redis forgets its scripts or goes away ----------------------
+
+
+def test_batched_completes_survive_redis_forgetting_its_scripts(start_worker, client, redis_conn):
+    # The first job makes Redis lose the script before the batch's completes go: they are
+    # refused with NOSCRIPT, so they did not run, and go again once the script is loaded.
+    jids = [put(client, "foo", "FlushScripts"), *(put(client, "foo", "Noop") for _ in range(3))]
+    worker = start_worker(["foo"], fork_per_job=False, prefetch=4)
+    for jid in jids:
+        wait_state(client, jid, "complete")
+    assert sorted(run["jid"] for run in runs(redis_conn)) == sorted(jids)  # each ran once
+    assert [history_events(client, jid).count("done") for jid in jids] == [1, 1, 1, 1]
+    assert "refused" not in worker.log_text()
+
+
+def test_batched_completes_and_held_jobs_ride_out_a_redis_restart(start_worker, own_redis):
+    url = own_redis.url()
+    client = connect(url, "test-producer")
+    first = put(client, "foo", "Noop")
+    slow = put(client, "foo", "Sleep", {"seconds": 1.0})
+    last = put(client, "foo", "Noop")
+    worker = start_worker(["foo"], url=url, fork_per_job=False, prefetch=3)
+    # The slow job has started: the first one's complete is owed, the last job is held.
+    wait_for(lambda: len(runs(client.redis)) == 2, message="the slow job to start")
+    own_redis.stop()  # saves: what Redis had run by then survives
+    own_redis.start()
+    for jid in (first, slow, last):
+        wait_state(client, jid, "complete", timeout=30)
+    assert [history_events(client, jid).count("done") for jid in (first, slow, last)] == [1, 1, 1]
+    assert sorted(run["jid"] for run in runs(client.redis)) == sorted([first, slow, last])
+    assert worker.process.poll() is None  # rode it out
+    log = worker.log_text()
+    assert "Redis is back after" in log
+    # Each job's outcome is known, and said.
+    for jid in (first, slow, last):
+        assert re.search(rf"job {jid} .*: (completed|qless refused complete)", log), jid

@@ -225,3 +225,12 @@ class MoveThenWork:
         job.move(job.data["to"])
         time.sleep(job.data["seconds"])
         _record(job, finished=True)
+
+
+class FlushScripts:
+    """Makes Redis forget its scripts (as a restart without persistence would), then returns."""
+
+    @staticmethod
+    def process(job):
+        _record(job)
+        job.client.redis.script_flush()
