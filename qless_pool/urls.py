@@ -16,6 +16,7 @@ options): the ``qless-pool`` command uses it to hide a password given on its com
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import re
@@ -89,7 +90,17 @@ def check_redis_url(url: str) -> str:
     message has its password masked). A Redis that is down is not checked for: that is an
     outage, which the workers ride out. Query options are checked against redis-py's
     connection class: an option it does not take, or a value it refuses, would otherwise stop
-    every worker at its first command."""
+    every worker at its first command.
+
+    A URL that passed is remembered (a refused one is not): the manager checks it before it
+    forks, so a worker's connect() does not check it again. The check reads the signatures of
+    redis-py's classes, which in a worker would write to (so copy) hundreds of the pages it
+    shares with the manager: about 8 MB a worker."""
+    return _checked_url(url)
+
+
+@functools.lru_cache(maxsize=16)
+def _checked_url(url: str) -> str:
     shown = mask_secrets(url)
     if "://" not in url:
         raise ValueError(f"{shown!r} is not a URL; write redis://host:port/db or unix:///path")

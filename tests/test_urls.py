@@ -18,6 +18,7 @@ from qless_pool.urls import (
     mask_secrets,
     parse_sentinel_url,
 )
+from qless_pool.urls import _checked_url as checked_url
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "qless-pool")
 
@@ -65,6 +66,19 @@ def test_urls_that_cannot_work(url, problem):
     with pytest.raises(ValueError) as refused:
         check_redis_url(url)
     assert problem in str(refused.value)
+
+
+def test_a_url_that_passed_is_remembered_and_one_refused_is_checked_every_time():
+    # The manager's check before it forks serves every worker's connect(): the check reads
+    # redis-py's signatures, which in a worker would copy megabytes of shared pages.
+    url = "redis://localhost:6390/4?socket_keepalive=true"
+    check_redis_url(url)
+    hits = checked_url.cache_info().hits
+    assert check_redis_url(url) == url
+    assert checked_url.cache_info().hits == hits + 1
+    for _ in range(2):
+        with pytest.raises(ValueError, match="no option 'colour'"):
+            check_redis_url("redis://localhost/0?colour=blue")
 
 
 def test_a_sentinel_url_read():
