@@ -192,12 +192,14 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
         found = ratios.get(f"{top} / {bottom}", {"by_workers": {}})["by_workers"]
         values = {w: entry["ratio"] for w, entry in sorted(found.items())}
         counts = list(values)
+        # The speed issue sets its targets at 2 workers; a run without 2 is judged on all.
+        judged = [values[w] for w in counts if int(w) == 2] or list(values.values())
         rows.append(
             {
                 "target": target,
-                "goal": f">= {goal:g}x",
+                "goal": f">= {goal:g}x at 2w",
                 "measured": ", ".join(f"{values[w]:.2f}x at {w}w" for w in counts) or None,
-                "met": all(v >= goal for v in values.values()) if values else None,
+                "met": all(v >= goal for v in judged) if values else None,
                 "values": values,
             }
         )

@@ -95,7 +95,7 @@ def check_redis_url(url: str) -> str:
     A URL that passed is remembered (a refused one is not): the manager checks it before it
     forks, so a worker's connect() does not check it again. The check reads the signatures of
     redis-py's classes, which in a worker would write to (so copy) hundreds of the pages it
-    shares with the manager: about 8 MB a worker."""
+    shares with the manager: about 2 MB a worker."""
     return _checked_url(url)
 
 
