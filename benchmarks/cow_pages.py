@@ -25,17 +25,13 @@ import sys
 import threading
 import time
 
-from harness import RedisServer
+from harness import RedisServer, smaps_rollup
 
 MB = 1024 * 1024
 
 
 def private_dirty_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/smaps_rollup") as file:
-        for line in file:
-            if line.startswith("Private_Dirty:"):
-                return int(line.split()[1]) * 1024 / MB
-    return 0.0
+    return smaps_rollup(pid).get("Private_Dirty", 0) / MB
 
 
 def measure(step, children: int) -> float:

@@ -108,18 +108,16 @@ def cpu_report(before: tuple, after: tuple, jobs: int) -> str:
     """CPU and page faults per job: the worker, its reaped children, redis-server."""
     (self0, children0, redis0), (self1, children1, redis1) = before, after
     lines = [f"{'per job':<28} {'user ms':>8} {'system ms':>10} {'faults':>8}"]
+    total = redis1 - redis0
     for name, start, end in (("worker", self0, self1), ("its children", children0, children1)):
         user, system = (end.ru_utime - start.ru_utime), (end.ru_stime - start.ru_stime)
+        total += user + system
         faults = end.ru_minflt - start.ru_minflt
         lines.append(
             f"{name:<28} {user / jobs * 1000:8.3f} {system / jobs * 1000:10.3f} "
             f"{faults / jobs:8.1f}"
         )
     lines.append(f"{'redis-server (user+system)':<28} {(redis1 - redis0) / jobs * 1000:19.3f}")
-    total = sum(
-        (end.ru_utime - start.ru_utime) + (end.ru_stime - start.ru_stime)
-        for start, end in ((self0, self1), (children0, children1))
-    ) + (redis1 - redis0)
     lines.append(f"{'all of it':<28} {total / jobs * 1000:19.3f} ms a job ({jobs} jobs)")
     return "\n".join(lines)
 
