@@ -10,8 +10,14 @@ The file's rules (README.md, "The config file", says them for users):
 - A root key with a whole-number value is a default for every environment.
 - A root key whose value is a mapping is an environment section. The section named by the
   environment is merged over the defaults (the section wins); every other section is ignored.
-- ``${VAR}`` and ``${VAR:-default}`` are replaced from the environment before the YAML is read.
+- ``${VAR}`` and ``${VAR:-default}`` are filled in from the environment, scalar by scalar.
+- Counts are whole numbers written in plain decimal, at most ``max_workers`` (the
+  ``--max-workers`` option, default MAX_POOL_WORKERS) for one entry and for the pool in all.
+- Queue names hold no control characters (a newline would split the log lines naming them).
 - Anything else is an error that names the file and the key.
+
+Reading the file is bounded (MAX_CONFIG_BYTES, then yamlconfig.py's depth and value counts), so
+that no file, however hostile, can make the manager spin, hang or die on a HUP.
 
 The manager holds a :class:`ConfigSource` and calls :meth:`ConfigSource.load` at start and on
 every HUP; nothing is read in between.
@@ -24,16 +30,17 @@ import os
 import re
 import stat
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-import yaml
+from .yamlconfig import NotDecimal, YamlProblem, read_yaml, shown
+from .yamlconfig import expand_variables as _expand_variables
 
 __all__ = [
     "DEFAULT_PATHS",
     "ENVIRONMENT_VARIABLES",
     "EX_CONFIG",
-    "MAX_WORKERS",
+    "MAX_CONFIG_BYTES",
+    "MAX_POOL_WORKERS",
     "ConfigError",
     "ConfigNotFound",
     "ConfigSource",
@@ -53,13 +60,11 @@ DEFAULT_PATHS = ("qless-pool.yml", "config/qless-pool.yml")
 #: The first of these that is set names the environment when none is given.
 ENVIRONMENT_VARIABLES = ("QLESS_ENV", "RACK_ENV", "RAILS_ENV")
 CONFIG_VARIABLE = "QLESS_POOL_CONFIG"
-#: The most workers one queue list may ask for (a typo of a few digits must not fork until
-#: fork fails).
-MAX_WORKERS = 1000
-#: The most characters of a value from the file an error message shows.
-SHOWN_LIMIT = 60
-#: YAML's limit on the length of a key written the usual way (``"key": value``).
-SIMPLE_KEY_LIMIT = 1024
+#: The most workers a pool runs in all (so also for one queue list), unless --max-workers says
+#: otherwise: a typo of a few digits must not fork until fork fails.
+MAX_POOL_WORKERS = 1000
+#: The largest config file read (a pool's config is a few hundred bytes).
+MAX_CONFIG_BYTES = 1 << 20
 
 Queues = tuple[str, ...]
 Groups = dict[Queues, int]
@@ -79,9 +84,9 @@ class ConfigError(Exception):
         self.section = section
         where = ""
         if section is not None:
-            where += f"section {_shown(section)}, "
+            where += f"section {shown(section)}, "
         if key is not None:
-            where += f"key {_shown(key)}: "
+            where += f"key {shown(key)}: "
         super().__init__(f"{source}: {where}{problem}")
 
 
@@ -150,194 +155,36 @@ def find_config_file(
     raise ConfigNotFound(tried)
 
 
-_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-#: Stands in the YAML text for the n-th ``${VAR}`` until the file's structure is read: letters
-#: and digits only, so it reads as part of whatever scalar the variable was written in.
-_MARK = re.compile(r"qlesspoolvar([0-9]+)x")
-
-
-@dataclass(frozen=True)
-class _Variable:
-    name: str
-    default: Optional[str]
-    line: int
-
-
-def _mark_variables(text: str) -> tuple[str, list[_Variable]]:
-    """The text with each ``${VAR}`` replaced by a mark, and the variables in order."""
-    variables: list[_Variable] = []
-    lines = text.splitlines(keepends=True)
-    for number, line in enumerate(lines, start=1):
-        if "${" not in line:
-            continue
-
-        def mark(match: re.Match[str], number: int = number) -> str:
-            variables.append(_Variable(match.group(1), match.group(2), number))
-            return f"qlesspoolvar{len(variables) - 1}x"
-
-        lines[number - 1] = _VARIABLE.sub(mark, line)
-    return "".join(lines), variables
-
-
-def _value_of(variable: _Variable, source: str, environ: Mapping[str, str]) -> str:
-    """Shell semantics: the default is used when the variable is unset or empty."""
-    value = environ.get(variable.name)
-    if variable.default is not None and not value:
-        return variable.default
-    if value is None:
-        raise ConfigError(
-            source,
-            f"line {variable.line}: ${{{variable.name}}} is not set in the environment "
-            f"(write ${{{variable.name}:-default}} to give a default)",
-        )
-    if "\n" in value or "\r" in value:
-        raise ConfigError(source, f"line {variable.line}: ${{{variable.name}}} holds a line break")
-    return value
-
-
-def expand_variables(text: str, source: str, environ: Mapping[str, str] | None = None) -> str:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` in ``text`` from the environment (shell
-    semantics), as text. The config file itself is expanded scalar by scalar instead (see
-    :func:`parse_groups`), so that a value can never add keys or change the file's structure."""
-    environ = os.environ if environ is None else environ
-    marked, variables = _mark_variables(text)
-    return _MARK.sub(lambda m: _value_of(variables[int(m.group(1))], source, environ), marked)
-
-
-class _Expander:
-    """Fills in the variables of a composed YAML document, one scalar at a time.
-
-    A variable can only ever become (part of) the one scalar it was written in: whatever its
-    value, it cannot add a key, a list or a section. Where it is the whole of an unquoted
-    scalar, its value is typed as YAML would type it written there (``${N}`` holding ``3`` is
-    the number 3), and a value YAML would read as anything but one scalar (``{x: 1}``, ``- a``)
-    is refused.
-    """
-
-    def __init__(
-        self,
-        loader: yaml.SafeLoader,
-        variables: list[_Variable],
-        source: str,
-        environ: Mapping[str, str],
-    ):
-        self.loader = loader
-        self.variables = variables
-        self.source = source
-        self.environ = environ
-
-    def fill(self, node: yaml.Node, section: Optional[str] = None, key=None, depth: int = 0):
-        """Fill in ``node`` and everything below it; ``section`` and ``key`` name the place in
-        messages (depth 0 is the file's top level, depth 1 an environment section's)."""
-        if isinstance(node, yaml.ScalarNode):
-            self._scalar(node, section, key)
-        elif isinstance(node, yaml.SequenceNode):
-            for item in node.value:
-                self.fill(item, section, key, depth + 1)
-        elif isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                self.fill(key_node, section, key, depth + 1)
-                name = key_node.value if isinstance(key_node, yaml.ScalarNode) else key
-                if depth == 0 and isinstance(value_node, yaml.MappingNode):
-                    self.fill(value_node, name, None, depth + 1)
-                else:
-                    self.fill(value_node, section, name if depth <= 1 else key, depth + 1)
-
-    def _scalar(self, node: yaml.ScalarNode, section, key) -> None:
-        marks = list(_MARK.finditer(node.value))
-        if not marks:
-            return
-        values = [
-            _value_of(self.variables[int(m.group(1))], self.source, self.environ) for m in marks
-        ]
-        whole = len(marks) == 1 and marks[0].group(0) == node.value
-        if whole and node.style is None:  # unquoted: typed as if written there
-            variable = self.variables[int(marks[0].group(1))]
-            if not _is_one_scalar(values[0]):
-                raise ConfigError(
-                    self.source,
-                    f"line {variable.line}: ${{{variable.name}}} must be one plain value, "
-                    f"not {_shown(values[0])} (a variable cannot add keys, lists or sections)",
-                    key=key,
-                    section=section,
-                )
-        filled = iter(values)
-        node.value = _MARK.sub(lambda m: next(filled), node.value)
-        if node.style is None:
-            node.tag = self.loader.resolve(yaml.ScalarNode, node.value, (True, False))
-
-
-def _is_one_scalar(value: str) -> bool:
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
-        return False
-    return not isinstance(parsed, (dict, list))
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a mapping that repeats a key (PyYAML keeps the last one)."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
-    mapping: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in mapping:
-            mark = key_node.start_mark
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key {_shown(key)} appears twice", mark
-            )
-        mapping[key] = loader.construct_object(value_node, deep=deep)
-    return mapping
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def parse_groups(
     text: str,
     source: str,
     environment: str | None,
     environ: Mapping[str, str] | None = None,
     warn: Optional[Callable[[str], None]] = None,
+    max_workers: int = MAX_POOL_WORKERS,
 ) -> Groups:
     """Parse a config file's text into groups for ``environment``.
 
-    ``${VAR}`` and ``${VAR:-default}`` are filled in from ``environ`` scalar by scalar once the
-    file's structure is read (see ``_Expander``); comments are never expanded. ``warn``: see
+    The YAML is read within bounds, its ``${VAR}`` filled in from ``environ`` scalar by scalar
+    (yamlconfig.py); comments are never expanded. ``warn`` and ``max_workers``: see
     :func:`resolve_groups`.
     """
     environ = os.environ if environ is None else environ
-    marked, variables = _mark_variables(text)
-    loader = _StrictLoader(marked)
     try:
-        node = loader.get_single_node()
-        if node is not None:
-            _Expander(loader, variables, source, environ).fill(node)
-        raw = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(source, f"not valid YAML: {_describe_yaml_error(exc, text)}") from None
-    finally:
-        loader.dispose()
-    return resolve_groups(raw, source, environment, warn)
+        raw = read_yaml(text, environ)
+    except YamlProblem as problem:
+        raise ConfigError(source, problem.problem, problem.key, problem.section) from None
+    return resolve_groups(raw, source, environment, warn, max_workers)
 
 
-def _describe_yaml_error(exc: yaml.YAMLError, text: str = "") -> str:
-    problem = getattr(exc, "problem", None) or str(exc)
-    mark = getattr(exc, "problem_mark", None)
-    if mark is None:
-        return problem
-    described = f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
-    lines = text.splitlines()
-    if mark.line < len(lines) and len(lines[mark.line]) > SIMPLE_KEY_LIMIT:
-        # YAML limits a key written the usual way ("key": value) to 1024 characters.
-        described += (
-            f"; a queue list longer than {SIMPLE_KEY_LIMIT} characters must be written as an "
-            'explicit key: `? "foo,bar,..."` on one line, then `: 4` on the next'
-        )
-    return described
+def expand_variables(text: str, source: str, environ: Mapping[str, str] | None = None) -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in ``text`` from the environment (shell
+    semantics), as text. The config file itself is expanded scalar by scalar instead (see
+    :func:`parse_groups`), so that a value can never add keys or change the file's structure."""
+    try:
+        return _expand_variables(text, os.environ if environ is None else environ)
+    except YamlProblem as problem:
+        raise ConfigError(source, problem.problem) from None
 
 
 def resolve_groups(
@@ -345,13 +192,15 @@ def resolve_groups(
     source: str,
     environment: str | None,
     warn: Optional[Callable[[str], None]] = None,
+    max_workers: int = MAX_POOL_WORKERS,
 ) -> Groups:
     """Apply the root/section rules to an already parsed config (a mapping, or None if empty).
 
     An ``environment`` the file has no section for, while it has sections, is an error listing
     the sections it has (a mistyped ``-E`` would otherwise run the defaults); with ``warn``
     given (the environment came from $QLESS_ENV and the like, which are often set for other
-    reasons), it is ``warn(message)`` instead, and the defaults are used.
+    reasons), it is ``warn(message)`` instead, and the defaults are used. More than
+    ``max_workers`` workers in all is an error.
     """
     if raw is None:
         return {}
@@ -373,19 +222,28 @@ def resolve_groups(
     if environment is not None and section is None and sections:
         message = (
             f"no section {environment!r} (the file has sections "
-            + ", ".join(_shown(str(name)) for name in sections)
+            + ", ".join(shown(str(name)) for name in sections)
             + ")"
         )
         if warn is None:
             raise ConfigError(source, message)
         warn(f"{source}: {message}; using the defaults")
-    groups = _groups(defaults, source, None)
+    groups = _groups(defaults, source, None, max_workers)
     if section is not None:
-        groups.update(_groups(section, source, environment))
+        groups.update(_groups(section, source, environment, max_workers))
+    total = sum(groups.values())
+    if total > max_workers:
+        raise ConfigError(
+            source,
+            f"asks for {total} workers in all; a pool runs at most {max_workers} "
+            "(--max-workers raises the limit)",
+        )
     return groups
 
 
-def _groups(entries: Mapping[Any, Any], source: str, section: str | None) -> Groups:
+def _groups(
+    entries: Mapping[Any, Any], source: str, section: str | None, max_workers: int
+) -> Groups:
     groups: Groups = {}
     spelled: dict[Queues, str] = {}
     for key, count in entries.items():
@@ -393,11 +251,11 @@ def _groups(entries: Mapping[Any, Any], source: str, section: str | None) -> Gro
         if queues in groups:
             raise ConfigError(
                 source,
-                f"names the same queue list as key {_shown(spelled[queues])}",
+                f"names the same queue list as key {shown(spelled[queues])}",
                 key=key,
                 section=section,
             )
-        groups[queues] = _worker_count(count, source, key, section)
+        groups[queues] = _worker_count(count, source, key, section, max_workers)
         spelled[queues] = key
     return groups
 
@@ -413,18 +271,37 @@ def _queue_list(key: Any, source: str, section: str | None) -> Queues:
     queues = tuple(name.strip() for name in key.split(","))
     if any(not name for name in queues):
         raise ConfigError(source, "empty queue name in the queue list", key=key, section=section)
+    control = _CONTROL.search(key)
+    if control:
+        raise ConfigError(
+            source,
+            f"a queue name holds the control character {control.group(0)!r}",
+            key=key,
+            section=section,
+        )
     repeated = sorted({name for name in queues if queues.count(name) > 1})
     if repeated:
         raise ConfigError(
             source,
-            f"queue {_shown(repeated[0])} appears twice in the list",
+            f"queue {shown(repeated[0])} appears twice in the list",
             key=key,
             section=section,
         )
     return queues
 
 
-def _worker_count(count: Any, source: str, key: str, section: str | None) -> int:
+#: C0 and C1 control characters, DEL among them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _worker_count(count: Any, source: str, key: str, section: str | None, max_workers: int) -> int:
+    if isinstance(count, NotDecimal):
+        raise ConfigError(
+            source,
+            f"the worker count must be a whole number in plain decimal, not {shown(count)}",
+            key=key,
+            section=section,
+        )
     if isinstance(count, bool) or not isinstance(count, int):
         raise ConfigError(
             source,
@@ -436,10 +313,10 @@ def _worker_count(count: Any, source: str, key: str, section: str | None) -> int
         raise ConfigError(
             source, f"the worker count must not be negative ({count})", key=key, section=section
         )
-    if count > MAX_WORKERS:
+    if count > max_workers:
         raise ConfigError(
             source,
-            f"the worker count must be at most {MAX_WORKERS} ({count})",
+            f"the worker count must be at most {max_workers} ({count})",
             key=key,
             section=section,
         )
@@ -452,19 +329,16 @@ def _kind(value: Any) -> str:
     if isinstance(value, bool):
         return f"a boolean ({str(value).lower()})"
     if isinstance(value, str):
-        return f"a string ({_shown(value)})"
+        return f"a string ({shown(value)})"
     if isinstance(value, (list, tuple)):
         return "a list"
     if isinstance(value, float):
-        return f"a fraction ({_shown(value)})"
-    return f"{type(value).__name__} ({_shown(value)})"
+        return f"a fraction ({shown(value)})"
+    return f"{type(value).__name__} ({shown(value)})"
 
 
-def _shown(value: Any) -> str:
-    """``repr(value)``, cut to SHOWN_LIMIT characters: the message of a config that is (a symlink
-    to) some other file, a secret perhaps, must not print that file."""
-    text = repr(value)
-    return text if len(text) <= SHOWN_LIMIT else text[: SHOWN_LIMIT - 3] + "..."
+def _too_big(size: int) -> str:
+    return f"is {size:,} bytes; a config file may be at most {MAX_CONFIG_BYTES:,} bytes"
 
 
 def groups_to_json(groups: Groups) -> str:
@@ -489,8 +363,10 @@ class ConfigSource:
         environment: str | None = None,
         environ: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        max_workers: int = MAX_POOL_WORKERS,
     ):
         self.environ = os.environ if environ is None else environ
+        self.max_workers = max_workers
         self.environment = environment_name(environment, self.environ)
         # Named by -E (a missing section is an error) or by $QLESS_ENV and the like (a warning).
         self.environment_given = bool(environment)
@@ -515,21 +391,43 @@ class ConfigSource:
         self.warnings = []
         warn = None if self.environment_given else self.warnings.append
         if self.path is not None:
-            try:
-                with open(self.path, encoding="utf-8") as file:
-                    text = file.read()
-            except OSError as exc:
-                raise ConfigError(self.name, f"cannot be read: {exc.strerror or exc}") from None
-            except UnicodeDecodeError as exc:
-                raise ConfigError(self.name, f"cannot be read: not UTF-8 text ({exc})") from None
-            return parse_groups(text, self.name, self.environment, self.environ, warn)
+            text = self._read()
+            return parse_groups(
+                text, self.name, self.environment, self.environ, warn, self.max_workers
+            )
         if self.loader is not None:
             try:
                 raw = self.loader(self.environment)
             except Exception as exc:
                 raise ConfigError(self.name, f"raised {exc.__class__.__name__}: {exc}") from exc
-            return resolve_groups(raw, self.name, self.environment, warn)
-        return resolve_groups(self.mapping, self.name, self.environment, warn)
+        else:
+            raw = self.mapping
+        return resolve_groups(raw, self.name, self.environment, warn, self.max_workers)
+
+    def _read(self) -> str:
+        """The file's text, at most MAX_CONFIG_BYTES of it. Opened without blocking (a FIFO put
+        in its place must not hang the manager) and read only if it is a regular file."""
+        assert self.path is not None
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError as exc:
+            raise ConfigError(self.name, f"cannot be read: {exc.strerror or exc}") from None
+        with os.fdopen(fd, "rb") as file:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ConfigError(self.name, "cannot be read: not a regular file")
+            if info.st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(self.name, _too_big(info.st_size))
+            try:
+                data = file.read(MAX_CONFIG_BYTES + 1)
+            except OSError as exc:
+                raise ConfigError(self.name, f"cannot be read: {exc.strerror or exc}") from None
+        if len(data) > MAX_CONFIG_BYTES:  # it grew while being read
+            raise ConfigError(self.name, _too_big(len(data)))
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(self.name, f"cannot be read: not UTF-8 text ({exc})") from None
 
     def __repr__(self) -> str:
         return f"ConfigSource({self.name!r}, environment={self.environment!r})"

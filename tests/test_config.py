@@ -10,7 +10,8 @@ import pytest
 from processes import as_unprivileged
 
 from qless_pool.config import (
-    MAX_WORKERS,
+    MAX_CONFIG_BYTES,
+    MAX_POOL_WORKERS,
     ConfigError,
     ConfigNotFound,
     ConfigSource,
@@ -184,7 +185,7 @@ def test_a_variable_in_a_count_that_is_not_a_number_is_named():
 
 
 def test_a_count_above_the_limit_is_refused():
-    assert parse(f"foo: {MAX_WORKERS}\n") == {("foo",): MAX_WORKERS}
+    assert parse(f"foo: {MAX_POOL_WORKERS}\n") == {("foo",): MAX_POOL_WORKERS}
     with pytest.raises(ConfigError) as error:
         parse("foo: 99999999999999999999999\n")
     assert str(error.value) == (
@@ -472,3 +473,111 @@ def test_a_callable_that_raises_or_returns_nonsense_is_a_config_error():
     with pytest.raises(ConfigError, match="the top level must be a mapping"):
         ConfigSource(lambda environment: ["foo"], environ={}).load()
     assert ConfigSource(lambda environment: None, environ={}).load() == {}
+
+
+# --- hostile files: bounded reading ---------------------------------------------------------------
+
+
+def test_a_deeply_nested_file_is_refused_without_recursing():
+    with pytest.raises(ConfigError) as error:
+        parse("a: " + "[" * 1000 + "]" * 1000 + "\n")
+    assert str(error.value) == (
+        "pool.yml: nested deeper than 8 levels; a pool's config needs three at most"
+    )
+
+
+def test_an_alias_bomb_is_refused_before_it_is_expanded():
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    for level in range(1, 10):
+        previous = f"*a{level - 1}"
+        lines.append(f"a{level}: &a{level} [{', '.join([previous] * 9)}]")
+    with pytest.raises(ConfigError) as error:
+        parse("\n".join(lines) + "\n")
+    assert str(error.value).startswith(
+        "pool.yml: holds more than 10,000 values (counting each value an alias repeats; line "
+    )
+
+
+def test_anchors_aliases_and_merge_keys_are_read_as_usual():
+    text = (
+        "defaults: &defaults\n  foo: 1\n  bar: 2\n"
+        "production:\n  <<: *defaults\n  bar: 4\n"
+        "staging: *defaults\n"
+    )
+    assert parse(text, "production") == {("foo",): 1, ("bar",): 4}
+    assert parse(text, "staging") == {("foo",): 1, ("bar",): 2}
+
+
+def test_a_file_over_the_size_limit_is_refused_unread(tmp_path):
+    path = tmp_path / "pool.yml"
+    path.write_text("foo: 1\n" + "#" * MAX_CONFIG_BYTES + "\n")
+    with pytest.raises(ConfigError) as error:
+        ConfigSource(str(path)).load()
+    assert str(error.value).endswith(
+        f"pool.yml: is {MAX_CONFIG_BYTES + 8:,} bytes; a config file may be at most "
+        f"{MAX_CONFIG_BYTES:,} bytes"
+    )
+
+
+def test_a_fifo_in_place_of_the_config_is_refused_without_blocking(tmp_path):
+    path = tmp_path / "pool.yml"
+    os.mkfifo(path)
+    with pytest.raises(ConfigError) as error:
+        ConfigSource(str(path)).load()
+    assert str(error.value).endswith("pool.yml: cannot be read: not a regular file")
+
+
+def test_the_pool_in_all_is_capped_and_the_cap_can_be_raised(tmp_path):
+    text = "".join(f"q{i}: 1000\n" for i in range(100))
+    with pytest.raises(ConfigError) as error:
+        parse(text)
+    assert str(error.value) == (
+        "pool.yml: asks for 100000 workers in all; a pool runs at most 1000 "
+        "(--max-workers raises the limit)"
+    )
+    (tmp_path / "pool.yml").write_text(text)
+    groups = ConfigSource(str(tmp_path / "pool.yml"), max_workers=100_000).load()
+    assert sum(groups.values()) == 100_000
+
+
+@pytest.mark.parametrize("count", ["0x10", "1_0", "010", "1:20", "+5", "0b11"])
+def test_a_count_must_be_written_in_plain_decimal(count):
+    with pytest.raises(ConfigError) as error:
+        parse(f"foo: {count}\n")
+    assert str(error.value) == (
+        f"pool.yml: key 'foo': the worker count must be a whole number in plain decimal, "
+        f"not {count!r}"
+    )
+
+
+def test_a_count_that_yaml_reads_as_text_is_a_string():
+    with pytest.raises(ConfigError) as error:
+        parse("foo: 0o7\n")
+    assert str(error.value).endswith("not a string ('0o7')")
+
+
+@pytest.mark.parametrize(
+    ("key", "character"),
+    [("foo\\nbar", "\n"), ("foo\\0", "\0"), ("foo\\x1b[31m", "\x1b"), ("foo\\x85", "\x85")],
+)
+def test_a_queue_name_with_a_control_character_is_refused(key, character):
+    with pytest.raises(ConfigError) as error:
+        parse(f'"{key}": 1\n')
+    assert str(error.value).endswith(
+        f"the queue name holds the control character {character!r}".replace("the queue", "a queue")
+    )
+
+
+@pytest.mark.parametrize("text", ["[a]: 1\n", "{a: 1}: 2\n", "? [a]\n: 1\n"])
+def test_a_key_that_is_a_list_or_a_mapping_is_a_config_error(text):
+    with pytest.raises(ConfigError) as error:
+        parse(text)
+    assert "not valid YAML: a key is a list or a mapping (line 1, column" in str(error.value)
+
+
+def test_a_self_referencing_alias_is_a_config_error():
+    with pytest.raises(ConfigError) as error:
+        parse("prod: &p\n  foo: *p\n", "prod")
+    assert str(error.value) == (
+        "pool.yml: not valid YAML: found unconstructable recursive node (line 1, column 7)"
+    )
