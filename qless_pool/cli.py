@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import Any, Optional
 
-from . import __version__, logs, metrics, proctitle
-from .config import EX_CONFIG, ConfigError, ConfigSource, groups_to_json
+from . import __version__, logs, metrics, options, proctitle
+from .client import database_problem
+from .config import EX_CONFIG, MAX_POOL_WORKERS, ConfigError, ConfigSource, groups_to_json
 from .daemon import (
     DEFAULT_PIDFILE,
     DEFAULT_STDERR,
@@ -44,51 +44,23 @@ def _version_line() -> str:
     )
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"not a finite number of seconds: {text!r}")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
+def _option(name: str) -> Callable[[str], Any]:
+    """The argparse type of option ``name``: its range (options.py)."""
+
+    def parse(text: str) -> Any:
+        try:
+            return options.parse(name, text)
+        except options.OptionError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
 
 
-def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be more than 0")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
-    return value
-
-
-def _whole_number(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = _whole_number(text)
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
-    return value
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty (an unset variable?)")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-R",
         "--redis",
         metavar="URL",
+        type=_nonempty,
         help="qless's Redis (default: $QLESS_URL, $REDIS_URL, redis://localhost:6379/0)",
     )
     pool.add_argument(
@@ -154,10 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="put DIR on sys.path (the working directory always is); repeatable",
     )
     pool.add_argument(
+        "--max-workers",
+        metavar="N",
+        type=_option("max_workers"),
+        default=MAX_POOL_WORKERS,
+        help=f"the most workers the config may ask for in all (default: {MAX_POOL_WORKERS})",
+    )
+    pool.add_argument(
         "-s",
         "--spawn-delay",
         metavar="SECONDS",
-        type=_seconds,
+        type=_option("spawn_delay"),
         default=0.0,
         help="wait this long between starting two workers (default: 0)",
     )
@@ -196,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-i",
         "--interval",
         metavar="SECONDS",
-        type=_positive_seconds,
+        type=_option("interval"),
         default=5.0,
         help="how often an idle worker polls its queues (a put wakes it at once; default: 5)",
     )
@@ -215,20 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
     workers.add_argument(
         "--prefetch",
         metavar="N",
-        type=_positive_int,
+        type=_option("prefetch"),
         help="with --no-fork-per-job, pop N jobs at a time (default: adaptive, from 1 to 32, so "
         "that a job popped ahead never waits behind the others for more than about a second)",
     )
     workers.add_argument(
         "--max-jobs",
         metavar="N",
-        type=_positive_int,
+        type=_option("max_jobs"),
         help="a worker exits after N jobs (plus --max-jobs-jitter) and is replaced",
     )
     workers.add_argument(
         "--max-jobs-jitter",
         metavar="M",
-        type=_whole_number,
+        type=_option("max_jobs_jitter"),
         default=0,
         help="add a random 0 to M to each worker's --max-jobs, so that they do not all "
         "restart at once (default: 0)",
@@ -236,14 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     workers.add_argument(
         "--max-memory",
         metavar="MB",
-        type=_positive_int,
+        type=_option("max_memory"),
         help="a worker whose memory (RSS) is above MB after a job is replaced; a job child "
         "above it is killed and its job handed back",
     )
     workers.add_argument(
         "--graceful-timeout",
         metavar="SECONDS",
-        type=_positive_seconds,
+        type=_option("graceful_timeout"),
         help="a job still running SECONDS after its worker was told to stop gracefully (QUIT, a "
         "graceful TERM, HUP, recycling) is killed and handed back (default: none, it finishes)",
     )
@@ -259,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     workers.add_argument(
         "--job-timeout",
         metavar="SECONDS",
-        type=_positive_seconds,
+        type=_option("job_timeout"),
         help="kill a job running longer and fail it as <queue>-TimeoutError (default: none)",
     )
 
@@ -304,12 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument(
         "--user",
         metavar="USER",
+        type=_nonempty,
         help="started as root: run as USER (name or uid) once the pidfile and log files are "
         "open; its primary group unless --group",
     )
     daemon.add_argument(
         "--group",
         metavar="GROUP",
+        type=_nonempty,
         help="started as root: run as GROUP (name or gid)",
     )
     daemon.add_argument(
@@ -327,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     observe.add_argument(
         "--metrics-port",
         metavar="PORT",
-        type=_port,
+        type=_option("metrics_port"),
         help="serve Prometheus metrics on PORT at /metrics (needs qless-pool[metrics])",
     )
     observe.add_argument(
@@ -381,7 +363,7 @@ def launch(args: argparse.Namespace, preloaded: bool = False) -> int:
     in ``qless.setup``), so ``--preload`` and ``--include`` are not applied again.
     """
     try:
-        source = ConfigSource(args.config, args.environment)
+        source = ConfigSource(args.config, args.environment, max_workers=args.max_workers)
         groups = source.load()
     except ConfigError as exc:
         print(f"qless-pool: config error: {exc}", file=sys.stderr)
@@ -413,6 +395,10 @@ def launch(args: argparse.Namespace, preloaded: bool = False) -> int:
     if args.dry_run:
         print(groups_to_json(groups))
         return 0
+    problem = database_problem(args.redis)
+    if problem:
+        print(f"qless-pool: {problem}", file=sys.stderr)
+        return 2
     # Everything that can be checked before detaching has been: from here on, a daemon reports
     # its start (or why it failed) through `readiness`, and the command exits with that.
     readiness = daemonize() if args.daemon else None

@@ -45,6 +45,7 @@ from .urls import (
     SentinelTarget,
     check_redis_url,
     default_redis_url,
+    mask_secrets,
     parse_sentinel_url,
 )
 
@@ -57,6 +58,7 @@ __all__ = [
     "RedisUnavailable",
     "connect",
     "control_client",
+    "database_problem",
     "default_redis_url",
     "fix_script",
     "fixed_script",
@@ -218,6 +220,8 @@ def redis_is_down(error: BaseException) -> bool:
     context), Redis 6.2 with a script error quoting it."""
     if isinstance(error, REDIS_DOWN):
         return True
+    if isinstance(error, redis.ResponseError) and _NO_SUCH_DATABASE in str(error):
+        return True  # refused as the connection selects it: no command can work
     if not isinstance(error, QlessException):
         return False
     return (
@@ -245,8 +249,38 @@ _REFUSING_WRITES_ERRORS = (
     redis.exceptions.MasterDownError,
 )
 _REFUSING_WRITES = re.compile(
-    r"\b(?:READONLY You can't write|MISCONF |MASTERDOWN |command not allowed when used memory)"
+    r"\b(?:READONLY You can't write|MISCONF |MASTERDOWN |command not allowed when used memory"
+    r"|DB index is out of range)"
 )
+#: How Redis refuses a database number beyond its ``databases`` (the URL's /db).
+_NO_SUCH_DATABASE = "DB index is out of range"
+
+
+def database_problem(url: str, timeout: float = 1.0) -> Optional[str]:
+    """A look at start: why Redis refuses the URL's database, or None if it takes it or cannot
+    be reached now (an outage, which the workers ride out). The workers would otherwise take a
+    database beyond the server's ``databases`` for an outage, and wait for it forever."""
+    try:
+        client = connect(
+            url, "qless-pool-check", announce=False,
+            socket_connect_timeout=timeout, socket_timeout=timeout,
+        )  # fmt: skip
+    except ValueError:
+        return None  # said by check_redis_url, where it is checked
+    try:
+        client.redis.ping()
+    except redis.ResponseError as error:
+        if _NO_SUCH_DATABASE in str(error):
+            return (
+                f"Redis refuses the database of {mask_secrets(url)}: {error} (the server has "
+                "as many as its 'databases' setting says, numbered from 0)"
+            )
+        return None
+    except Exception:  # unreachable, or anything else: for the workers to ride out or say
+        return None
+    finally:
+        client.redis.close()
+    return None
 
 
 def connect(

@@ -322,8 +322,12 @@ def resolve_identity(user: Optional[str], group: Optional[str]) -> Optional[Iden
     given. Raises DaemonError (status 2) for an unknown user or group, for a switch that would
     keep root's uid or gid by accident, or if this process cannot switch to them (only root
     can switch to another user)."""
-    if not user and not group:
+    if user is None and group is None:
         return None
+    for option, value in (("--user", user), ("--group", group)):
+        if value is not None and not value.strip():
+            # Most often an unset variable (--user "$RUN_AS"): it must not mean "stay root".
+            raise DaemonError(f"{option}: empty (an unset variable?)", 2)
     if not user:
         # It would keep uid 0: a pool that looks unprivileged and is not.
         raise DaemonError(f"--group {group} needs --user (the user to run as)", 2)

@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-from . import hooks, lifeline, proctitle, state
-from .config import ConfigError, ConfigSource, Groups
+from . import hooks, lifeline, options, proctitle, state
+from .client import database_problem
+from .config import MAX_POOL_WORKERS, ConfigError, ConfigSource, Groups
 from .drain import DrainWatcher, run_watcher
 from .hooks import preload
 from .limits import RECYCLED
@@ -85,6 +86,7 @@ class Pool:
                         max_memory, graceful_timeout (see Worker)
     term_behaviour      "immediate" (default), "graceful" or "graceful-wait"
     spawn_delay         seconds between two spawns
+    max_workers         the most workers the config may ask for in all (a config error beyond)
     single_process_group  keep workers in the manager's process group
     daemonized          WINCH acts only then (a terminal resize sends WINCH too)
     reopen_logs         called on HUP (the daemon reopens its log files)
@@ -108,6 +110,7 @@ class Pool:
         worker_options: Optional[dict[str, Any]] = None,
         term_behaviour: str = "immediate",
         spawn_delay: float = 0.0,
+        max_workers: int = MAX_POOL_WORKERS,
         single_process_group: bool = False,
         daemonized: bool = False,
         reopen_logs: Optional[Callable[[], None]] = None,
@@ -118,12 +121,19 @@ class Pool:
     ):
         if term_behaviour not in TERM_BEHAVIOURS:
             raise ValueError(f"term_behaviour must be one of {', '.join(TERM_BEHAVIOURS)}")
+        # Checked here, before anything forks: a value a worker would refuse must not reach
+        # every worker, one after the other (options.py).
+        self.worker_options = options.checked(worker_options or {})
+        spawn_delay = options.check("spawn_delay", spawn_delay)
+        max_workers = options.check("max_workers", max_workers)
+        options.nonempty("redis_url", redis_url)
         self.source = (
-            config if isinstance(config, ConfigSource) else ConfigSource(config, environment)
+            config
+            if isinstance(config, ConfigSource)
+            else ConfigSource(config, environment, max_workers=max_workers)
         )
         self.appname = appname if appname is not None else os.path.basename(os.getcwd())
         self.redis_url = check_redis_url(redis_url or default_redis_url())
-        self.worker_options = dict(worker_options or {})
         self.term_behaviour = term_behaviour
         self.spawn_delay = spawn_delay
         self.single_process_group = single_process_group
@@ -663,8 +673,9 @@ class Pool:
             "appname": self.appname,
             "config": self.source.name,
             "environment": self.source.environment,
-            "redis_url": self.redis_url,
+            # Never the password: the state is files any process of the pool's user can read.
             "redis_shown": mask_secrets(self.redis_url),
+            "redis_masked": mask_secrets(self.redis_url) != self.redis_url,
             "stopping": self.stopping,
             "winched": self.winched,
             "groups": groups,
@@ -765,5 +776,8 @@ def run(
     worker_options = {k: options.pop(k) for k in list(options) if k in worker_keys}
     pool = Pool(config, environment, worker_options=worker_options, **options)
     pool.load_config()
+    problem = database_problem(pool.redis_url)
+    if problem:
+        raise ValueError(problem)
     preload(preload_modules, include)
     return pool.run()

@@ -16,8 +16,10 @@ pool is stopping, 3 when no pool is running (a stale or missing pidfile). 1 too,
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -32,6 +34,7 @@ from .state import (
     rss_bytes,
     worker_state,
 )
+from .urls import DEFAULT_REDIS_URL, URL_VARIABLES, mask_secrets
 
 __all__ = ["EX_NO_POOL", "collect", "main", "render"]
 
@@ -82,21 +85,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: A pid is at most 7 digits (pid_max is at most 4194304) and a newline: more is not a pidfile.
+PIDFILE_LIMIT = 32
+
+
+def read_pidfile(path: str) -> int:
+    """The pid in ``path``, read safely (NoPool otherwise): ``status`` may run as root on a
+    pidfile in a directory its pool's user owns, who could put anything there.
+
+    It is opened without following a symlink and without blocking (a FIFO), read only if it is
+    a regular file owned by this user or root, and at most PIDFILE_LIMIT bytes of it; nothing
+    read is ever shown back.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise NoPool(f"no pidfile {path}: no pool is running (give --pid?)") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise NoPool(f"pidfile {path} is a symbolic link; not followed") from None
+        raise NoPool(f"cannot read pidfile {path}: {error.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NoPool(f"pidfile {path} is not a regular file")
+        if info.st_uid not in (os.getuid(), 0):
+            raise NoPool(
+                f"pidfile {path} belongs to uid {info.st_uid}, not to this user or root; "
+                "not trusted (give --pid?)"
+            )
+        data = os.read(fd, PIDFILE_LIMIT)
+    except OSError as error:
+        raise NoPool(f"cannot read pidfile {path}: {error.strerror}") from None
+    finally:
+        os.close(fd)
+    text = data.decode("ascii", errors="replace").strip()
+    if not text:
+        raise NoPool(f"pidfile {path} is empty: no pool is running")
+    if not text.isdigit() or len(data) >= PIDFILE_LIMIT or int(text) == 0:
+        raise NoPool(f"pidfile {path} does not hold a pid")
+    return int(text)
+
+
 def find_manager(pidfile: Optional[str], pid: Optional[int]) -> int:
     """The manager's pid, if it is a live qless-pool manager (NoPool otherwise)."""
     if pid is None:
-        try:
-            with open(pidfile or DEFAULT_PIDFILE) as file:
-                pid = int(file.read().strip() or 0)
-        except FileNotFoundError:
-            raise NoPool(f"no pidfile {pidfile}: no pool is running (give --pid?)") from None
-        except (OSError, ValueError) as error:
-            raise NoPool(f"cannot read pidfile {pidfile}: {error}") from None
-        if not pid:
-            raise NoPool(f"pidfile {pidfile} is empty: no pool is running")
+        pid = read_pidfile(pidfile or DEFAULT_PIDFILE)
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as file:
-            title = file.read().decode(errors="replace")
+            title = file.read(4096).decode(errors="replace")
     except OSError:
         raise NoPool(f"no process {pid}: no pool is running (stale pidfile?)") from None
     if not title.startswith("qless-pool-manager"):
@@ -181,8 +219,27 @@ def collect(pid: int, redis_url: Optional[str] = None, queues: bool = True) -> d
         "problems": problems,
     }
     if queues:
-        snapshot.update(_queues(manager, redis_url or manager.get("redis_url")))
+        snapshot.update(_queues(manager, redis_url))
     return snapshot
+
+
+def pool_redis_url(manager: dict[str, Any], given: Optional[str] = None) -> str:
+    """The URL to read the pool's queues with: ``given`` (-R), else the pool's own. The pool's
+    state shows its URL with the password masked; one that had a password is taken from
+    $QLESS_URL or $REDIS_URL when that is the same URL (ValueError otherwise)."""
+    if given:
+        return given
+    shown = manager.get("redis_shown") or DEFAULT_REDIS_URL
+    if not manager.get("redis_masked"):
+        return shown
+    for variable in URL_VARIABLES:
+        url = os.environ.get(variable)
+        if url and mask_secrets(url) == shown:
+            return url
+    raise ValueError(
+        f"the pool's Redis URL ({shown}) has a password, which the pool does not keep where "
+        "status reads: give -R URL, or set $QLESS_URL to it"
+    )
 
 
 def _queues(manager: dict[str, Any], redis_url: Optional[str]) -> dict[str, Any]:
@@ -190,7 +247,7 @@ def _queues(manager: dict[str, Any], redis_url: Optional[str]) -> dict[str, Any]
 
     names = configured_queues(manager)
     try:
-        client = control_client(redis_url, "status")
+        client = control_client(pool_redis_url(manager, redis_url), "status")
         failed = json.loads(client("failed"))
         counts = {}
         for name in names:

@@ -62,6 +62,7 @@ SETTINGS: dict[str, tuple[type, Optional[str]]] = {
     "metrics_address": (str, "--metrics-address"),
     "allow_modules": (list, "--allow-module"),
     "spawn_delay": (float, "--spawn-delay"),
+    "max_workers": (int, "--max-workers"),
     "term": (str, None),
     "log_level": (str, "--log-level"),
     "pidfile": (str, "--pidfile"),
@@ -123,6 +124,9 @@ def _typed(name: str, kind: type, raw: Any) -> Any:
     elif kind is int and isinstance(raw, float):
         if raw.is_integer():
             return int(raw)
+    elif kind is str and isinstance(raw, str) and not raw.strip():
+        # Most often an unset variable (INVOKE_QLESS_POOL_USER=$RUN_AS): never the default.
+        raise Exit(f"qless_pool.{name}: empty (an unset variable?)", code=2)
     elif not isinstance(raw, bool):  # YAML's yes/no are not numbers or names
         try:
             return kind(raw)
@@ -191,7 +195,7 @@ def _pool(
 
     found = settings(c)
     flags = {"config": config, "environment": environment, "redis": redis}
-    found.update({name: value for name, value in flags.items() if value})
+    found.update({name: value for name, value in flags.items() if value is not None})
     found.update(_worker_flags(interval, job_timeout, reserver, no_fork_per_job))
     found.update({name: True for name, value in (("daemon", daemon), ("drain", drain)) if value})
     args = build_parser().parse_args(_command_line(found))
@@ -230,11 +234,13 @@ def _work(
     """Run one worker in the foreground on --queues (or $QUEUES), like rake qless:work."""
     from . import logs
     from .cli import bad_redis_url
+    from .client import database_problem
+    from .urls import redis_url_and_origin
     from .worker import Worker
 
     found = settings(c)
-    if redis:
-        found["redis"] = redis
+    if redis is not None:
+        found["redis"] = _typed("redis", str, redis)
     found.update(_worker_flags(interval, job_timeout, reserver, no_fork_per_job))
     names = queues or os.environ.get("QUEUES") or ",".join(found.get("queues", []))
     queue_list = [name.strip() for name in names.split(",") if name.strip()]
@@ -258,6 +264,9 @@ def _work(
     problem = bad_redis_url(url)
     if problem:
         raise Exit(problem, code=2)
+    problem = database_problem(redis_url_and_origin(url)[0])
+    if problem:
+        raise Exit(f"qless.work: {problem}", code=2)
     try:
         worker = Worker(queue_list, url, appname=appname, **options)
     except ValueError as error:  # a bad reserver, interval ...

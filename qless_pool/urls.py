@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -259,6 +260,7 @@ def _check_url_options(url: str, shown: str) -> None:
         raise ValueError(f"{shown!r}: {error}") from None
     names = [name for name, _ in parse_qsl(urlsplit(url).query)]
     _refuse_unknown(names, _parameters(pool.connection_class) | _parameters(type(pool)), shown)
+    _check_numbers(pool.connection_kwargs, shown)
     _make(pool.connection_class, pool.connection_kwargs, shown)
 
 
@@ -276,6 +278,7 @@ def _check_sentinel_options(target: SentinelTarget, shown: str) -> None:
     pool_options = _parameters(SentinelConnectionPool) | {"check_connection"}
     names = [name for name, _ in target.query]
     _refuse_unknown(names, _parameters(Connection) | pool_options, shown)
+    _check_numbers(options, shown)
     _make(Connection, {k: v for k, v in options.items() if k not in pool_options}, shown)
 
 
@@ -295,6 +298,28 @@ def _refuse_unknown(names: list[str], accepted: set[str], shown: str) -> None:
                 else " (TLS options need rediss://)"
             )
         raise ValueError(f"{shown!r}: redis-py takes no option {name!r}{hint}")
+
+
+#: The longest timeout a URL may give: about 115 days (options.MAX_SECONDS).
+_MAX_TIMEOUT = 10_000_000.0
+
+
+def _check_numbers(options: Mapping[str, Any], shown: str) -> None:
+    """Timeouts finite and more than 0, intervals finite and not negative: redis-py takes
+    ``socket_timeout=nan`` or ``-1`` and then fails on every command."""
+    for name, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if name.endswith("timeout"):
+            ok = math.isfinite(value) and 0 < value <= _MAX_TIMEOUT
+            needs = "a number of seconds more than 0"
+        elif name.endswith("interval"):
+            ok = math.isfinite(value) and 0 <= value <= _MAX_TIMEOUT
+            needs = "a number of seconds, 0 or more"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"{shown!r}: {name} must be {needs}, not {value!r}")
 
 
 def _make(connection_class: type, options: Mapping[str, Any], shown: str) -> None:

@@ -41,7 +41,7 @@ from typing import Any, Optional
 import qless
 from qless.exceptions import QlessException
 
-from . import lifeline, logs, proctitle
+from . import lifeline, logs, options, proctitle
 from .client import (
     CONTROL_TIMEOUT,
     JOB_SOCKET_TIMEOUT,
@@ -144,10 +144,16 @@ class Worker:
     ):
         if not queues:
             raise ValueError("a worker needs at least one queue")
-        if interval <= 0:
-            raise ValueError("interval must be positive")
-        if job_timeout is not None and job_timeout <= 0:
-            raise ValueError("job_timeout must be positive")
+        # The same ranges as every entry's (options.py): a Worker made by hand, or by
+        # `invoke qless.work`, refuses what the command line refuses.
+        interval = options.check("interval", interval)
+        job_timeout = options.check("job_timeout", job_timeout)
+        kill_grace = options.check("kill_grace", kill_grace)
+        prefetch = options.check("prefetch", prefetch)
+        max_jobs = options.check("max_jobs", max_jobs)
+        max_jobs_jitter = options.check("max_jobs_jitter", max_jobs_jitter)
+        max_memory = options.check("max_memory", max_memory)
+        graceful_timeout = options.check("graceful_timeout", graceful_timeout)
         self.queues = list(queues)
         self.redis_url = redis_url or default_redis_url()
         self.interval = interval

@@ -57,6 +57,7 @@ class RedisServer:
         persistent: bool = False,
         password: str | None = None,
         aof: bool = False,
+        extra: tuple[str, ...] = (),
     ):
         self.binary = binary or server_binary()
         # persistent: write an RDB file when stopped (SIGTERM) and load it when started again.
@@ -64,6 +65,7 @@ class RedisServer:
         self.password = password
         # aof: an append-only file, fsynced on every write: nothing is lost, even to SIGKILL.
         self.aof = aof
+        self.extra = tuple(extra)  # more redis-server options
         self.directory = tempfile.mkdtemp(prefix="qless-pool-redis-")
         self.socket = os.path.join(self.directory, "redis.sock")
         self.process: subprocess.Popen | None = None
@@ -85,6 +87,7 @@ class RedisServer:
             "--dir", self.directory,
             "--logfile", os.path.join(self.directory, "redis.log"),
             *(["--requirepass", self.password] if self.password else []),
+            *self.extra,
         ]  # fmt: skip
         self.process = subprocess.Popen(
             command,
