@@ -134,6 +134,7 @@ class ChildSetup:
     appname: Optional[str]
     close_fds: Sequence[int]  # the parent's own (its signal wakeup pipe)
     parent_signals: Sequence[int]  # handled by the parent; the child restores their defaults
+    allow_modules: Sequence[str] = ()  # --allow-module: where the job's class must come from
 
 
 def fork_child(setup: ChildSetup, job: Optional[dict[str, Any]] = None) -> JobChild:
@@ -202,7 +203,7 @@ def _become_child(
                 return  # type: ignore[misc] # the finally clause exits
         proctitle.set_title(proctitle.processing(job["queue"], time.time()))
         setup.client.on_settled = lambda message: _write_line(report_fd, message)
-        report = run_job(setup.client, job)
+        report = run_job(setup.client, job, setup.allow_modules)
         _write_line(report_fd, report)
         status = 0
     except BrokenPipeError:

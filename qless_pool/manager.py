@@ -10,7 +10,12 @@ worker, a HUP with new counts and a WINCH. A worker leaves the table only when i
 pid the kernel has reused is never signalled.
 
 Signal handlers do nothing but let Python write the signal's number to a wakeup pipe; the loop
-reads the pipe. The manager never talks to Redis: an outage cannot touch it.
+reads the pipe. The workers write notes to another pipe (notes.py): when they begin their first
+job. The pause (USR2, CONT) is also kept in a byte the workers share (notes.PauseFlag), so that
+a worker can tell the pool's pause when Unix hands it USR2 and CONT out of order. HUPs that
+come in a burst are one reload.
+The manager never talks to Redis: an outage cannot touch it. A worker that dies with jobs in
+hand is settled by a helper it forks (will.py).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-from . import hooks, lifeline, options, proctitle, state
+from . import hooks, lifeline, notes, options, proctitle, state
 from .client import database_problem
 from .config import MAX_POOL_WORKERS, ConfigError, ConfigSource, Groups
 from .drain import DrainWatcher, run_watcher
@@ -35,7 +40,8 @@ from .logs import configure as configure_logging
 from .logs import logger, set_role
 from .reservation import default_allowed_modules
 from .urls import check_redis_url, default_redis_url, mask_secrets
-from .worker import HANDLED_SIGNALS, Worker
+from .will import settle_remains
+from .worker import HANDLED_SIGNALS, Worker, worker_name
 
 __all__ = ["TERM_BEHAVIOURS", "Pool", "WorkerRecord", "run"]
 
@@ -49,8 +55,17 @@ MANAGER_SIGNALS = (*MANAGER_ONLY_SIGNALS, *HANDLED_SIGNALS)
 TERM_BEHAVIOURS = ("immediate", "graceful", "graceful-wait")
 #: The longest the loop sleeps when nothing happens.
 TICK = 1.0
-#: A worker that dies sooner than this after its start counts as a failed start.
+#: A worker that dies sooner than this after its start, before its first job, counts as a failed
+#: start (one that dies running a job does not: the job is to blame, and it is retried).
 HEALTHY_AFTER = 5.0
+#: HUPs in a burst are one reload: it waits until none has come for HUP_QUIET seconds, and at
+#: most HUP_LONGEST seconds after the first (a storm of HUPs must not restart every worker once
+#: each, nor postpone the reload for ever).
+HUP_QUIET = 0.2
+HUP_LONGEST = 2.0
+#: Signals that would stop the manager (their default action), for no reason of its own: a
+#: background process group reading or writing the terminal. Ignored (the workers too).
+IGNORED_SIGNALS = (signal.SIGTTIN, signal.SIGTTOU)
 #: Backoff after failed starts: 1 s, doubling, at most a minute.
 FIRST_BACKOFF = 1.0
 MAX_BACKOFF = 60.0
@@ -64,6 +79,7 @@ class WorkerRecord:
     queues: tuple[str, ...]
     started_at: float  # monotonic
     retiring: bool = False  # told to QUIT (or stop): no longer counts toward its group
+    began: bool = False  # it started a job: dying is not a failed start
 
 
 @dataclass
@@ -152,7 +168,13 @@ class Pool:
         self.workers: dict[int, WorkerRecord] = {}
         self.backoffs: dict[tuple[str, ...], Backoff] = {}
         self.signals: deque[int] = deque()
+        self.notes: Optional[notes.Notes] = None
         self.winched = False
+        self.pause = notes.PauseFlag()  # USR2 came last (not CONT): workers start paused
+        self.reload_due: Optional[float] = None  # monotonic: a HUP's reload, once the burst ends
+        self.reload_asked: Optional[float] = None  # monotonic: the first HUP of the burst
+        self.hups = 0  # in the burst
+        self.helpers: dict[int, str] = {}  # pid -> what: settlers of dead workers' jobs
         self.stopping: Optional[str] = None  # None, "wait" (for the workers) or "now"
         self.next_spawn_at = 0.0
         self.pid = os.getpid()
@@ -182,6 +204,7 @@ class Pool:
         if self.groups is None:
             self.load_config()
         self._open_state()
+        self.notes = notes.Notes()
         self._install_signal_handlers()
         # A job child whose worker was killed comes to us, so that what it left is killed too.
         subreaper = lifeline.become_subreaper()
@@ -192,6 +215,7 @@ class Pool:
         )
         for warning in self.source.warnings:
             log.warning("%s", warning)
+        self._warn_if_empty(self.groups, "")
         allowed = self.worker_options.get("allow_modules")
         if not (default_allowed_modules() if allowed is None else allowed):
             log.warning(
@@ -212,6 +236,8 @@ class Pool:
                 self.reap()
                 while self.signals and self.stopping != "now":
                     self.handle_signal(self.signals.popleft())
+                if self.reload_due is not None and time.monotonic() >= self.reload_due:
+                    self.reload()
                 if self.stopping == "now" or (
                     # The drain watcher's exit status is the run's verdict: wait for it too.
                     self.stopping == "wait" and not self.workers and self.drain_pid is None
@@ -223,6 +249,7 @@ class Pool:
                 self._update_title()
         finally:
             self._restore_signal_handlers()
+            self.notes.close()
             if subreaper:
                 lifeline.become_subreaper(False)
             if self.state is not None:
@@ -236,10 +263,15 @@ class Pool:
         wake = now + TICK
         if self.stopping is None:
             wake = min(wake, self._next_spawn_time(now))
+        if self.reload_due is not None:
+            wake = min(wake, self.reload_due)
         poller = select.poll()  # not select(): a preloaded app may hold fds above 1024
         poller.register(self._wakeup_r, select.POLLIN)
+        assert self.notes is not None
+        poller.register(self.notes.read_fd, select.POLLIN)
         if poller.poll(max(0.0, wake - now) * 1000):
             self._read_signals()
+            self._read_notes()
 
     # --- signals --------------------------------------------------------------------------------
 
@@ -251,10 +283,12 @@ class Pool:
         signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
         for signum in MANAGER_SIGNALS:
             signal.signal(signum, lifeline.wake_only)
+        for signum in IGNORED_SIGNALS:  # inherited by the workers and their job children
+            signal.signal(signum, signal.SIG_IGN)
 
     def _restore_signal_handlers(self) -> None:
         signal.set_wakeup_fd(-1)
-        for signum in MANAGER_SIGNALS:
+        for signum in (*MANAGER_SIGNALS, *IGNORED_SIGNALS):
             signal.signal(signum, signal.SIG_DFL)
         for fd in (self._wakeup_r, self._wakeup_w):
             if fd >= 0:
@@ -269,6 +303,10 @@ class Pool:
                 return
             if not data:
                 return
+            if signal.SIGUSR2 in data and signal.SIGCONT in data:
+                # Pending at once, their order is lost (notes.py): the pool keeps working.
+                log.info("USR2 and CONT came together (Unix keeps no order between them): CONT")
+                data = bytes(signum for signum in data if signum != signal.SIGUSR2)
             for signum in data:
                 # During a graceful wait, INT and TERM jump the queue: they escalate now.
                 if self.stopping == "wait" and signum in (signal.SIGINT, signal.SIGTERM):
@@ -286,7 +324,22 @@ class Pool:
         if self.stopping:
             log.info("HUP ignored: the pool is stopping")
             return
-        log.info("HUP: reloading %s", self.source.name)
+        # The reload waits for the burst to end (HUP_QUIET, HUP_LONGEST): one reload for all.
+        now = time.monotonic()
+        if self.reload_asked is None:
+            self.reload_asked = now
+        self.hups += 1
+        self.reload_due = min(now + HUP_QUIET, self.reload_asked + HUP_LONGEST)
+
+    def reload(self) -> None:
+        """A HUP's work: read the config again (a bad one: keep the old), restart every worker
+        gracefully, spawn to the new counts."""
+        hups, self.hups = self.hups, 0
+        self.reload_due = self.reload_asked = None
+        if self.stopping:
+            return
+        burst = f" ({hups} HUPs in a burst, one reload)" if hups > 1 else ""
+        log.info("HUP: reloading %s%s", self.source.name, burst)
         self._emit("reloading")
         try:
             groups = self.source.load()
@@ -296,6 +349,7 @@ class Pool:
             return
         for warning in self.source.warnings:
             log.warning("HUP: %s", warning)
+        self._warn_if_empty(groups, "HUP: ")
         self.groups = groups
         self.winched = False
         self.backoffs.clear()
@@ -304,6 +358,16 @@ class Pool:
         self.signal_workers(signal.SIGQUIT)
         self.reconcile()
         self._emit("reloaded")
+
+    def _warn_if_empty(self, groups: Groups, prefix: str) -> None:
+        if not any(groups.values()):
+            log.warning(
+                "%s%s asks for no workers at all (%s): no job will run until it asks for some "
+                "and the pool is sent HUP",
+                prefix,
+                self.source.name,
+                "it is empty" if not groups else "every count is 0",
+            )
 
     def handle_sigquit(self) -> None:
         log.info("QUIT: stopping every worker after its current job, then exiting")
@@ -350,9 +414,11 @@ class Pool:
         self._forward(signal.SIGUSR1)
 
     def handle_sigusr2(self) -> None:
+        self.pause.set(True)
         self._forward(signal.SIGUSR2)
 
     def handle_sigcont(self) -> None:
+        self.pause.set(False)
         self._forward(signal.SIGCONT)
 
     def _stop(self, how: str) -> None:
@@ -367,6 +433,13 @@ class Pool:
     def _forward(self, signum: int) -> None:
         log.info("%s: passing it on to every worker", signal.Signals(signum).name)
         self.signal_workers(signum, retire=False)
+
+    def _read_notes(self) -> None:
+        assert self.notes is not None
+        for pid, note in self.notes.read():
+            record = self.workers.get(pid)
+            if record is not None and note == notes.BEGAN:
+                self.workers[pid] = replace(record, began=True)
 
     # --- the worker table -----------------------------------------------------------------------
 
@@ -388,6 +461,11 @@ class Pool:
             if pid == self.drain_pid:
                 self._drain_watcher_exited(status)
                 continue
+            if pid in self.helpers:
+                what = self.helpers.pop(pid)
+                if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+                    log.warning("%s: %s", what, lifeline.describe_status(status))
+                continue
             if pid == self.metrics_pid:
                 self.metrics_pid = None
                 if not self.stopping:
@@ -407,6 +485,9 @@ class Pool:
                 self.state.forget_worker(pid)
             lived = time.monotonic() - record.started_at
             what = f"worker {pid} ({','.join(record.queues)})"
+            clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) in (0, RECYCLED)
+            if not clean:
+                self._settle_for(record, status)
             if record.retiring:
                 log.info(
                     "%s stopped: %s after %.1fs", what, lifeline.describe_status(status), lived
@@ -419,13 +500,14 @@ class Pool:
                 continue
             log.warning("%s died: %s after %.1fs", what, lifeline.describe_status(status), lived)
             self.restarts["died"] += 1
-            self._note_exit(record.queues, lived)
+            self._note_exit(record, lived)
 
     def _is_orphaned_job(self, pid: int) -> bool:
         """An exited process we adopted (as subreaper) that led a process group of our session:
         a job child whose worker parent was killed. Whatever it left in its group is killed."""
         return (
             pid not in self.workers
+            and pid not in self.helpers
             and pid not in (self.drain_pid, self.metrics_pid)
             and lifeline.leads_group_in_session(pid)
         )
@@ -443,9 +525,11 @@ class Pool:
             self.signal_workers(signal.SIGQUIT)
             self._stop("wait")
 
-    def _note_exit(self, queues: tuple[str, ...], lived: float) -> None:
-        backoff = self.backoffs.setdefault(queues, Backoff())
-        if lived >= HEALTHY_AFTER:
+    def _note_exit(self, record: WorkerRecord, lived: float) -> None:
+        """A worker died: a failed start if it died soon and before its first job (then its
+        group backs off), not otherwise."""
+        backoff = self.backoffs.setdefault(record.queues, Backoff())
+        if lived >= HEALTHY_AFTER or record.began:
             backoff.failures = 0
             return
         backoff.failures += 1
@@ -453,10 +537,36 @@ class Pool:
         backoff.until = time.monotonic() + delay
         log.error(
             "workers for %s die right after starting (%d in a row); backing off: next start in %gs",
-            ",".join(queues),
+            ",".join(record.queues),
             backoff.failures,
             delay,
         )
+
+    def _settle_for(self, record: WorkerRecord, status: int) -> None:
+        """A worker died: fork a helper to settle the jobs it left (will.py), if it may have
+        left any (it began a job, or wrote a will)."""
+        will_path = self.state.will_path(record.pid) if self.state is not None else None
+        has_will = will_path is not None and os.path.exists(will_path)
+        if not (record.began or has_will):
+            return
+        how = f"was {lifeline.describe_status(status)}"
+        if os.WIFEXITED(status):
+            how = f"exited with status {os.WEXITSTATUS(status)}"
+        name = worker_name(record.pid)
+        try:
+            pid = self._fork(lambda: self._become_settler(name, will_path or "", how))
+        except OSError as error:
+            log.error("cannot fork a settler for worker %d: %s", record.pid, error)
+            return
+        self.helpers[pid] = f"settler of worker {record.pid}"
+
+    def _become_settler(self, name: str, will_path: str, how: str) -> int:
+        # Not tied to the manager: what it settles must be settled even if the manager exits.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGER_SIGNALS)
+        set_role("settler", self.appname)
+        app = f"[{self.appname}]" if self.appname else ""
+        proctitle.set_title(f"qless-pool-settler{app}: settling what {name} left")
+        return settle_remains(self.redis_url, name, will_path, how)
 
     def desired(self) -> Groups:
         return {} if self.winched else self.groups
@@ -484,7 +594,7 @@ class Pool:
             if (
                 backoff
                 and backoff.failures
-                and any(now - w.started_at >= HEALTHY_AFTER for w in active)
+                and any(w.began or now - w.started_at >= HEALTHY_AFTER for w in active)
             ):
                 log.info("workers for %s start healthily again", ",".join(queues))
                 backoff.failures = 0
@@ -510,7 +620,8 @@ class Pool:
     def spawn(self, queues: tuple[str, ...]) -> Optional[int]:
         """Fork a worker parent for ``queues``; returns its pid (None if fork failed)."""
         try:
-            pid = self._fork(lambda: self._become_worker(queues))
+            assert self.notes is not None
+            pid = self._fork(lambda: self._become_worker(queues), keep=[self.notes.write_fd])
         except OSError as error:
             log.error("cannot fork a worker for %s: %s", ",".join(queues), error)
             self._note_exit(queues, 0.0)
@@ -535,7 +646,9 @@ class Pool:
         try:
             signal.set_wakeup_fd(-1)
             listener = [self.metrics_listener.fileno()] if self.metrics_listener else []
-            for fd in (self._wakeup_r, self._wakeup_w, *self.close_in_workers, *listener):
+            assert self.notes is not None
+            own = (self._wakeup_r, self._wakeup_w, self.notes.read_fd, self.notes.write_fd)
+            for fd in (*own, *self.close_in_workers, *listener):
                 if fd not in keep:
                     os.close(fd)
             for signum in MANAGER_SIGNALS:
@@ -567,6 +680,9 @@ class Pool:
             watch_parent=self.pid,
             appname=self.appname,
             state_path=self.state.worker_path(os.getpid()) if self.state else None,
+            will_path=self.state.will_path(os.getpid()) if self.state else None,
+            notes_fd=self.notes.write_fd if self.notes else None,
+            pause=self.pause,
             metrics=self.metrics_listener is not None,
             **self.worker_options,
         )

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import time
+import types
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ __all__ = [
     "check_allowed_modules",
     "class_allowed",
     "default_allowed_modules",
+    "forbidden_target",
     "make_reserver",
 ]
 
@@ -128,6 +130,48 @@ def class_allowed(klass: str, prefixes: Sequence[str]) -> bool:
     """Is ``klass`` inside one of the modules ``prefixes`` names, on dotted boundaries
     (``myapp`` allows ``myapp.jobs.Mail``, not ``myappevil.X``)? No prefixes: anything is."""
     return not prefixes or any(klass == p or klass.startswith(p + ".") for p in prefixes)
+
+
+def forbidden_target(job: Any, prefixes: Sequence[str]) -> Optional[str]:
+    """Why qless-py must not call what ``job`` (a ``qless.Job``) names, or None.
+
+    The class name passed :func:`class_allowed`, but qless-py follows it attribute by attribute
+    after importing its module: ``myapp.os`` on a queue named ``system`` is ``os.system``.
+    Resolved as qless-py resolves it (its own ``Job.klass``), the class must be a class (or a
+    module) defined in an allowed module, and the method qless-py will call (the one named like
+    the queue, else ``process``) must be defined in one too. Called in the process that runs the
+    job, once the job's own module is imported; a class that cannot be imported is left to
+    qless-py, which fails the job saying so.
+    """
+    if not prefixes:
+        return None
+    try:
+        klass = job.klass
+    except Exception:
+        return None
+    if isinstance(klass, types.ModuleType):
+        home, what = klass.__name__, "is the module"
+    elif isinstance(klass, type):
+        home, what = klass.__module__, "is defined in module"
+    else:
+        return f"job class {job.klass_name!r} names a {type(klass).__name__}, not a class"
+    allowed = " ".join(prefixes)
+    if not class_allowed(home, prefixes):
+        return (
+            f"job class {job.klass_name!r} {what} {home!r}, outside the modules this worker "
+            f"may run (--allow-module {allowed})"
+        )
+    name = job.queue_name if hasattr(klass, job.queue_name) else "process"
+    method = getattr(klass, name, None)
+    if method is None:
+        return None  # qless-py fails it: the method is missing
+    source = getattr(method, "__module__", None)
+    if not isinstance(source, str) or not class_allowed(source, prefixes):
+        return (
+            f"{job.klass_name}.{name} is defined in module {source!r}, outside the modules this "
+            f"worker may run (--allow-module {allowed})"
+        )
+    return None
 
 
 # --- prefetch: how many jobs to pop at once -----------------------------------------------------

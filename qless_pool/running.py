@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import qless
@@ -32,6 +32,7 @@ from qless.exceptions import QlessException
 
 from .client import REDIS_DOWN, redis_is_down
 from .logs import cap, logger
+from .reservation import forbidden_target
 
 __all__ = [
     "MAX_RETURNED_DATA",
@@ -145,8 +146,11 @@ def cap_message(command: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
 # --- running one job ----------------------------------------------------------------------------
 
 
-def run_job(client: JobClient, fields: dict[str, Any]) -> dict[str, Any]:
-    """Run one job with qless-py; returns the report for the worker.
+def run_job(
+    client: JobClient, fields: dict[str, Any], allowed: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Run one job with qless-py; returns the report for the worker. ``allowed``: the modules
+    (--allow-module) what qless-py resolves the job's class to must come from.
 
     ``{"outcome": "returned", "data": ...}``: the job function returned without settling its
     job, or completed it plainly; the worker completes it with that data (a job whose data is
@@ -171,7 +175,13 @@ def run_job(client: JobClient, fields: dict[str, Any]) -> dict[str, Any]:
                 f"the job's data is not valid JSON ({error}): {cap(str(fields['data']), 1024)}",
             )
         else:
-            report = _process(job, client)
+            refusal = forbidden_target(job, allowed)
+            if refusal is not None:
+                log.warning("%s: %s; failed as %s-ForbiddenClass", describe_job(fields), refusal,
+                            queue)  # fmt: skip
+                _fail(client, job, f"{queue}-ForbiddenClass", refusal)
+            else:
+                report = _process(job, client)
     except (*REDIS_DOWN, QlessException):
         if not client.settled:
             raise
@@ -273,8 +283,15 @@ class InProcess:
     #: Interruptions a job may swallow before the worker gives up on it and exits.
     MAX_INTERRUPTIONS = 3
 
-    def __init__(self, client: JobClient, job_timeout: Optional[float], kill_grace: float = 5.0):
+    def __init__(
+        self,
+        client: JobClient,
+        job_timeout: Optional[float],
+        kill_grace: float = 5.0,
+        allowed: Sequence[str] = (),
+    ):
         self.client = client
+        self.allowed = allowed
         self.job_timeout = job_timeout
         self.kill_grace = kill_grace
         self.stop_deadline: Optional[float] = None  # monotonic
@@ -345,7 +362,7 @@ class InProcess:
                 if self.stop_requested:  # came as the job was about to start
                     raise JobInterrupted(self.stop_requested)
                 self._arm()
-                report = run_job(self.client, job)
+                report = run_job(self.client, job, self.allowed)
             finally:
                 self.running = False  # from here on a signal waits for the loop
         except JobInterrupted as interrupted:  # (raised in the job, or as it unwound)

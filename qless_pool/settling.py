@@ -40,6 +40,7 @@ from . import lifeline
 from .client import pipelined, raise_if_down, redis_is_down
 from .logs import logger
 from .running import describe_job
+from .will import Will
 
 __all__ = ["MAX_COMPLETE_DELAY", "Settlement", "Settler", "settled_outcome", "settlement_for"]
 
@@ -143,9 +144,17 @@ class Settler:
     """The settlements a worker owes qless: the ones to send now, one by one, each after a look
     at the job; and the completes to send with the next pop."""
 
-    def __init__(self, worker: str, observe: Optional[Callable[[dict, str, float], None]] = None):
+    def __init__(
+        self,
+        worker: str,
+        observe: Optional[Callable[[dict, str, float], None]] = None,
+        will: Optional[Will] = None,
+    ):
         self.worker = worker
         self.observe = observe or (lambda job, outcome, seconds: None)
+        # What is owed is written in the worker's will (will.py) until it is sent: if the
+        # worker dies first, it is sent for it.
+        self.will = will
         self.now: deque[Settlement] = deque()
         self.batched: list[Settlement] = []
         self._due: Optional[float] = None  # the earliest of the batched ones' (asked every turn)
@@ -154,6 +163,8 @@ class Settler:
         return bool(self.now or self.batched)
 
     def add(self, settlement: Settlement) -> None:
+        if self.will is not None:
+            self.will.owe(settlement.job, settlement.command, settlement.seconds)
         if not settlement.batched:
             self.now.append(settlement)
             return
@@ -169,13 +180,22 @@ class Settler:
         """The batched ones are sent (or given up): none is owed."""
         self.batched = []
         self._due = None
+        self._paid()
+
+    def _paid(self) -> None:
+        """Nothing is owed any more: the will starts again."""
+        if self.will is not None and not self.now and not self.batched:
+            self.will.paid()
 
     def send_now(self, client: qless.Client) -> None:
         """Send the settlements that do not wait for a pop (Redis being down raises; what is
         not sent stays)."""
+        if not self.now:
+            return
         while self.now:
             self._send_checked(client, self.now[0])
             self.now.popleft()
+        self._paid()
 
     def send_with(self, client: qless.Client, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send the batched completes and ``commands`` (a pop) in one round trip; returns the

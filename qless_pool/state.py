@@ -8,6 +8,7 @@ slow the pool, so the state is files that the pool writes and anyone may read at
                                   rewritten (atomically) when any of it changes
         worker-<pid>        0600  one per worker parent: a fixed-size record it rewrites in place
                                   (a shared memory map, no system call) at each job
+        worker-<pid>.will   0600  what the worker would leave unsettled if it died (will.py)
         metrics/                  prometheus_client's multiprocess files (--metrics-port)
 
 The runtime root is ``$QLESS_POOL_RUNTIME_DIR``, else ``/dev/shm`` (memory, and not hidden by
@@ -106,6 +107,10 @@ class PoolState:
 
     def worker_path(self, pid: int) -> str:
         return os.path.join(self.directory, f"worker-{pid}")
+
+    def will_path(self, pid: int) -> str:
+        """Where a worker keeps its will (will.py)."""
+        return os.path.join(self.directory, f"worker-{pid}.will")
 
     def write_manager(self, data: dict[str, Any]) -> None:
         path = os.path.join(self.directory, MANAGER_FILE)

@@ -56,6 +56,7 @@ from .jobchild import Children, ChildSetup
 from .limits import MEMORY_CHECK_INTERVAL, RECYCLED, Limits
 from .logs import logger, set_role
 from .metrics import JobMeter
+from .notes import BEGAN, NoteTaker, PauseFlag
 from .reservation import (
     HeldJob,
     Holding,
@@ -68,6 +69,7 @@ from .reservation import (
 from .running import InProcess, JobClient, Keeper, describe_job
 from .settling import Settler, settled_outcome, settlement_for
 from .state import WorkerSlot
+from .will import Will
 
 __all__ = ["HANDLED_SIGNALS", "Worker"]
 
@@ -86,6 +88,11 @@ HANDLED_SIGNALS = (
 )
 #: How often the worker wakes at least, to notice that the process that forked it is gone.
 PARENT_CHECK_INTERVAL = 1.0
+
+
+def worker_name(pid: int) -> str:
+    """A worker parent's name in qless: ``<hostname>-<pid>``."""
+    return f"{socket.gethostname()}-{pid}"
 
 
 # --- the worker parent --------------------------------------------------------------------------
@@ -114,6 +121,10 @@ class Worker:
     graceful_timeout  seconds a job may go on running once the worker is told to stop
                   gracefully (QUIT, parent gone, recycling); then it is killed and handed back
     state_path    the worker's record for qless-pool status (state.py)
+    will_path     where it keeps its will: what a helper settles if it dies (will.py)
+    notes_fd      the pipe its notes to the manager go to (notes.py)
+    pause         the pool's pause, shared with the manager (notes.py): the worker starts
+                  paused if it is in force, and follows it when USR2 and CONT come together
     appname       shown in log lines
     redis_options keyword arguments for redis-py (socket timeouts ...)
 
@@ -140,6 +151,9 @@ class Worker:
         max_memory: Optional[int] = None,
         graceful_timeout: Optional[float] = None,
         state_path: Optional[str] = None,
+        will_path: Optional[str] = None,
+        notes_fd: Optional[int] = None,
+        pause: Optional[PauseFlag] = None,
         metrics: bool = False,
     ):
         if not queues:
@@ -163,6 +177,10 @@ class Worker:
         self.job_timeout = job_timeout
         self.limits = Limits(max_jobs, max_jobs_jitter, max_memory, graceful_timeout)
         self.state_path = state_path
+        self.will_path = will_path
+        self.will: Optional[Will] = None
+        self.notes = NoteTaker(notes_fd)
+        self.began = False  # a job: said to the manager once
         self.metrics = metrics
         self.watch_parent = watch_parent
         self.kill_grace = kill_grace
@@ -184,13 +202,14 @@ class Worker:
             **(redis_options or {}),
         }
         self.pid = os.getpid()
-        self.name = f"{socket.gethostname()}-{self.pid}"
+        self.name = worker_name(self.pid)
         self.client: Optional[qless.Client] = None
         self.job_client: Optional[JobClient] = None
         # What the loop acts on. Signal handlers touch none of it: they only wake the loop.
         self.stopping = False
         self.terminating = False  # TERM/INT: held jobs go back, nothing more runs
-        self.paused = False
+        self.pause = pause
+        self.paused = pause.get() if pause is not None else False
         self.children: Optional[Children] = None  # with a child per job
         self.in_process: Optional[InProcess] = None  # without
         self.keeper: Optional[Keeper] = None  # its Redis work while a job runs in process
@@ -218,10 +237,15 @@ class Worker:
         """Run until QUIT (after the current job), TERM/INT, or the parent's death. Returns 0,
         or RECYCLED when it stopped for --max-jobs or --max-memory."""
         self.pid = os.getpid()
-        self.name = f"{socket.gethostname()}-{self.pid}"
+        self.name = worker_name(self.pid)
         if not logger.handlers and not logging.getLogger().handlers:
             logs.configure("INFO")  # a bare Worker(...).work(): say what it does
-        self.settler = Settler(self.name, self._observe)
+        if self.will_path:
+            try:
+                self.will = Will(self.will_path)
+            except OSError as error:  # best effort, as the state: jobs come first
+                log.warning("no will (its jobs wait for their locks if it dies): %s", error)
+        self.settler = Settler(self.name, self._observe, self.will)
         self.subscriptions = Subscriptions(f"ql:w:{self.name}")
         set_role("worker", self.appname)
         if self.state_path:
@@ -246,16 +270,20 @@ class Worker:
             **self.job_redis_options,
         )
         if not self.fork_per_job:
-            self.in_process = InProcess(self.job_client, self.job_timeout, self.kill_grace)
+            self.in_process = InProcess(
+                self.job_client, self.job_timeout, self.kill_grace, self.allow_modules
+            )
             self.keeper = Keeper(self._keeper_due, self._tend)
         self._install_signal_handlers()
         if self.fork_per_job:
+            own = (self._wakeup_r, self._wakeup_w, self.notes.fd, self.will and self.will.fd)
             setup = ChildSetup(
                 parent_pid=self.pid,
                 queues=tuple(self.queues),
                 client=self.job_client,
                 appname=self.appname,
-                close_fds=(self._wakeup_r, self._wakeup_w),
+                close_fds=tuple(fd for fd in own if fd is not None and fd >= 0),
+                allow_modules=self.allow_modules,
                 parent_signals=(*HANDLED_SIGNALS, signal.SIGALRM),
             )
             self.children = Children(setup, self.kill_grace)
@@ -267,11 +295,13 @@ class Worker:
             type(self.reserver).__name__,
             self.interval,
         )
+        clean = False
         try:
             while not self._finished():
                 self._turn()
+            clean = True
         finally:
-            self._shut_down()
+            self._shut_down(clean)
         return RECYCLED if self.recycling else 0
 
     @property
@@ -413,6 +443,15 @@ class Worker:
             data = os.read(self._wakeup_r, 4096)
         except BlockingIOError:
             return
+        if signal.SIGUSR2 in data and signal.SIGCONT in data:
+            # Pending at once, their order is lost (notes.py): the pool's pause decides, and
+            # without a pool, the worker keeps working.
+            paused = self.pause.get() if self.pause is not None else False
+            log.info("USR2 and CONT came together: %s", "paused" if paused else "taking jobs")
+            self.paused = paused
+            if not paused:
+                self.next_poll = 0.0
+            data = bytes(s for s in data if s not in (signal.SIGUSR2, signal.SIGCONT))
         for signum in data:
             handler = getattr(self, f"handle_{signal.Signals(signum).name.lower()}", None)
             if handler is not None:
@@ -543,7 +582,11 @@ class Worker:
         if not class_allowed(popped.job["klass"], self.allow_modules):
             assert self.client is not None
             self.settler.forbid(self.client, popped.job, self.allow_modules)
-        elif self.fork_per_job:
+            return
+        if not self.began:
+            self.began = True
+            self.notes.say(BEGAN)
+        if self.fork_per_job:
             self._start_child(popped)
         else:
             self._run_in_process(popped)
@@ -566,6 +609,8 @@ class Worker:
             self.subscriptions.listen_for_puts(False)  # its own put must not wake it at once
             self.next_poll = time.monotonic() + self.interval
             return
+        if self.will is not None:
+            self.will.started(popped.job)
         log.debug("job child %d runs %s", child.pid, describe_job(popped.job))
 
     def _supervise_children(self, now: float) -> None:
@@ -608,6 +653,8 @@ class Worker:
         self._set_title(proctitle.processing(job["queue"], started_at))
         self._record_state("processing", job, started_at)
         self.running_here = popped
+        if self.will is not None:
+            self.will.started(job)
         assert self.keeper is not None
         with self.keeper.job_running():
             report, reason = self.in_process.run(job)
@@ -655,6 +702,8 @@ class Worker:
             self.settler.add(settlement)
         else:
             self._observe(job, settled_outcome(report), float(report.get("seconds") or 0.0))
+        if self.will is not None:
+            self.will.ended()
         why = self.limits.worker_done(self.jobs_done)
         if why:
             self._recycle(why)
@@ -715,7 +764,9 @@ class Worker:
             proctitle.set_title(title)
             self._title = title
 
-    def _shut_down(self) -> None:
+    def _shut_down(self, clean: bool) -> None:
+        """``clean``: the loop ended as it should (not by an exception): then nothing is left
+        for a will to tell, and it is removed."""
         if self.children is not None:
             self.children.shut_down()
         if self.slot is not None:
@@ -739,4 +790,6 @@ class Worker:
             if fd >= 0:
                 os.close(fd)
         self._wakeup_r = self._wakeup_w = -1
+        if self.will is not None and clean:
+            self.will.close()
         log.info("worker %s exiting after %d job(s)", self.name, self.jobs_done)

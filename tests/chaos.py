@@ -1,17 +1,24 @@
 """A chaos run: a real pool on real jobs while its processes are killed, signals storm and its
 Redis restarts; afterwards every job is accounted for from qless's own state.
 
-    python tests/chaos.py --jobs 1200 --seconds 90     # the run behind docs/RELIABILITY.md
+    python tests/chaos.py --jobs 1200 --seconds 90     # the runs behind docs/RELIABILITY.md
+    python tests/chaos.py --jobs 1200 --seconds 90 --in-process
 
-The test suite runs it small (tests/test_chaos.py, at most a minute).
+The test suite runs it small, in both run modes (tests/test_chaos.py, under a minute each).
 
-During the run, on a pool of 5 workers (fork per job, --job-timeout 2, 3 s locks):
+During the run, on a pool of 5 workers (--job-timeout 2, 3 s locks; a child per job, or jobs in
+the worker process with --in-process):
 
 - jobs are put on three queues while everything below happens: quick ones, slow ones, ones that
   raise, ones that os._exit (2 retries), ones that hang past the job timeout;
-- random job children and random worker parents are SIGKILLed;
-- a HUP storm (20 in a second), USR2 then CONT;
+- random job children (with a child per job) and random worker parents are SIGKILLed;
+- a HUP storm (20 in a second) with USR2 and CONT between the HUPs (CONT last), then USR2,
+  a second later CONT;
 - Redis (append-only file, fsync always) is shut down and started again.
+
+While it runs, the manager never has more live workers than the config asks for, and a worker
+it retires (HUP) that has no job to finish exits at once; after each CONT no worker stays
+paused.
 
 Afterwards every jid must be complete, failed with a group that says why, or waiting; none
 running (the pool has stopped, so nobody could own it), none vanished. Every run of a job body
@@ -57,6 +64,10 @@ KINDS = [("Quick", 0.70, 1), ("Slow", 0.15, 1), ("Failing", 0.05, 1), ("Exit", 0
          ("Hang", 0.05, 1)]  # fmt: skip
 EXPECTED_FAILURE = {"Failing": "ValueError", "Exit": "DirtyExit", "Hang": "TimeoutError"}
 WORKER_TITLE = re.compile(r"^qless-[0-9.]+: (Waiting|Forked|Paused)")
+WAITING_TITLE = re.compile(r"^qless-[0-9.]+: (Waiting|Paused)")
+MANAGER_TITLE = re.compile(
+    r"^qless-pool-manager\[[^\]]*\]: managing \[([0-9, ]*)\]( retiring \[([0-9, ]*)\])?"
+)
 JOB_TITLE = re.compile(r"^qless-[0-9.]+: Processing ")
 
 
@@ -77,6 +88,8 @@ class Report:
     worker_recovery: list[float] = field(default_factory=list)
     redis_recovery: list[float] = field(default_factory=list)
     left_running: list[int] = field(default_factory=list)
+    most_parents: int = 0  # worker parents seen at once (the retiring ones included)
+    most_finishing: int = 0  # of them, retiring with a job to finish, at that moment
 
     @property
     def lost(self) -> int:
@@ -94,6 +107,10 @@ class Report:
             ("job children SIGKILLed", str(self.children_killed)),
             ("worker parents SIGKILLed", str(self.workers_killed)),
             ("HUPs / USR2+CONT", f"{self.hups} / {self.pauses}"),
+            (
+                "worker parents at most (of them finishing a job)",
+                f"{self.most_parents} ({self.most_finishing}) for {WORKERS} slots",
+            ),
             ("Redis restarts (AOF)", str(self.redis_restarts)),
             ("lost (running with no owner, or vanished)", str(self.lost)),
             ("duplicate runs", dup),
@@ -107,8 +124,11 @@ class Report:
 
 
 class Chaos:
-    def __init__(self, directory: Path, jobs: int, seconds: float, seed: int):
+    def __init__(
+        self, directory: Path, jobs: int, seconds: float, seed: int, fork_per_job: bool = True
+    ):
         self.directory = directory
+        self.fork_per_job = fork_per_job
         self.jobs = jobs
         self.seconds = seconds
         self.random = random.Random(seed)
@@ -118,6 +138,7 @@ class Chaos:
         self.kills: list[tuple[str, int, float]] = []  # ("child" | "worker", pid, when)
         self.pool: subprocess.Popen | None = None
         self.log = directory / "pool.log"
+        self.idle_retiring: dict[int, float] = {}  # pid -> first seen retiring with no job
 
     # --- the run --------------------------------------------------------------------------------
 
@@ -144,7 +165,8 @@ class Chaos:
     def start_pool(self) -> None:
         (self.directory / "qless-pool.yml").write_text(CONFIG)
         command = [SCRIPT, "-R", self.redis.url(), "-I", str(TESTS), "-a", "chaos", "-i", "0.2",
-                   "--job-timeout", str(JOB_TIMEOUT), "--allow-module", "chaosjobs"]  # fmt: skip
+                   "--job-timeout", str(JOB_TIMEOUT), "--allow-module", "chaosjobs",
+                   *([] if self.fork_per_job else ["--no-fork-per-job"])]  # fmt: skip
         with open(self.log, "w") as log:
             self.pool = subprocess.Popen(
                 command, cwd=self.directory, stdin=subprocess.DEVNULL, stdout=log,
@@ -179,6 +201,7 @@ class Chaos:
                 if now >= start + at * self.seconds:
                     del events[at]
                     event()
+            self.watch_workers(now)
             if now >= next_child_kill:
                 self.kill("child", self.job_children())
                 next_child_kill = now + self.random.uniform(0.3, 1.0)
@@ -212,12 +235,53 @@ class Chaos:
             else:
                 self.report.workers_killed += 1
 
-    def hup_storm(self) -> None:
+    def watch_workers(self, now: float) -> None:
+        """The manager's title lists its workers, and the retiring ones apart: it never has more
+        live workers than the config's 5, and a retiring worker with no job exits at once."""
         assert self.pool is not None
-        for _ in range(20):
+        match = MANAGER_TITLE.match(title(self.pool.pid))
+        if not match:
+            return
+        live = [int(pid) for pid in match.group(1).split(", ") if pid]
+        retiring = [int(pid) for pid in (match.group(3) or "").split(", ") if pid]
+        if len(live) > WORKERS:
+            self.report.problems.append(f"{len(live)} live workers for {WORKERS} slots: {live}")
+        parents = [pid for pid in [*live, *retiring] if alive(pid)]
+        finishing = [pid for pid in retiring if alive(pid) and not WAITING_TITLE.match(title(pid))]
+        if len(parents) > self.report.most_parents:
+            self.report.most_parents, self.report.most_finishing = len(parents), len(finishing)
+        idle = {pid for pid in retiring if alive(pid) and WAITING_TITLE.match(title(pid))}
+        for pid in list(self.idle_retiring):
+            if pid not in idle:
+                del self.idle_retiring[pid]
+        for pid in idle:
+            since = self.idle_retiring.setdefault(pid, now)
+            if now - since > 5.0:
+                self.report.problems.append(f"retiring worker {pid} idle for 5 s, not exiting")
+                self.idle_retiring[pid] = float("inf")  # said once
+
+    def none_paused(self, after: str) -> None:
+        """After CONT (the last of the pause signals), no worker stays paused."""
+        paused = lambda: [pid for pid in self.workers() if "Paused" in title(pid)]  # noqa: E731
+        try:
+            wait_for(lambda: not paused(), 5)
+        except AssertionError:
+            self.report.problems.append(f"workers {paused()} still paused after {after}")
+
+    def hup_storm(self) -> None:
+        """20 HUPs in a second, with USR2 and CONT between them, CONT last."""
+        assert self.pool is not None
+        for n in range(20):
             self.pool.send_signal(signal.SIGHUP)
             self.report.hups += 1
+            if n % 4 == 1:
+                self.pool.send_signal(signal.SIGUSR2)
+                time.sleep(self.random.uniform(0, 0.02))
+                self.pool.send_signal(signal.SIGCONT)
+                self.report.pauses += 1
             time.sleep(0.05)
+        time.sleep(0.5)  # the burst's one reload, and its workers starting
+        self.none_paused("the HUP storm")
 
     def pause(self) -> None:
         assert self.pool is not None
@@ -225,6 +289,7 @@ class Chaos:
         time.sleep(1.0)
         self.pool.send_signal(signal.SIGCONT)
         self.report.pauses += 1
+        self.none_paused("USR2, a second, CONT")
 
     def restart_redis(self) -> None:
         self.redis.stop()  # SIGTERM: Redis shuts down; the AOF was fsynced on every write
@@ -358,14 +423,17 @@ def _kind_of_failure(group: str) -> str:
     return "failed-retries" if group.startswith("failed-retries-") else group.split("-", 1)[-1]
 
 
-def run_chaos(jobs: int, seconds: float, seed: int | None = None) -> Report:
+def run_chaos(
+    jobs: int, seconds: float, seed: int | None = None, fork_per_job: bool = True
+) -> Report:
     seed = random.randrange(1 << 30) if seed is None else seed
     with tempfile.TemporaryDirectory(prefix="qless-pool-chaos-") as directory:
-        report = Chaos(Path(directory), jobs, seconds, seed).run()
+        report = Chaos(Path(directory), jobs, seconds, seed, fork_per_job).run()
         report_log = Path(directory) / "pool.log"
         if report.problems:
             print(report_log.read_text()[-20000:], file=sys.stderr)
-    print(f"chaos run, seed {seed}:\n{report.table()}")
+    mode = "a child per job" if fork_per_job else "jobs in process"
+    print(f"chaos run ({mode}), seed {seed}:\n{report.table()}")
     for problem in report.problems:
         print(f"PROBLEM: {problem}")
     return report
@@ -376,8 +444,9 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1200)
     parser.add_argument("--seconds", type=float, default=90.0)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--in-process", action="store_true", help="--no-fork-per-job")
     args = parser.parse_args()
-    report = run_chaos(args.jobs, args.seconds, args.seed)
+    report = run_chaos(args.jobs, args.seconds, args.seed, not args.in_process)
     return 1 if report.problems or report.lost or report.left_running else 0
 
 

@@ -322,3 +322,28 @@ def test_log_files_are_handed_to_the_user_only_if_they_are_its_own_or_new(projec
     finally:
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: not alive(pid), message="the pool to stop")
+
+
+# --- the allowlist, resolved as qless-py resolves it ---------------------------------------------
+
+
+@pytest.mark.parametrize("fork_per_job", [True, False], ids=["fork", "in-process"])
+@pytest.mark.parametrize(
+    ("queue", "klass", "message"),
+    [
+        ("system", "testjobs.os", "job class 'testjobs.os' is the module 'os', outside"),
+        ("dumps", "testjobs.json", "job class 'testjobs.json' is the module 'json', outside"),
+        ("foo", "testjobs.Borrowed", "testjobs.Borrowed.process is defined in module 'posixpath'"),
+    ],
+)
+def test_an_attribute_path_that_leaves_the_allowed_modules_is_refused(
+    start_pool, client, redis_conn, fork_per_job, queue, klass, message
+):
+    args = ["--allow-module", "testjobs", *([] if fork_per_job else ["--no-fork-per-job"])]
+    start_pool(*args, config=f"{queue}: 1\n", expect={queue: 1})
+    jid = client.queues[queue].put(klass, {})
+    wait_state(client, jid, "failed")
+    failure = client.jobs[jid].failure
+    assert failure["group"] == f"{queue}-ForbiddenClass"
+    assert message in failure["message"]
+    assert "--allow-module testjobs" in failure["message"]
