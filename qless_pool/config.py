@@ -29,6 +29,7 @@ import json
 import os
 import re
 import stat
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any, Optional, Union
 
@@ -63,6 +64,8 @@ CONFIG_VARIABLE = "QLESS_POOL_CONFIG"
 #: The most workers a pool runs in all (so also for one queue list), unless --max-workers says
 #: otherwise: a typo of a few digits must not fork until fork fails.
 MAX_POOL_WORKERS = 1000
+#: The most queues one queue list may name.
+MAX_QUEUES = 1000
 #: The largest config file read (a pool's config is a few hundred bytes).
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -271,7 +274,7 @@ def _queue_list(key: Any, source: str, section: str | None) -> Queues:
     queues = tuple(name.strip() for name in key.split(","))
     if any(not name for name in queues):
         raise ConfigError(source, "empty queue name in the queue list", key=key, section=section)
-    control = _CONTROL.search(key)
+    control = CONTROL_CHARACTER.search(key)
     if control:
         raise ConfigError(
             source,
@@ -279,7 +282,15 @@ def _queue_list(key: Any, source: str, section: str | None) -> Queues:
             key=key,
             section=section,
         )
-    repeated = sorted({name for name in queues if queues.count(name) > 1})
+    if len(queues) > MAX_QUEUES:
+        raise ConfigError(
+            source,
+            f"names {len(queues):,} queues; a worker takes at most {MAX_QUEUES:,} (it tries "
+            "each in turn every time it looks for a job)",
+            key=key,
+            section=section,
+        )
+    repeated = sorted(name for name, times in Counter(queues).items() if times > 1)
     if repeated:
         raise ConfigError(
             source,
@@ -290,8 +301,8 @@ def _queue_list(key: Any, source: str, section: str | None) -> Queues:
     return queues
 
 
-#: C0 and C1 control characters, DEL among them.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: C0 and C1 control characters, DEL among them: not in a queue name.
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def _worker_count(count: Any, source: str, key: str, section: str | None, max_workers: int) -> int:

@@ -571,15 +571,22 @@ class Pool:
     def desired(self) -> Groups:
         return {} if self.winched else self.groups
 
-    def _active(self, queues: tuple[str, ...]) -> list[WorkerRecord]:
-        return [w for w in self.workers.values() if w.queues == queues and not w.retiring]
+    def _active(self) -> dict[tuple[str, ...], list[WorkerRecord]]:
+        """The workers that count toward each group (not retiring), by group: made once per
+        use, not once per group (a config may have thousands of groups)."""
+        active: dict[tuple[str, ...], list[WorkerRecord]] = {}
+        for record in self.workers.values():
+            if not record.retiring:
+                active.setdefault(record.queues, []).append(record)
+        return active
 
     def _next_spawn_time(self, now: float) -> float:
         """When reconcile can next start a missing worker (far away if none is missing)."""
+        active = self._active()
         times = [
             max(self.next_spawn_at, self.backoffs[q].until if q in self.backoffs else now)
             for q, n in self.desired().items()
-            if len(self._active(q)) < n
+            if len(active.get(q, ())) < n
         ]
         return min(times, default=now + TICK)
 
@@ -587,31 +594,34 @@ class Pool:
         """QUIT the surplus workers of every group, then spawn the missing ones."""
         desired = self.desired()
         now = time.monotonic()
-        groups = list(dict.fromkeys([*desired, *(w.queues for w in self.workers.values())]))
-        for queues in groups:
-            active = self._active(queues)
+        active = self._active()
+        for queues in list(active):
+            group = active[queues]
             backoff = self.backoffs.get(queues)
             if (
                 backoff
                 and backoff.failures
-                and any(w.began or now - w.started_at >= HEALTHY_AFTER for w in active)
+                and any(w.began or now - w.started_at >= HEALTHY_AFTER for w in group)
             ):
                 log.info("workers for %s start healthily again", ",".join(queues))
                 backoff.failures = 0
-            surplus = max(0, len(active) - desired.get(queues, 0))
-            for record in sorted(active, key=lambda w: w.started_at, reverse=True)[:surplus]:
+            surplus = max(0, len(group) - desired.get(queues, 0))
+            for record in sorted(group, key=lambda w: w.started_at, reverse=True)[:surplus]:
                 log.info("worker %d (%s) is surplus; sending QUIT", record.pid, ",".join(queues))
                 _kill(record.pid, signal.SIGQUIT)
                 self.workers[record.pid] = replace(record, retiring=True)
+                group.remove(record)
         for queues, count in desired.items():
             backoff = self.backoffs.get(queues)
-            while len(self._active(queues)) < count:
+            live = len(active.get(queues, ()))
+            while live < count:
                 if backoff is not None and now < backoff.until:
                     break
                 if now < self.next_spawn_at:
                     return
                 if self.spawn(queues) is None:
                     break
+                live += 1
                 if self.spawn_delay:
                     self.next_spawn_at = now + self.spawn_delay
 
@@ -773,12 +783,13 @@ class Pool:
             return
         wall = time.time() - now  # monotonic -> epoch
         groups = []
+        active = self._active()
         for queues in dict.fromkeys([*desired, *(w.queues for w in self.workers.values())]):
             groups.append(
                 {
                     "queues": list(queues),
                     "desired": desired.get(queues, 0),
-                    "live": len(self._active(queues)),
+                    "live": len(active.get(queues, ())),
                     "backoff_until": wall + backoffs[queues] if queues in backoffs else None,
                 }
             )

@@ -235,6 +235,7 @@ def _work(
     from . import logs
     from .cli import bad_redis_url
     from .client import database_problem
+    from .config import CONTROL_CHARACTER
     from .urls import redis_url_and_origin
     from .worker import Worker
 
@@ -246,6 +247,13 @@ def _work(
     queue_list = [name.strip() for name in names.split(",") if name.strip()]
     if not queue_list:
         raise Exit("qless.work: name the queues with --queues foo,bar or QUEUES=foo,bar", code=2)
+    for name in queue_list:
+        control = CONTROL_CHARACTER.search(name)
+        if control:
+            raise Exit(
+                f"qless.work: queue {name!r} holds the control character {control.group(0)!r}",
+                code=2,
+            )
     appname = found.get("appname") or os.path.basename(os.getcwd())
     logs.configure(found.get("log_level", "INFO"), appname=appname)
     options = {

@@ -581,3 +581,14 @@ def test_a_self_referencing_alias_is_a_config_error():
     assert str(error.value) == (
         "pool.yml: not valid YAML: found unconstructable recursive node (line 1, column 7)"
     )
+
+
+def test_a_queue_list_of_more_than_a_thousand_queues_is_refused_at_once():
+    queues = ",".join(f"q{i}" for i in range(150_000))
+    with pytest.raises(ConfigError) as error:
+        parse(f'? "{queues}"\n: 1\n')
+    assert str(error.value).endswith(
+        "names 150,000 queues; a worker takes at most 1,000 (it tries each in turn every time it "
+        "looks for a job)"
+    )
+    assert parse(f'? "{",".join(f"q{i}" for i in range(1000))}"\n: 1\n')

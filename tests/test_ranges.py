@@ -171,3 +171,9 @@ def test_a_server_with_more_databases_takes_a_higher_one(project):
     finally:
         server.remove()
     assert os.path.exists(project)
+
+
+def test_qless_work_refuses_a_queue_name_with_a_control_character(invoke_project, redis_url):
+    result = invoke(invoke_project, redis_url, "qless.work", "--queues", "foo,ba\x1br")
+    assert result.returncode == 2
+    assert "qless.work: queue 'ba\\x1br' holds the control character '\\x1b'" in result.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from invoke import Collection, Program, task
 from processes import children, kill_processes_in, reap_orphans, title, wait_for
-from test_worker import WAITING, put, python_path, wait_state
+from test_worker import READY, WAITING, put, python_path, wait_state
 
 import qless_pool.tasks
 
@@ -292,7 +292,12 @@ def test_qless_work_takes_its_queues_from_QUEUES(project, redis_url, client, red
         match = wait_for(lambda: WAITING.match(title(process.pid)))
         assert match.group(1) == "bar,foo"
         # The worker is the task process itself: its only child is the standby job child.
-        assert [WAITING.match(title(pid)) for pid in children(process.pid)] == [None]
+        wait_for(
+            lambda: (
+                [READY.match(title(pid)) is not None for pid in children(process.pid)] == [True]
+            ),
+            message="the standby job child, alone",
+        )
         jid = put(client, "foo", "Noop")
         wait_state(client, jid, "complete")
         process.send_signal(signal.SIGQUIT)
