@@ -164,7 +164,7 @@ class Settler:
 
     def add(self, settlement: Settlement) -> None:
         if self.will is not None:
-            self.will.owe(settlement.job, settlement.command, settlement.seconds)
+            self.will.owe(settlement.command)
         if not settlement.batched:
             self.now.append(settlement)
             return

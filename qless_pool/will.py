@@ -7,12 +7,15 @@ including jobs that had finished and whose ``complete`` the worker was about to 
 next pop. So the worker keeps a journal, its *will*, in the pool's state directory::
 
     R <jid>          it started running this job
-    C <json>         a command it owes qless for a job whose run ended (the job, the command):
-                     a complete, sent with the next pop; a retry or fail, sent next
-    E                the job it ran has ended (settled, or its settlement owed above)
+    C <json>         a command it owes qless for a job whose run ended, as JSON: a complete,
+                     sent with the next pop; a retry or fail, sent next
 
-and truncates it whenever everything it owed has been sent. One short append per event, no fsync:
-the file is on a tmpfs and only has to survive the process, not the machine.
+and truncates it whenever everything it owed has been sent: two short appends a job, and two
+calls per pop, no fsync (the file is on a tmpfs and only has to survive the process, not the
+machine): about 7 microseconds a job (docs/BENCHMARKS.md). The last R names the job that may
+have been running: the helper hands it back only if qless still says it runs on the dead
+worker, and what the worker owed for it is sent first, so a job that ended needs no line of
+its own.
 
 When the manager reaps a worker that died (any exit but a clean one), it forks a short-lived
 helper (``qless-pool-settler``) that reads the will and settles, with the dead worker's name:
@@ -70,20 +73,18 @@ class Will:
 
     def started(self, job: dict[str, Any]) -> None:
         self.running = f"R {job['jid']}\n".encode()
-        self._write(self.running)
+        with self._lock:
+            self._write(self.running)
 
     def ended(self) -> None:
+        """The job it ran has ended (what it owes for it, if anything, is in the will)."""
         self.running = None
-        self._write(b"E\n")
 
-    def owe(self, job: dict[str, Any], command: list[Any], seconds: float) -> None:
-        """A command this worker owes qless for ``job`` (Settler.add)."""
-        owed = {
-            "job": {key: job.get(key) for key in ("jid", "klass", "queue")},
-            "command": command,
-            "seconds": seconds,
-        }
-        self._write(b"C " + json.dumps(owed).encode() + b"\n")
+    def owe(self, command: list[Any]) -> None:
+        """A command this worker owes qless (Settler.add): the job's jid is its second item."""
+        line = b"C " + json.dumps(command).encode() + b"\n"
+        with self._lock:
+            self._write(line)
 
     def paid(self) -> None:
         """What it owed has been sent: start the journal again."""
@@ -97,14 +98,14 @@ class Will:
             except OSError as error:
                 self._give_up(error)
 
-    def _write(self, line: bytes) -> None:
-        with self._lock:
-            if self.failed:
-                return
-            try:
-                os.write(self.fd, line)
-            except OSError as error:
-                self._give_up(error)
+    def _write(self, data: bytes) -> None:
+        """Append ``data`` (the caller holds the lock)."""
+        if self.failed:
+            return
+        try:
+            os.write(self.fd, data)
+        except OSError as error:
+            self._give_up(error)
 
     def _give_up(self, error: OSError) -> None:
         log.warning(
@@ -130,7 +131,7 @@ class Remains:
     """What a will says: the job running when the worker died, and the commands it owed."""
 
     running: Optional[str] = None
-    owed: list[dict[str, Any]] = field(default_factory=list)
+    owed: list[list[Any]] = field(default_factory=list)
 
 
 def read_will(path: str) -> Optional[Remains]:
@@ -150,7 +151,9 @@ def read_will(path: str) -> Optional[Remains]:
             remains.running = None
         elif kind == b"C":
             with contextlib.suppress(ValueError):
-                remains.owed.append(json.loads(rest))
+                command = json.loads(rest)
+                if isinstance(command, list) and len(command) > 1:
+                    remains.owed.append(command)
     return remains
 
 
@@ -194,10 +197,12 @@ def _settle(client: Any, worker: str, remains: Optional[Remains], how: str) -> N
     from .settling import Settlement, Settler
 
     settler = Settler(worker)
-    for owed in remains.owed if remains else []:
-        seconds = float(owed.get("seconds") or 0.0)
-        why = "its worker died before sending it"
-        settler.add(Settlement(owed["job"], owed["command"], why, seconds))
+    for command in remains.owed if remains else []:
+        found = client("get", command[1])
+        if not found:
+            continue  # canceled meanwhile: nothing to send
+        job = json.loads(found)
+        settler.add(Settlement(job, command, "its worker died before sending it"))
     if settler.batched:
         settler.send_with(client, [])  # logs each one: completed, or refused
     settler.send_now(client)  # retries and fails, each if the job is still the dead worker's

@@ -386,13 +386,18 @@ class Chaos:
         by_worker: dict[int, list[dict]] = {}
         for runs in runs_of.values():
             for run in runs:
-                by_worker.setdefault(run["ppid"], []).append(run)
+                # A job child's parent is its worker; a job in process runs in the worker.
+                worker = run["ppid"] if self.fork_per_job else run["pid"]
+                by_worker.setdefault(worker, []).append(run)
         for what, pid, when in self.kills:
             if what == "child":
                 for runs in runs_of.values():
                     hit.update(run["jid"] for run in runs if run["pid"] == pid)
             else:
-                started = [run for run in by_worker.get(pid, []) if run["at"] <= when]
+                # SIGKILL takes effect when the worker is next scheduled, and its job child dies
+                # only then (PR_SET_PDEATHSIG): a run that child began just after our kill was
+                # sent (and recorded) is interrupted by it too.
+                started = [run for run in by_worker.get(pid, []) if run["at"] <= when + 1.0]
                 if started:
                     hit[max(started, key=lambda run: run["at"])["jid"]] += 1
         return hit
