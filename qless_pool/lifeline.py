@@ -114,13 +114,14 @@ def kill_group(pgid: int, signum: int) -> None:
 
 
 def reap(
-    pid: Optional[int] = None, kill_leftovers: Callable[[int], bool] = lambda pid: True
+    pid: Optional[int] = None,
+    kill_leftovers: Callable[[int, int], bool] = lambda pid, status: True,
 ) -> Optional[tuple[int, int]]:
     """Reap one exited child (``pid``, or any child if None): ``(pid, wait status)``, or None if
     none has exited. First, while the zombie still holds its pid and so its process group id
     (nothing can reuse them yet), kill whatever is left in the group it leads, if
-    ``kill_leftovers(pid)`` says so. Asked for a ``pid`` that is not a child of this process,
-    raises ChildProcessError; with no child at all, returns None.
+    ``kill_leftovers(pid, wait status)`` says so. Asked for a ``pid`` that is not a child of
+    this process, raises ChildProcessError; with no child at all, returns None.
     """
     waitid = getattr(os, "waitid", None)
     if waitid is None:  # pragma: no cover - macOS before Python 3.13: reap first, then kill
@@ -132,7 +133,7 @@ def reap(
             return None
         if not found:
             return None
-        if kill_leftovers(found):
+        if kill_leftovers(found, status):
             kill_group(found, signal.SIGKILL)
         return found, status
     idtype, ident = (os.P_ALL, 0) if pid is None else (os.P_PID, pid)
@@ -145,7 +146,10 @@ def reap(
     if result is None or not result.si_pid:
         return None
     found = result.si_pid
-    if kill_leftovers(found):
+    # The wait status waitpid will give, from what waitid says without reaping.
+    exited = result.si_code == os.CLD_EXITED
+    status = (result.si_status & 0xFF) << 8 if exited else result.si_status & 0x7F
+    if kill_leftovers(found, status):
         kill_group(found, signal.SIGKILL)
     return os.waitpid(found, 0)
 

@@ -20,6 +20,7 @@ hand is settled by a helper it forks (will.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -40,7 +41,7 @@ from .logs import configure as configure_logging
 from .logs import logger, set_role
 from .reservation import default_allowed_modules
 from .urls import check_redis_url, default_redis_url, mask_secrets
-from .will import settle_remains
+from .will import open_will, settle_remains
 from .worker import HANDLED_SIGNALS, Worker, worker_name
 
 __all__ = ["TERM_BEHAVIOURS", "Pool", "WorkerRecord", "run"]
@@ -126,7 +127,7 @@ class Pool:
         worker_options: Optional[dict[str, Any]] = None,
         term_behaviour: str = "immediate",
         spawn_delay: float = 0.0,
-        max_workers: int = MAX_POOL_WORKERS,
+        max_workers: Optional[int] = None,
         single_process_group: bool = False,
         daemonized: bool = False,
         reopen_logs: Optional[Callable[[], None]] = None,
@@ -143,11 +144,14 @@ class Pool:
         spawn_delay = options.check("spawn_delay", spawn_delay)
         max_workers = options.check("max_workers", max_workers)
         options.nonempty("redis_url", redis_url)
-        self.source = (
-            config
-            if isinstance(config, ConfigSource)
-            else ConfigSource(config, environment, max_workers=max_workers)
-        )
+        if isinstance(config, ConfigSource):
+            self.source = config
+            if max_workers is not None:
+                self.source.max_workers = max_workers
+        else:
+            self.source = ConfigSource(
+                config, environment, max_workers=max_workers or MAX_POOL_WORKERS
+            )
         self.appname = appname if appname is not None else os.path.basename(os.getcwd())
         self.redis_url = check_redis_url(redis_url or default_redis_url())
         self.term_behaviour = term_behaviour
@@ -347,6 +351,11 @@ class Pool:
             log.error("HUP: %s; keeping the current config and workers", error)
             self._emit("reloaded")
             return
+        except Exception:  # a bug of ours, or of a config loader: never the manager's end
+            log.exception("HUP: reading %s failed; keeping the current config and workers",
+                          self.source.name)  # fmt: skip
+            self._emit("reloaded")
+            return
         for warning in self.source.warnings:
             log.warning("HUP: %s", warning)
         self._warn_if_empty(groups, "HUP: ")
@@ -407,6 +416,7 @@ class Pool:
         if self.stopping:
             return
         log.info("WINCH: stopping every worker after its current job; HUP starts them again")
+        self._cancel_reload("WINCH")
         self.winched = True
         self.signal_workers(signal.SIGQUIT)
 
@@ -421,7 +431,15 @@ class Pool:
         self.pause.set(False)
         self._forward(signal.SIGCONT)
 
+    def _cancel_reload(self, why: str) -> None:
+        """A HUP still waiting for its burst to end is overtaken by a later signal."""
+        if self.reload_due is not None:
+            log.info("HUP not acted on: %s came after it", why)
+            self.reload_due = self.reload_asked = None
+            self.hups = 0
+
     def _stop(self, how: str) -> None:
+        self._cancel_reload("a stop")
         if self.stopping is None:
             self._emit("stopping")
             if self.drain_pid is not None:
@@ -453,8 +471,9 @@ class Pool:
 
     def reap(self) -> None:
         """Collect every exited child; a worker leaves the table only here."""
+        self._read_notes()  # a note a worker wrote just before it died (it began a job)
         while True:
-            reaped = lifeline.reap(None, self._is_orphaned_job)
+            reaped = lifeline.reap(None, self._leftovers_to_kill)
             if reaped is None:
                 return
             pid, status = reaped
@@ -485,8 +504,7 @@ class Pool:
                 self.state.forget_worker(pid)
             lived = time.monotonic() - record.started_at
             what = f"worker {pid} ({','.join(record.queues)})"
-            clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) in (0, RECYCLED)
-            if not clean:
+            if not _clean_exit(status):
                 self._settle_for(record, status)
             if record.retiring:
                 log.info(
@@ -500,14 +518,19 @@ class Pool:
                 continue
             log.warning("%s died: %s after %.1fs", what, lifeline.describe_status(status), lived)
             self.restarts["died"] += 1
-            self._note_exit(record, lived)
+            self._note_exit(record.queues, lived, record.began)
 
-    def _is_orphaned_job(self, pid: int) -> bool:
-        """An exited process we adopted (as subreaper) that led a process group of our session:
-        a job child whose worker parent was killed. Whatever it left in its group is killed."""
+    def _leftovers_to_kill(self, pid: int, status: int) -> bool:
+        """Is what an exited process left in its process group to be killed (lifeline.reap)?
+
+        A worker that died (not a clean exit) in a group of its own: whatever a job it ran in
+        process started must not run on while the settler hands that job to another worker. An
+        exited process we adopted (as subreaper) that led a process group of our session: a job
+        child whose worker parent was killed."""
+        if pid in self.workers:
+            return not self.single_process_group and not _clean_exit(status)
         return (
-            pid not in self.workers
-            and pid not in self.helpers
+            pid not in self.helpers
             and pid not in (self.drain_pid, self.metrics_pid)
             and lifeline.leads_group_in_session(pid)
         )
@@ -525,11 +548,11 @@ class Pool:
             self.signal_workers(signal.SIGQUIT)
             self._stop("wait")
 
-    def _note_exit(self, record: WorkerRecord, lived: float) -> None:
-        """A worker died: a failed start if it died soon and before its first job (then its
-        group backs off), not otherwise."""
-        backoff = self.backoffs.setdefault(record.queues, Backoff())
-        if lived >= HEALTHY_AFTER or record.began:
+    def _note_exit(self, queues: tuple[str, ...], lived: float, began: bool = False) -> None:
+        """A worker of ``queues`` died (or could not be forked) ``lived`` seconds after its
+        start: a failed start if soon and before its first job (then its group backs off)."""
+        backoff = self.backoffs.setdefault(queues, Backoff())
+        if lived >= HEALTHY_AFTER or began:
             backoff.failures = 0
             return
         backoff.failures += 1
@@ -537,36 +560,43 @@ class Pool:
         backoff.until = time.monotonic() + delay
         log.error(
             "workers for %s die right after starting (%d in a row); backing off: next start in %gs",
-            ",".join(record.queues),
+            ",".join(queues),
             backoff.failures,
             delay,
         )
 
     def _settle_for(self, record: WorkerRecord, status: int) -> None:
         """A worker died: fork a helper to settle the jobs it left (will.py), if it may have
-        left any (it began a job, or wrote a will)."""
-        will_path = self.state.will_path(record.pid) if self.state is not None else None
-        has_will = will_path is not None and os.path.exists(will_path)
-        if not (record.began or has_will):
+        left any (it began a job, or wrote a will). The will is opened here and handed over
+        open: the manager may remove its state directory (a stop) before the helper reads it."""
+        will_fd = -1
+        if self.state is not None:
+            with contextlib.suppress(OSError):
+                will_fd = open_will(self.state.will_path(record.pid))
+        if not (record.began or will_fd >= 0):
             return
-        how = f"was {lifeline.describe_status(status)}"
         if os.WIFEXITED(status):
             how = f"exited with status {os.WEXITSTATUS(status)}"
+        else:
+            how = f"was {lifeline.describe_status(status)}"
         name = worker_name(record.pid)
         try:
-            pid = self._fork(lambda: self._become_settler(name, will_path or "", how))
+            pid = self._fork(lambda: self._become_settler(name, will_fd, how))
         except OSError as error:
             log.error("cannot fork a settler for worker %d: %s", record.pid, error)
             return
+        finally:
+            if will_fd >= 0:
+                os.close(will_fd)  # the helper has its own copy
         self.helpers[pid] = f"settler of worker {record.pid}"
 
-    def _become_settler(self, name: str, will_path: str, how: str) -> int:
+    def _become_settler(self, name: str, will_fd: int, how: str) -> int:
         # Not tied to the manager: what it settles must be settled even if the manager exits.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGER_SIGNALS)
         set_role("settler", self.appname)
         app = f"[{self.appname}]" if self.appname else ""
         proctitle.set_title(f"qless-pool-settler{app}: settling what {name} left")
-        return settle_remains(self.redis_url, name, will_path, how)
+        return settle_remains(self.redis_url, name, will_fd, how)
 
     def desired(self) -> Groups:
         return {} if self.winched else self.groups
@@ -854,6 +884,11 @@ class Pool:
     def _emit(self, event: str) -> None:
         if self.lifecycle is not None:
             self.lifecycle(event, self)
+
+
+def _clean_exit(status: int) -> bool:
+    """A worker's exit that leaves nothing to settle: it stopped as asked, or to be recycled."""
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) in (0, RECYCLED)
 
 
 def _describe_groups(groups: Groups) -> str:

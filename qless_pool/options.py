@@ -121,10 +121,16 @@ RANGES: Mapping[str, Range] = {
 }
 
 
+#: Options that always have a value (None is not "not given" for them).
+_GIVEN = frozenset({"interval", "spawn_delay", "kill_grace", "max_jobs_jitter"})
+
+
 def check(name: str, value: Any) -> Any:
     """``value`` (None stays None: not given) if option ``name`` takes it; else OptionError
     naming the option."""
     if value is None:
+        if name in _GIVEN:
+            raise OptionError(f"{name}: must be given, not None")
         return None
     try:
         return RANGES[name](value)

@@ -275,8 +275,8 @@ class InProcess:
 
     A job that swallows the interruption (``except BaseException``) is interrupted again
     ``kill_grace`` seconds later; if it swallows that too, the worker process exits at once
-    (status 70) after another ``kill_grace``: nothing else can stop it. Its job's lock then
-    expires and qless gives it to another worker; the manager starts a new worker.
+    (status 70) after another ``kill_grace``: nothing else can stop it. The manager's settler
+    hands its job back (will.py); the manager starts a new worker.
     """
 
     INTERRUPTING = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -326,8 +326,8 @@ class InProcess:
         self.interruptions += 1
         if self.interruptions >= self.MAX_INTERRUPTIONS:
             log.critical(
-                "the job running in this worker swallowed %d interruptions (%s); exiting, so "
-                "that its lock expires and another worker takes it",
+                "the job running in this worker swallowed %d interruptions (%s); exiting (the "
+                "manager's settler hands the job back)",
                 self.interruptions - 1,
                 self.interrupted,
             )

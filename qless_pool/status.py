@@ -219,16 +219,25 @@ def collect(pid: int, redis_url: Optional[str] = None, queues: bool = True) -> d
         "problems": problems,
     }
     if queues:
-        snapshot.update(_queues(manager, redis_url))
+        snapshot.update(_queues(manager, redis_url, uid))
     return snapshot
 
 
-def pool_redis_url(manager: dict[str, Any], given: Optional[str] = None) -> str:
+def pool_redis_url(
+    manager: dict[str, Any], given: Optional[str] = None, owner: Optional[int] = None
+) -> str:
     """The URL to read the pool's queues with: ``given`` (-R), else the pool's own. The pool's
     state shows its URL with the password masked; one that had a password is taken from
-    $QLESS_URL or $REDIS_URL when that is the same URL (ValueError otherwise)."""
+    $QLESS_URL or $REDIS_URL when that is the same URL (ValueError otherwise). The state of a
+    pool of another user (``owner``) is not trusted for a URL: that user could make root's
+    status connect anywhere (a root-only socket, TLS files opened as root)."""
     if given:
         return given
+    if owner is not None and owner != os.getuid():
+        raise ValueError(
+            f"the pool runs as uid {owner}, not as this user: its state is not trusted for the "
+            "Redis URL; give -R URL"
+        )
     shown = manager.get("redis_shown") or DEFAULT_REDIS_URL
     if not manager.get("redis_masked"):
         return shown
@@ -242,12 +251,12 @@ def pool_redis_url(manager: dict[str, Any], given: Optional[str] = None) -> str:
     )
 
 
-def _queues(manager: dict[str, Any], redis_url: Optional[str]) -> dict[str, Any]:
+def _queues(manager: dict[str, Any], redis_url: Optional[str], owner: int) -> dict[str, Any]:
     from .client import control_client
 
     names = configured_queues(manager)
     try:
-        client = control_client(pool_redis_url(manager, redis_url), "status")
+        client = control_client(pool_redis_url(manager, redis_url, owner), "status")
         failed = json.loads(client("failed"))
         counts = {}
         for name in names:

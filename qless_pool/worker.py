@@ -242,7 +242,7 @@ class Worker:
             logs.configure("INFO")  # a bare Worker(...).work(): say what it does
         if self.will_path:
             try:
-                self.will = Will(self.will_path)
+                self.will = Will(self.will_path, self.name)
             except OSError as error:  # best effort, as the state: jobs come first
                 log.warning("no will (its jobs wait for their locks if it dies): %s", error)
         self.settler = Settler(self.name, self._observe, self.will)
@@ -702,8 +702,6 @@ class Worker:
             self.settler.add(settlement)
         else:
             self._observe(job, settled_outcome(report), float(report.get("seconds") or 0.0))
-        if self.will is not None:
-            self.will.ended()
         why = self.limits.worker_done(self.jobs_done)
         if why:
             self._recycle(why)
@@ -771,12 +769,16 @@ class Worker:
             self.children.shut_down()
         if self.slot is not None:
             self.slot.update("stopping")
-        self.settler.abandon()
-        for held in self.holding:
-            log.warning(
-                "%s is left held: Redis is unreachable, so its lock will expire and qless will "
-                "give it to another worker", describe_job(held.job),
-            )  # fmt: skip
+        if clean:  # then only an outage can have left anything unsettled
+            self.settler.abandon()
+            for held in self.holding:
+                log.warning(
+                    "%s is left held: Redis is unreachable, so its lock will expire and qless "
+                    "will give it to another worker", describe_job(held.job),
+                )  # fmt: skip
+        elif self.will is not None:
+            log.error("the worker is exiting on an error: the manager's settler settles its "
+                      "jobs, as its will says")  # fmt: skip
         self.subscriptions.close()
         if self.client is not None and self.outage.since is None:
             try:
@@ -790,6 +792,6 @@ class Worker:
             if fd >= 0:
                 os.close(fd)
         self._wakeup_r = self._wakeup_w = -1
-        if self.will is not None and clean:
-            self.will.close()
+        if self.will is not None:
+            self.will.close(remove=clean)
         log.info("worker %s exiting after %d job(s)", self.name, self.jobs_done)

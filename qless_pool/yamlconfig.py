@@ -70,9 +70,10 @@ def shown(value: Any) -> str:
 # --- ${VAR} ---------------------------------------------------------------------------------------
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-#: Stands in the YAML text for the n-th ``${VAR}`` until the file's structure is read: letters
-#: and digits only, so it reads as part of whatever scalar the variable was written in.
-_MARK = re.compile(r"qlesspoolvar([0-9]+)x")
+#: Stands in the YAML text for the n-th ``${VAR}`` until the file's structure is read
+#: (``qlesspoolvar3x``): letters and digits only, so it reads as part of whatever scalar the
+#: variable was written in; lengthened until the file holds no such text of its own.
+_MARK_PREFIX = "qlesspoolvar"
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,18 @@ class _Variable:
     line: int
 
 
-def _mark_variables(text: str) -> tuple[str, list[_Variable]]:
+@dataclass
+class _Marked:
+    text: str  # with a mark for each variable
+    variables: list[_Variable]
+    mark: re.Pattern[str]  # a mark; its group 1 is the variable's index
+
+
+def _mark_variables(text: str) -> _Marked:
     """The text with each ``${VAR}`` replaced by a mark, and the variables in order."""
+    prefix = _MARK_PREFIX
+    while prefix in text:
+        prefix += "q"
     variables: list[_Variable] = []
     lines = text.splitlines(keepends=True)
     for number, line in enumerate(lines, start=1):
@@ -92,10 +103,10 @@ def _mark_variables(text: str) -> tuple[str, list[_Variable]]:
 
         def mark(match: re.Match[str], number: int = number) -> str:
             variables.append(_Variable(match.group(1), match.group(2), number))
-            return f"qlesspoolvar{len(variables) - 1}x"
+            return f"{prefix}{len(variables) - 1}x"
 
         lines[number - 1] = _VARIABLE.sub(mark, line)
-    return "".join(lines), variables
+    return _Marked("".join(lines), variables, re.compile(prefix + r"([0-9]+)x"))
 
 
 def _value_of(variable: _Variable, environ: Mapping[str, str]) -> str:
@@ -116,8 +127,9 @@ def _value_of(variable: _Variable, environ: Mapping[str, str]) -> str:
 def expand_variables(text: str, environ: Mapping[str, str]) -> str:
     """Replace ``${VAR}`` and ``${VAR:-default}`` in ``text`` from the environment (shell
     semantics), as text. A config file is expanded scalar by scalar instead (read_yaml)."""
-    marked, variables = _mark_variables(text)
-    return _MARK.sub(lambda m: _value_of(variables[int(m.group(1))], environ), marked)
+    marked = _mark_variables(text)
+    return marked.mark.sub(lambda m: _value_of(marked.variables[int(m.group(1))], environ),
+                           marked.text)  # fmt: skip
 
 
 # --- bounds ---------------------------------------------------------------------------------------
@@ -191,9 +203,10 @@ class _Filler:
     is refused.
     """
 
-    def __init__(self, loader: Any, variables: list[_Variable], environ: Mapping[str, str]):
+    def __init__(self, loader: Any, marked: _Marked, environ: Mapping[str, str]):
         self.loader = loader
-        self.variables = variables
+        self.variables = marked.variables
+        self.mark = marked.mark
         self.environ = environ
         self.seen: set[int] = set()  # nodes an alias repeats are filled in once
 
@@ -218,7 +231,7 @@ class _Filler:
                     self.fill(value_node, section, name if depth <= 1 else key, depth + 1)
 
     def _scalar(self, node: yaml.ScalarNode, section: Any, key: Any) -> None:
-        marks = list(_MARK.finditer(node.value))
+        marks = list(self.mark.finditer(node.value))
         if marks:
             values = [_value_of(self.variables[int(m.group(1))], self.environ) for m in marks]
             whole = len(marks) == 1 and marks[0].group(0) == node.value
@@ -232,7 +245,7 @@ class _Filler:
                         section=section,
                     )
             filled = iter(values)
-            node.value = _MARK.sub(lambda m: next(filled), node.value)
+            node.value = self.mark.sub(lambda m: next(filled), node.value)
             if not node.style:
                 node.tag = self.loader.resolve(yaml.ScalarNode, node.value, (True, False))
         if node.tag == _INT_TAG and not _PLAIN_DECIMAL.fullmatch(node.value):
@@ -242,7 +255,7 @@ class _Filler:
 def _is_one_scalar(value: str) -> bool:
     try:
         parsed = yaml.load(value, Loader=_BASE_LOADER)  # a safe loader
-    except yaml.YAMLError:
+    except Exception:  # anything YAML cannot read as one value
         return False
     return not isinstance(parsed, (dict, list))
 
@@ -282,17 +295,21 @@ _StrictLoader.add_constructor(
 def read_yaml(text: str, environ: Mapping[str, str]) -> Any:
     """The document ``text`` holds (None if it is empty), within bounds and with its variables
     filled in. Raises YamlProblem."""
-    marked, variables = _mark_variables(text)
-    _check_bounds(marked)
-    loader = _StrictLoader(marked)
+    marked = _mark_variables(text)
+    _check_bounds(marked.text)
+    loader = _StrictLoader(marked.text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
-        _Filler(loader, variables, environ).fill(node)
+        _Filler(loader, marked, environ).fill(node)
         return loader.construct_document(node)
     except yaml.YAMLError as exc:
         raise YamlProblem(f"not valid YAML: {_describe_yaml_error(exc, text)}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as error:
+        # PyYAML's constructors raise these for a value they cannot build: 2001-02-30,
+        # !!float abc, !!bool xyz, !!timestamp abc.
+        raise YamlProblem(f"not valid YAML: a value cannot be read ({error!r})") from None
     finally:
         loader.dispose()
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import redis
 from processes import become_subreaper, kill_processes_in, reap_orphans
@@ -73,3 +76,19 @@ def project(tmp_path):
     yield tmp_path
     kill_processes_in(tmp_path)
     reap_orphans()
+
+
+PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
+
+
+@pytest.fixture
+def pids_limit():
+    """A pids cgroup (v1) the test can move a process into, to make its forks fail."""
+    if not (PIDS_CGROUP / "cgroup.procs").exists() or not os.access(PIDS_CGROUP, os.W_OK):
+        pytest.skip("no writable pids cgroup (v1) on this machine")
+    group = PIDS_CGROUP / f"qless-pool-test-{os.getpid()}"
+    group.mkdir()
+    yield group
+    for pid in (group / "cgroup.procs").read_text().split():
+        (PIDS_CGROUP / "cgroup.procs").write_text(pid)  # back to the root group
+    group.rmdir()

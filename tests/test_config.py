@@ -592,3 +592,18 @@ def test_a_queue_list_of_more_than_a_thousand_queues_is_refused_at_once():
         "looks for a job)"
     )
     assert parse(f'? "{",".join(f"q{i}" for i in range(1000))}"\n: 1\n')
+
+
+def test_text_like_a_variable_mark_is_kept_as_written():
+    assert parse("foo: 1\nqlesspoolvar0x: 2\n") == {("foo",): 1, ("qlesspoolvar0x",): 2}
+    assert parse("foo: ${N}\nqlesspoolvar0x: 2\n", environ={"N": "3"}) == {
+        ("foo",): 3,
+        ("qlesspoolvar0x",): 2,
+    }
+
+
+@pytest.mark.parametrize("value", ["2001-02-30", "!!float abc", "!!bool xyz", "!!timestamp abc"])
+def test_a_value_yaml_cannot_build_is_a_config_error(value):
+    with pytest.raises(ConfigError) as error:
+        parse(f"foo: {value}\n")
+    assert str(error.value).startswith("pool.yml: not valid YAML: a value cannot be read (")

@@ -9,7 +9,7 @@ import signal
 from collections import Counter
 
 import pytest
-from processes import wait_for
+from processes import alive, wait_for
 from test_worker import put, runs, wait_state
 
 #: Far longer than any wait below: a job handed back by its lock's expiry would fail the test.
@@ -101,3 +101,47 @@ def test_a_killed_worker_s_running_job_is_retried_and_its_held_jobs_given_back(
     if not fork_per_job:  # held, so given back by the settler (no retry spent)
         assert all(f"job {jid} (testjobs.Noop) from foo: given back to its queue" in log
                    for jid in held)  # fmt: skip
+
+
+def test_a_worker_that_ends_on_an_error_leaves_its_will_to_the_settler(
+    start_pool, client, redis_conn, long_locks
+):
+    """What it owed (the completes of the jobs before) is sent, not truncated away on exit."""
+    queue = client.queues["foo"]
+    done = [queue.put("testjobs.Noop", {}, priority=10) for _ in range(3)]
+    crash = queue.put("testjobs.RaiseBase", {}, priority=5)
+    pool = start_pool("--no-fork-per-job", "--prefetch", "10", config="foo: 1\n")
+    for jid in [*done, crash]:
+        wait_state(client, jid, "complete", timeout=15)
+    counts = Counter(run["jid"] for run in runs(redis_conn))
+    assert {jid: counts[jid] for jid in done} == dict.fromkeys(done, 1)
+    assert counts[crash] == 2
+    log = pool.log_text()
+    assert "the worker is exiting on an error: the manager's settler settles its jobs" in log
+    assert "Redis is unreachable" not in log
+
+
+def test_what_a_job_in_process_started_dies_with_its_killed_worker(
+    start_pool, client, redis_conn, long_locks
+):
+    pool = start_pool("--no-fork-per-job", config="foo: 1\n", expect={"foo": 1})
+    [worker] = pool.workers()
+    put(client, "foo", "SpawnAndHang")
+    wait_for(lambda: runs(redis_conn), message="the job to start")
+    background = runs(redis_conn)[0]["background"]
+    assert alive(background)
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: not alive(background), timeout=5, message="the job's background process")
+
+
+def test_a_manager_that_cannot_fork_a_worker_backs_off_and_runs_on(start_pool, pids_limit):
+    pool = start_pool(config="foo: 1\n", expect={"foo": 1})
+    (pids_limit / "pids.max").write_text("1")  # the manager alone: no new child
+    (pids_limit / "cgroup.procs").write_text(str(pool.pid))
+    [worker] = pool.workers()
+    os.kill(worker, signal.SIGKILL)
+    pool.wait_log("cannot fork a worker for foo")
+    pool.wait_log("backing off")
+    assert alive(pool.pid)
+    (pids_limit / "pids.max").write_text("max")
+    pool.wait_for_workers({"foo": 1}, timeout=20)

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -311,3 +312,16 @@ def test_paused_title_survives_in_daemon_mode(project, redis_url):
     wait_for(lambda: len(children(pid)) == 2)
     os.kill(pid, signal.SIGUSR2)
     wait_for(lambda: all(PAUSED.match(t) for t in worker_titles(pid)))
+
+
+def test_a_winch_after_a_hup_is_not_undone_by_the_hup(project, redis_url):
+    """The HUP waits for its burst to end; a WINCH meanwhile overtakes it."""
+    pid = start_daemon(project, redis_url)
+    wait_for(lambda: len(children(pid)) == 2)
+    os.kill(pid, signal.SIGHUP)
+    os.kill(pid, signal.SIGWINCH)
+    wait_for(lambda: children(pid) == [], message="the workers to stop")
+    log = project / "log/qless-pool.stderr.log"
+    wait_for(lambda: "HUP not acted on: WINCH came after it" in log.read_text())
+    time.sleep(0.5)  # past the HUP's burst: it must not bring the workers back
+    assert children(pid) == []

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 from processes import alive, wait_for
@@ -128,21 +127,6 @@ def test_redis_out_of_memory_is_ridden_out_like_an_outage(start_worker, own_redi
 
 
 # --- a fork that fails ----------------------------------------------------------------------------
-
-PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
-
-
-@pytest.fixture
-def pids_limit():
-    """A pids cgroup (v1) the test can move a process into, to make its forks fail."""
-    if not (PIDS_CGROUP / "cgroup.procs").exists() or not os.access(PIDS_CGROUP, os.W_OK):
-        pytest.skip("no writable pids cgroup (v1) on this machine")
-    group = PIDS_CGROUP / f"qless-pool-test-{os.getpid()}"
-    group.mkdir()
-    yield group
-    for pid in (group / "cgroup.procs").read_text().split():
-        (PIDS_CGROUP / "cgroup.procs").write_text(pid)  # back to the root group
-    group.rmdir()
 
 
 def test_a_fork_that_fails_gives_the_job_back_and_the_worker_carries_on(

@@ -176,12 +176,17 @@ def test_jobs_on_every_queue_are_completed_in_the_three_level_tree(start_pool, c
         wait_state(client, jid, "complete")
     slow = put(client, "baz", "Sleep", {"seconds": 30})
     wait_state(client, slow, "running")
+
     # The three levels: manager -> worker "Forked <child> at ..." -> child "Processing baz ...".
-    [(worker, forked)] = wait_for(
-        lambda: [
-            (pid, FORKED.match(t)) for pid, t in pool.worker_titles().items() if FORKED.match(t)
-        ]
-    )
+    def running_slow():  # a worker whose title names the child running the slow job
+        found = []
+        for pid, text in pool.worker_titles().items():
+            forked = FORKED.match(text)
+            if forked and PROCESSING.match(title(int(forked.group(1)))):
+                found.append((pid, forked))
+        return found
+
+    [(worker, forked)] = wait_for(running_slow, message="the worker running the slow job")
     child = int(forked.group(1))
     # The worker's children: the one running the job, and the standby forked for the next one.
     assert child in children(worker)

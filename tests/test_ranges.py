@@ -177,3 +177,10 @@ def test_qless_work_refuses_a_queue_name_with_a_control_character(invoke_project
     result = invoke(invoke_project, redis_url, "qless.work", "--queues", "foo,ba\x1br")
     assert result.returncode == 2
     assert "qless.work: queue 'ba\\x1br' holds the control character '\\x1b'" in result.stderr
+
+
+def test_none_is_not_a_value_of_an_option_that_always_has_one():
+    with pytest.raises(OptionError, match=r"^interval: must be given, not None$"):
+        Worker(["foo"], interval=None)
+    with pytest.raises(OptionError, match=r"^spawn_delay: must be given, not None$"):
+        package.run({"foo": 1}, spawn_delay=None, preload_modules=["no_such_module_here"])

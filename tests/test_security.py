@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import signal
@@ -186,6 +187,14 @@ def test_user_and_group_drop_privileges_once_the_files_are_open(project, redis_u
     assert os.stat(log).st_uid == nobody.pw_uid
     assert "dropped privileges: running as uid 65534 (nobody)" in log.read_text()
     assert "running as root" not in log.read_text()
+    # root's status does not take a Redis URL from the state of nobody's pool.
+    status = subprocess.run(
+        [SCRIPT, "status", "--json"], cwd=project, capture_output=True, text=True, timeout=30
+    )
+    assert status.returncode == 0, status.stderr
+    assert (
+        "the pool runs as uid 65534, not as this user" in json.loads(status.stdout)["redis_error"]
+    )
     if can_run_jobs:
         client = connect(redis_url, "test-producer")
         jid = put(client, "foo", "Noop")

@@ -252,3 +252,30 @@ class Borrowed:
     ``testjobs``, though the class itself is inside."""
 
     process = staticmethod(os.path.basename)
+
+
+class RaiseBase:
+    """Raises a BaseException qless-py does not catch, on its first attempt: in process, it
+    ends the worker with an error (an unclean exit, with its will left for the settler)."""
+
+    class Escape(BaseException):
+        pass
+
+    @staticmethod
+    def process(job):
+        _record(job, attempt=job.original_retries - job.retries_left + 1)
+        if job.retries_left == job.original_retries:
+            raise RaiseBase.Escape("out of the worker's hands")
+
+
+class SpawnAndHang:
+    """Starts ``sleep 300`` in the background (in its own process group when run in a child;
+    in the worker's group when run in process), records its pid, and sleeps for ever."""
+
+    @staticmethod
+    def process(job):
+        import subprocess
+
+        background = subprocess.Popen(["sleep", "300"])
+        _record(job, background=background.pid)
+        time.sleep(3600)
