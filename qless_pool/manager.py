@@ -334,6 +334,7 @@ class Pool:
             self.reload_asked = now
         self.hups += 1
         self.reload_due = min(now + HUP_QUIET, self.reload_asked + HUP_LONGEST)
+        log.debug("HUP: reloading in %.2fs, unless more HUPs come", self.reload_due - now)
 
     def reload(self) -> None:
         """A HUP's work: read the config again (a bad one: keep the old), restart every worker

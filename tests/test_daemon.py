@@ -316,12 +316,14 @@ def test_paused_title_survives_in_daemon_mode(project, redis_url):
 
 def test_a_winch_after_a_hup_is_not_undone_by_the_hup(project, redis_url):
     """The HUP waits for its burst to end; a WINCH meanwhile overtakes it."""
-    pid = start_daemon(project, redis_url)
+    pid = start_daemon(project, redis_url, "--log-level", "DEBUG")
     wait_for(lambda: len(children(pid)) == 2)
+    log = project / "log/qless-pool.stderr.log"
     os.kill(pid, signal.SIGHUP)
+    # Two signals sent at once may be delivered in either order: WINCH only once HUP is in.
+    wait_for(lambda: "HUP: reloading in" in log.read_text(), message="the HUP to be taken")
     os.kill(pid, signal.SIGWINCH)
     wait_for(lambda: children(pid) == [], message="the workers to stop")
-    log = project / "log/qless-pool.stderr.log"
     wait_for(lambda: "HUP not acted on: WINCH came after it" in log.read_text())
     time.sleep(0.5)  # past the HUP's burst: it must not bring the workers back
     assert children(pid) == []

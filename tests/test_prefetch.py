@@ -27,6 +27,7 @@ def test_the_batch_grows_while_jobs_are_fast_and_drops_for_a_slow_one(
     grown = batches(worker.log_text())
     assert grown[:4] == [1, 2, 4, 8] and max(grown) == MAX_PREFETCH
     slow = put(client, "foo", "Sleep", {"seconds": 1.2})
+    wait_state(client, slow, "running")  # popped alone: the ones after come in later pops
     after = [put(client, "foo", "Noop") for _ in range(3)]
     for jid in [slow, *after]:
         wait_state(client, jid, "complete")
