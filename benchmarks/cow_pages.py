@@ -64,7 +64,7 @@ def main() -> int:
         url = server.url()
         import redis
 
-        import qless_pool.manager  # noqa: F401 - what the manager has loaded
+        import qless_pool.pool.manager  # noqa: F401 - what the manager has loaded
         from qless_pool import logs, proctitle
         from qless_pool.client import connect
         from qless_pool.urls import check_redis_url

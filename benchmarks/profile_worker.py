@@ -132,8 +132,8 @@ def cpu_readings(redis_pid: int) -> tuple:
 
 def instrument_timeline(directory: str) -> str:
     """Timestamp each step of a fork-per-job worker; returns the file the readings go to."""
-    import qless_pool.jobchild as jobchild
     import qless_pool.worker as module
+    import qless_pool.worker.jobchild as jobchild
 
     path = os.path.join(directory, "timeline")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
@@ -169,7 +169,7 @@ def instrument_timeline(directory: str) -> str:
 
 
 def instrument_child_profile(directory: str) -> None:
-    import qless_pool.jobchild as jobchild
+    import qless_pool.worker.jobchild as jobchild
 
     run_job = jobchild.run_job
 

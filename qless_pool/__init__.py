@@ -13,8 +13,8 @@ from typing import Any
 #: hides a password given on its command line before it imports qless and redis (a few hundred
 #: milliseconds).
 _EXPORTS = {
-    "Pool": "manager",
-    "run": "manager",
+    "Pool": "pool",
+    "run": "pool",
     "after_prefork": "hooks",
     "connect": "client",
     "patch_qless": "client",

@@ -9,10 +9,12 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import Any, Optional
 
-from . import __version__, logs, metrics, options, proctitle
+from . import __version__, logs, options, proctitle
 from .client import database_problem
 from .config import EX_CONFIG, MAX_POOL_WORKERS, ConfigError, ConfigSource, groups_to_json
-from .daemon import (
+from .hooks import preload
+from .ops import metrics
+from .ops.daemon import (
     DEFAULT_PIDFILE,
     DEFAULT_STDERR,
     DEFAULT_STDOUT,
@@ -27,10 +29,9 @@ from .daemon import (
     drop_privileges,
     resolve_identity,
 )
-from .hooks import preload
-from .manager import Pool
-from .reservation import RESERVERS, check_allowed_modules, default_allowed_modules
+from .pool.manager import Pool
 from .urls import check_redis_url, redis_url_and_origin
+from .worker.reservation import RESERVERS, check_allowed_modules, default_allowed_modules
 
 __all__ = ["build_parser", "main"]
 
@@ -350,7 +351,7 @@ def worker_options(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["status"]:
-        from . import status
+        from .ops import status
 
         return status.main(argv[1:])
     return launch(build_parser().parse_args(argv))

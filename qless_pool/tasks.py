@@ -167,7 +167,7 @@ def _setup(c: Any) -> None:
 
     found = settings(c)
     if found.get("metrics_port"):
-        from . import metrics
+        from .ops import metrics
 
         # prometheus_client picks its mode when first imported: before the application is.
         metrics.prepare()
@@ -237,7 +237,7 @@ def _work(
     from .client import database_problem
     from .config import CONTROL_CHARACTER
     from .urls import redis_url_and_origin
-    from .worker import Worker
+    from .worker.base import Worker
 
     found = settings(c)
     if redis is not None:

@@ -200,7 +200,7 @@ def test_kubernetes_grace_period_covers_a_graceful_term():
     for probe in ("livenessProbe", "readinessProbe"):
         command = container[probe]["exec"]["command"]
         assert command[:2] == ["qless-pool", "status"] and "--check" in command
-        from qless_pool.status import build_parser as status_parser
+        from qless_pool.ops.status import build_parser as status_parser
 
         status_parser().parse_args(command[2:])
     labels = deployment["spec"]["template"]["metadata"]["labels"]

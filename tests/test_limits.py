@@ -18,10 +18,10 @@ from test_worker import put, wait_state
 
 from qless_pool import logs
 from qless_pool.client import connect
-from qless_pool.limits import Limits
 from qless_pool.logs import logger
-from qless_pool.state import private_bytes
+from qless_pool.ops.state import private_bytes
 from qless_pool.worker import Worker
+from qless_pool.worker.limits import Limits
 
 MB = 1024 * 1024
 NOBODY = 65534

@@ -10,7 +10,7 @@ from processes import wait_for
 from test_worker import history_events, put, runs, state, wait_state
 
 from qless_pool.client import connect
-from qless_pool.reservation import BATCH_SECONDS, MAX_PREFETCH, Prefetch
+from qless_pool.worker.reservation import BATCH_SECONDS, MAX_PREFETCH, Prefetch
 
 
 def batches(log: str) -> list[int]:

@@ -15,7 +15,7 @@ import pytest
 from test_status import free_port, scrape
 from test_worker import put, wait_state
 
-from qless_pool.state import WorkerSlot, read_worker
+from qless_pool.ops.state import WorkerSlot, read_worker
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "qless-pool")
 
@@ -65,7 +65,7 @@ def test_a_record_on_a_full_tmpfs_fails_when_it_is_made_not_with_sigbus_later(fu
 
 
 def test_a_worker_without_a_record_is_starting_then_unknown():
-    from qless_pool.state import STARTING, worker_state
+    from qless_pool.ops.state import STARTING, worker_state
 
     now = time.time()
     assert worker_state(None, now - 1, now) == "starting"  # its hooks run before it writes one
@@ -110,7 +110,7 @@ def test_a_pool_on_a_full_tmpfs_runs_jobs(full_tmpfs, start_pool, client, tmp_pa
 @pytest.mark.timeout(20)  # a FIFO read the old way would block: fail, not hang
 def test_records_are_read_only_from_regular_files_not_through_links(tmp_path):
     # qless-pool status may run as root; the directory is the pool's user's.
-    from qless_pool.state import PoolState, read_manager
+    from qless_pool.ops.state import PoolState, read_manager
 
     state = PoolState(4242, root=str(tmp_path))
     state.write_manager({"pid": 4242, "workers": []})
@@ -138,7 +138,7 @@ def test_records_are_read_only_from_regular_files_not_through_links(tmp_path):
 def test_folding_metrics_on_a_full_tmpfs_waits_rather_than_dying(full_tmpfs):
     from prometheus_client.mmap_dict import MmapedDict
 
-    from qless_pool.metrics import fold_dead_processes
+    from qless_pool.ops.metrics import fold_dead_processes
 
     # Room for one page: an exited worker's file with a count in it; then full again.
     ballast = full_tmpfs / "ballast"

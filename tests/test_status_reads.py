@@ -16,7 +16,7 @@ from processes import as_unprivileged
 from redis_server import RedisServer
 from test_worker import put, wait_state
 
-from qless_pool.state import pool_directory
+from qless_pool.ops.state import pool_directory
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "qless-pool")
 SECRET_LINE = "root:$6$saltsalt$" + "h" * 86 + ":19000:0:99999:7:::"
@@ -80,7 +80,7 @@ def test_a_pidfile_of_another_user_is_not_trusted(tmp_path):
 def test_a_pidfile_of_root_is_read_by_another_user():
     """A daemon started by root drops to its user after writing the pidfile: that user's status
     trusts root's file."""
-    from qless_pool.status import NoPool, read_pidfile
+    from qless_pool.ops.status import NoPool, read_pidfile
 
     directory = tempfile.mkdtemp(prefix="qless-pool-pidfile-")
     try:

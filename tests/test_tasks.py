@@ -434,7 +434,7 @@ def test_the_environment_overrides_invoke_yaml_for_every_type(project, redis_url
     [
         ("  interval: soon\n", "qless_pool.interval: must be a number, not 'soon'"),
         ("  max_jobs: 2.5\n", "qless_pool.max_jobs: must be a whole number, not 2.5"),
-        ("  daemon: maybe\n", "qless_pool.daemon: must be true or false, not 'maybe'"),
+        ("  daemon: maybe\n", "qless_pool.ops.daemon: must be true or false, not 'maybe'"),
         ("  preload: {a: 1}\n", "qless_pool.preload: must be a list, not {'a': 1}"),
     ],
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from qless_pool.will import HEADER_SIZE, Will, open_will, read_will
+from qless_pool.worker.will import HEADER_SIZE, Will, open_will, read_will
 
 
 def test_the_will_says_the_worker_the_last_job_started_and_the_commands_owed(tmp_path):

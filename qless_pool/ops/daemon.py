@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NoReturn, Optional
 
-from . import lifeline
-from .logs import logger
+from .. import lifeline
+from ..logs import logger
 
 __all__ = [
     "DEFAULT_PIDFILE",

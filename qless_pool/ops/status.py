@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
+from ..urls import DEFAULT_REDIS_URL, URL_VARIABLES, mask_secrets
 from .daemon import DEFAULT_PIDFILE
 from .state import (
     configured_queues,
@@ -34,7 +35,6 @@ from .state import (
     rss_bytes,
     worker_state,
 )
-from .urls import DEFAULT_REDIS_URL, URL_VARIABLES, mask_secrets
 
 __all__ = ["EX_NO_POOL", "collect", "main", "render"]
 
@@ -252,7 +252,7 @@ def pool_redis_url(
 
 
 def _queues(manager: dict[str, Any], redis_url: Optional[str], owner: int) -> dict[str, Any]:
-    from .client import control_client
+    from ..client import control_client
 
     names = configured_queues(manager)
     try:

@@ -36,9 +36,9 @@ from typing import Any, Optional
 import qless
 from qless.exceptions import QlessException
 
-from . import lifeline
-from .client import pipelined, raise_if_down, redis_is_down
-from .logs import logger
+from .. import lifeline
+from ..client import pipelined, raise_if_down, redis_is_down
+from ..logs import logger
 from .running import describe_job
 from .will import Will
 

@@ -51,8 +51,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import lifeline
-from .logs import logger
+from .. import lifeline
+from ..logs import logger
 
 __all__ = ["SETTLE_DEADLINE", "Remains", "Will", "open_will", "read_will", "settle_remains"]
 
@@ -208,7 +208,7 @@ def settle_remains(redis_url: str, worker: str, will_fd: int, how: str) -> int:
     names it) left, as its will (open on ``will_fd``, -1 if none) says; ``how`` it died goes
     into the retried job's message. Returns the exit status: 0, or 1 if Redis stayed away for
     SETTLE_DEADLINE."""
-    from .client import connect, redis_is_down
+    from ..client import connect, redis_is_down
 
     remains = read_will(will_fd) if will_fd >= 0 else None
     if remains is not None and remains.worker:
@@ -241,7 +241,7 @@ def settle_remains(redis_url: str, worker: str, will_fd: int, how: str) -> int:
 def _settle(client: Any, worker: str, remains: Optional[Remains], how: str) -> None:
     from qless.exceptions import QlessException
 
-    from .client import redis_is_down
+    from ..client import redis_is_down
     from .reservation import HeldJob, Holding
     from .settling import Settlement, Settler
 

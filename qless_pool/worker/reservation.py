@@ -29,8 +29,8 @@ from typing import Any, Optional
 
 from qless.exceptions import QlessException
 
-from .client import pipelined, raise_if_down
-from .logs import logger
+from ..client import pipelined, raise_if_down
+from ..logs import logger
 
 __all__ = [
     "ALLOW_MODULES_VARIABLE",

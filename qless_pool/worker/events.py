@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import qless
 
-from .client import CONTROL_TIMEOUT, REDIS_DOWN
+from ..client import CONTROL_TIMEOUT, REDIS_DOWN
 
 __all__ = ["Subscriptions"]
 

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
-from .logs import logger
+from ..logs import logger
 
 __all__ = ["JobMeter", "MetricsError", "bind", "discard", "prepare", "serve"]
 
@@ -336,7 +336,7 @@ class PoolCollector:
         names = configured_queues(manager)
         try:
             if self.client is None:
-                from .client import control_client
+                from ..client import control_client
 
                 self.client = control_client(self.redis_url, "metrics")
             return {name: json.loads(self.client("queues", name)) for name in names}

@@ -30,8 +30,8 @@ from typing import Any, Optional
 import qless
 from qless.exceptions import QlessException
 
-from .client import REDIS_DOWN, redis_is_down
-from .logs import cap, logger
+from ..client import REDIS_DOWN, redis_is_down
+from ..logs import cap, logger
 from .reservation import forbidden_target
 
 __all__ = [

@@ -1,6 +1,6 @@
 """A config file's text -> a plain mapping: YAML, read safely and within bounds.
 
-config.py applies the pool's rules to what this returns. Here the file is only *read*:
+The package (config/__init__.py) applies the pool's rules to what this returns. Here the file is only *read*:
 
 - Bounded before anything is built from it: at most MAX_DEPTH levels of nesting and at most
   MAX_NODES values, counting every value an alias repeats (an alias bomb, nine aliases of nine
@@ -51,7 +51,7 @@ _BASE_LOADER: type = _C_PARSER or yaml.SafeLoader
 
 
 class YamlProblem(Exception):
-    """The file cannot be read as a config; config.py adds the file's name."""
+    """The file cannot be read as a config; the package adds the file's name."""
 
     def __init__(self, problem: str, key: Any = None, section: Any = None):
         super().__init__(problem)

@@ -21,9 +21,9 @@ import random
 import time
 from typing import Optional
 
-from . import lifeline
-from .logs import logger
-from .state import private_bytes, rss_bytes
+from .. import lifeline
+from ..logs import logger
+from ..ops.state import private_bytes, rss_bytes
 
 __all__ = ["MEMORY_CHECK_INTERVAL", "RECYCLED", "Limits"]
 

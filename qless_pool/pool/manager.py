@@ -31,18 +31,20 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-from . import hooks, lifeline, notes, options, proctitle, state
-from .client import database_problem
-from .config import MAX_POOL_WORKERS, ConfigError, ConfigSource, Groups
+from .. import hooks, lifeline, options, proctitle
+from ..client import database_problem
+from ..config import MAX_POOL_WORKERS, ConfigError, ConfigSource, Groups
+from ..hooks import preload
+from ..logs import configure as configure_logging
+from ..logs import logger, set_role
+from ..ops import state
+from ..urls import check_redis_url, default_redis_url, mask_secrets
+from ..worker.base import HANDLED_SIGNALS, Worker, worker_name
+from ..worker.limits import RECYCLED
+from ..worker.reservation import default_allowed_modules
+from ..worker.will import open_will, settle_remains
+from . import notes
 from .drain import DrainWatcher, run_watcher
-from .hooks import preload
-from .limits import RECYCLED
-from .logs import configure as configure_logging
-from .logs import logger, set_role
-from .reservation import default_allowed_modules
-from .urls import check_redis_url, default_redis_url, mask_secrets
-from .will import open_will, settle_remains
-from .worker import HANDLED_SIGNALS, Worker, worker_name
 
 __all__ = ["TERM_BEHAVIOURS", "Pool", "WorkerRecord", "run"]
 
@@ -766,7 +768,7 @@ class Pool:
         )
 
     def _become_metrics_helper(self) -> int:
-        from . import metrics
+        from ..ops import metrics
 
         lifeline.die_with_parent(self.pid)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGER_SIGNALS)
@@ -878,7 +880,7 @@ class Pool:
         """The multiprocess directory lives beside the pool's (state.private_base): gone with
         it, it is made again, so that the workers count their jobs again."""
         if self.metrics_listener is not None:
-            from . import metrics
+            from ..ops import metrics
 
             metrics.restore()
 

@@ -41,8 +41,8 @@ from typing import Any, Optional
 import qless
 from qless.exceptions import QlessException
 
-from . import lifeline, logs, options, proctitle
-from .client import (
+from .. import lifeline, logs, options, proctitle
+from ..client import (
     CONTROL_TIMEOUT,
     JOB_SOCKET_TIMEOUT,
     REDIS_DOWN,
@@ -51,12 +51,13 @@ from .client import (
     default_redis_url,
     redis_is_down,
 )
+from ..logs import logger, set_role
+from ..ops.metrics import JobMeter
+from ..ops.state import WorkerSlot
+from ..pool.notes import BEGAN, NoteTaker, PauseFlag
 from .events import Subscriptions
 from .jobchild import Children, ChildSetup
 from .limits import MEMORY_CHECK_INTERVAL, RECYCLED, Limits
-from .logs import logger, set_role
-from .metrics import JobMeter
-from .notes import BEGAN, NoteTaker, PauseFlag
 from .reservation import (
     HeldJob,
     Holding,
@@ -68,7 +69,6 @@ from .reservation import (
 )
 from .running import InProcess, JobClient, Keeper, describe_job
 from .settling import Settler, settled_outcome, settlement_for
-from .state import WorkerSlot
 from .will import Will
 
 __all__ = ["HANDLED_SIGNALS", "Worker"]

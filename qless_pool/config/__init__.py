@@ -16,7 +16,7 @@ The file's rules (README.md, "The config file", says them for users):
 - Queue names hold no control characters (a newline would split the log lines naming them).
 - Anything else is an error that names the file and the key.
 
-Reading the file is bounded (MAX_CONFIG_BYTES, then yamlconfig.py's depth and value counts), so
+Reading the file is bounded (MAX_CONFIG_BYTES, then yamlfile.py's depth and value counts), so
 that no file, however hostile, can make the manager spin, hang or die on a HUP.
 
 The manager holds a :class:`ConfigSource` and calls :meth:`ConfigSource.load` at start and on
@@ -33,8 +33,8 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any, Optional, Union
 
-from .yamlconfig import NotDecimal, YamlProblem, read_yaml, shown
-from .yamlconfig import expand_variables as _expand_variables
+from .yamlfile import NotDecimal, YamlProblem, read_yaml, shown
+from .yamlfile import expand_variables as _expand_variables
 
 __all__ = [
     "DEFAULT_PATHS",
@@ -169,7 +169,7 @@ def parse_groups(
     """Parse a config file's text into groups for ``environment``.
 
     The YAML is read within bounds, its ``${VAR}`` filled in from ``environ`` scalar by scalar
-    (yamlconfig.py); comments are never expanded. ``warn`` and ``max_workers``: see
+    (yamlfile.py); comments are never expanded. ``warn`` and ``max_workers``: see
     :func:`resolve_groups`.
     """
     environ = os.environ if environ is None else environ

@@ -18,9 +18,9 @@ import time
 from collections.abc import Sequence
 from typing import Optional
 
-from .client import Outage, control_client, redis_is_down
-from .logs import logger, set_role
-from .proctitle import set_title
+from ..client import Outage, control_client, redis_is_down
+from ..logs import logger, set_role
+from ..proctitle import set_title
 
 __all__ = ["DrainWatcher", "Summary"]
 

@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Optional
 
-from . import lifeline, proctitle
-from .logs import logger, set_role
+from .. import lifeline, proctitle
+from ..logs import logger, set_role
 from .reservation import HeldJob
 from .running import JobClient, describe_job, run_job
 
