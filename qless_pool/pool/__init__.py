@@ -1,7 +1,6 @@
 """The pool: one manager process that forks a worker parent per configured slot and keeps the
 counts right (manager.py), with what it forks beside the workers: the settler of a dead
-worker's jobs (worker/will.py), the drain watcher (drain.py), and the notes its workers send it
-(notes.py)."""
+worker's jobs (worker/will.py) and the drain watcher (drain.py)."""
 
 from .manager import Pool, run
 

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-from .. import hooks, lifeline, options, proctitle
+from .. import hooks, lifeline, notes, options, proctitle
 from ..client import database_problem
 from ..config import MAX_POOL_WORKERS, ConfigError, ConfigSource, Groups
 from ..hooks import preload
@@ -43,7 +43,6 @@ from ..worker.base import HANDLED_SIGNALS, Worker, worker_name
 from ..worker.limits import RECYCLED
 from ..worker.reservation import default_allowed_modules
 from ..worker.will import open_will, settle_remains
-from . import notes
 from .drain import DrainWatcher, run_watcher
 
 __all__ = ["TERM_BEHAVIOURS", "Pool", "WorkerRecord", "run"]

@@ -52,9 +52,9 @@ from ..client import (
     redis_is_down,
 )
 from ..logs import logger, set_role
+from ..notes import BEGAN, NoteTaker, PauseFlag
 from ..ops.metrics import JobMeter
 from ..ops.state import WorkerSlot
-from ..pool.notes import BEGAN, NoteTaker, PauseFlag
 from .events import Subscriptions
 from .jobchild import Children, ChildSetup
 from .limits import MEMORY_CHECK_INTERVAL, RECYCLED, Limits
