@@ -1,27 +1,81 @@
-"""The values the pool's options may take, checked the same way in every entry.
+"""Every option of qless-pool, declared once.
 
-Every number an operator can give has a range, checked at start wherever it comes from: the
-``qless-pool`` command line, the Invoke settings and task flags, ``qless_pool.run(...)`` and a
-:class:`~qless_pool.worker.Worker` made by hand. A value outside it is refused with one line
-that names the option, never carried into the workers to crash them one after the other.
+An option has one name, ``max_jobs`` say, and from it every way of giving it:
 
-:data:`RANGES` is the table; :func:`check` applies it to a value given in Python, and
-:func:`parse` to one given as text (a flag, an environment variable).
+==========================  ==========================================================
+the ``qless-pool`` command  ``--max-jobs N`` (some have a short form: ``-i``, ``-R``)
+``invoke qless.pool``       ``--max-jobs N``, the setting ``qless_pool: {max_jobs: N}`` in
+and ``invoke qless.work``   invoke.yaml, the variable ``INVOKE_QLESS_POOL_MAX_JOBS``
+``qless_pool.run(...)``     ``max_jobs=N``
+==========================  ==========================================================
+
+What it takes (its *kind*: seconds in a range, a whole number in a range, a choice, a switch, a
+list, text) is checked the same way wherever it comes from, at start: a value outside it stops
+the start with one line naming the option, rather than reaching the workers and crashing them
+one after the other. Where it makes no sense (``daemon`` for ``qless_pool.run()`` or
+``qless.work``) it is refused with one line, never dropped.
+
+Where its value goes: ``config`` (the file and its groups), ``pool`` (the manager: Pool),
+``worker`` (every worker parent: Worker), or ``launch`` (what the launcher does before the
+manager runs: log files, pidfile, privileges, the application). The parser of the command
+(cli.py), the Invoke tasks (tasks.py), ``run()`` (pool/launch.py) and the README's option table
+(:func:`markdown_table`) are all made from :data:`OPTIONS`. gunicorn's config.py is the model,
+smaller.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-__all__ = ["MAX_SECONDS", "RANGES", "OptionError", "Seconds", "Whole", "check", "parse"]
+__all__ = [
+    "COMMAND",
+    "ENTRIES",
+    "MAX_SECONDS",
+    "OPTIONS",
+    "POOL",
+    "RUN",
+    "WORK",
+    "Choice",
+    "Many",
+    "Option",
+    "OptionError",
+    "Seconds",
+    "Switch",
+    "Text",
+    "Whole",
+    "check",
+    "default_text",
+    "for_entry",
+    "going_to",
+    "markdown_table",
+    "option",
+    "read_values",
+]
 
+#: The entries: how a pool or a worker is started.
+COMMAND, POOL, WORK, RUN = "command", "pool", "work", "run"
+ENTRIES = {
+    COMMAND: "the qless-pool command",
+    POOL: "invoke qless.pool",
+    WORK: "invoke qless.work",
+    RUN: "qless_pool.run()",
+}
+EVERYWHERE = frozenset(ENTRIES)
+POOLS = frozenset({COMMAND, POOL, RUN})  # everything that starts a pool (a manager)
 #: The longest time an option may name: about 115 days (setitimer and poll take no more).
 MAX_SECONDS = 10_000_000.0
 _DECIMAL = re.compile(r"\+?[0-9]+")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class OptionError(ValueError):
+    """A value an option does not take, or an option an entry does not have; the message says
+    what it takes, or where it is."""
 
 
 def _number(value: float) -> str:
@@ -29,8 +83,7 @@ def _number(value: float) -> str:
     return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
 
 
-class OptionError(ValueError):
-    """A value outside its option's range; the message says what the option takes."""
+# --- kinds: what an option takes ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -40,12 +93,13 @@ class Seconds:
     minimum: float = 0.0
     maximum: float = MAX_SECONDS
     positive: bool = False
+    metavar = "SECONDS"
 
     def describe(self) -> str:
         low = "more than 0" if self.minimum == 0 and self.positive else _number(self.minimum)
-        return f"seconds from {low} to {_number(self.maximum)}"
+        return f"seconds, {low} to {_number(self.maximum)}"
 
-    def __call__(self, value: Union[str, float, int]) -> float:
+    def read(self, value: Any) -> float:
         if isinstance(value, str):
             text = value.strip()
             try:
@@ -73,21 +127,23 @@ class Seconds:
 
 @dataclass(frozen=True)
 class Whole:
-    """A whole number in ``[minimum, maximum]``, written in plain decimal when given as text."""
+    """A whole number in ``[minimum, maximum]``, in plain decimal when given as text."""
 
     minimum: int = 0
     maximum: int = 10**9
+    metavar = "N"
 
     def describe(self) -> str:
-        return f"a whole number from {self.minimum:,} to {self.maximum:,}"
+        return f"{self.minimum:,} to {self.maximum:,}"
 
-    def __call__(self, value: Union[str, int, float]) -> int:
+    def read(self, value: Any) -> int:
         if isinstance(value, str):
-            if not _DECIMAL.fullmatch(value.strip()):
-                if re.fullmatch(r"\s*-[0-9]+\s*", value) and self.minimum == 0:
+            text = value.strip()
+            if not _DECIMAL.fullmatch(text):
+                if self.minimum == 0 and re.fullmatch(r"-[0-9]+", text):
                     raise OptionError(f"must not be negative: {value!r}")
                 raise OptionError(f"not a whole number: {value!r}")
-            number = int(value)
+            number = int(text)
         elif isinstance(value, float) and value.is_integer():
             number = int(value)
         elif isinstance(value, bool) or not isinstance(value, int):
@@ -103,57 +159,373 @@ class Whole:
         return number
 
 
-Range = Union[Seconds, Whole]
+@dataclass(frozen=True)
+class Text:
+    """A non-empty string. Empty is refused: most often an unset variable (``--user "$RUN_AS"``),
+    which must not quietly mean the default."""
 
-#: Each numeric option and the values it takes (README.md, "Options", says them for users).
-RANGES: Mapping[str, Range] = {
-    "interval": Seconds(0.01, 3600.0),
-    "spawn_delay": Seconds(0.0, 3600.0),
-    "job_timeout": Seconds(0.0, MAX_SECONDS, positive=True),
-    "graceful_timeout": Seconds(0.0, MAX_SECONDS, positive=True),
-    "kill_grace": Seconds(0.0, 3600.0),
-    "prefetch": Whole(1, 1000),
-    "max_jobs": Whole(1, 10**9),
-    "max_jobs_jitter": Whole(0, 10**9),
-    "max_memory": Whole(1, 10**7),
-    "max_workers": Whole(1, 100_000),
-    "metrics_port": Whole(1, 65535),
-}
+    metavar = "TEXT"
+
+    def describe(self) -> str:
+        return "text"
+
+    def read(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise OptionError(f"must be text, not {value!r}")
+        if not value.strip():
+            raise OptionError("empty (an unset variable?)")
+        return value
 
 
-#: Options that always have a value (None is not "not given" for them).
-_GIVEN = frozenset({"interval", "spawn_delay", "kill_grace", "max_jobs_jitter"})
+@dataclass(frozen=True)
+class Choice:
+    """One of ``values`` (``upper``: compared in upper case, as log levels are)."""
+
+    values: tuple[str, ...]
+    upper: bool = False
+    helps: tuple[str, ...] = ()  # one per value, for options with a flag per value
+    metavar = "NAME"
+
+    def describe(self) -> str:
+        return ", ".join(self.values)
+
+    def read(self, value: Any) -> str:
+        text = value.strip() if isinstance(value, str) else value
+        if self.upper and isinstance(text, str):
+            text = text.upper()
+        if text not in self.values:
+            raise OptionError(f"must be one of {', '.join(self.values)}, not {value!r}")
+        return str(text)
+
+
+@dataclass(frozen=True)
+class Switch:
+    """On or off: a flag; in a setting, true or false (also yes/no, on/off, 1/0)."""
+
+    metavar = None
+
+    def describe(self) -> str:
+        return "true or false"
+
+    def read(self, value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise OptionError(f"must be true or false, not {value!r}")
+
+
+@dataclass(frozen=True)
+class Many:
+    """A list of non-empty strings: a flag given again and again; in a setting, a list, or one
+    string with commas or spaces between the items."""
+
+    metavar = "ITEM"
+
+    def describe(self) -> str:
+        return "a list"
+
+    def read(self, value: Any) -> list[str]:
+        if isinstance(value, str):
+            return [part for part in value.replace(",", " ").split() if part]
+        if isinstance(value, (list, tuple)):
+            items = [Text().read(item) if isinstance(item, str) else item for item in value]
+            if not all(isinstance(item, str) for item in items):
+                raise OptionError(f"must be a list of names, not {value!r}")
+            return items
+        raise OptionError(f"must be a list, not {value!r}")
+
+
+Kind = Union[Seconds, Whole, Text, Choice, Switch, Many]
+
+
+# --- the declaration ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option (see the module's docstring).
+
+    ``flags``: the command's (for a switch, the flag that turns it from its default); ``()``:
+    not an option of the command. ``off_flag``: a second flag that sets the option to False
+    (``--no-pidfile``). For a Choice with ``const_flags``, each flag sets the value at its index
+    (``--term-graceful``). ``default_text``: the default as users read it, where it is not a
+    plain value. ``keyword``: the name of the Pool or Worker parameter it goes to, when not the
+    option's. ``aliases``: names ``run()`` also takes, from earlier releases.
+    """
+
+    name: str
+    kind: Kind
+    help: str
+    goes_to: str  # "config", "pool", "worker" or "launch"
+    section: str
+    entries: frozenset[str] = POOLS
+    default: Any = None
+    flags: tuple[str, ...] = ()
+    metavar: Optional[str] = None
+    off_flag: Optional[str] = None
+    const_flags: bool = False
+    default_text: Optional[str] = None
+    keyword: Optional[str] = None
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def setting(self) -> str:
+        """The variable that gives it to the Invoke tasks."""
+        return f"INVOKE_QLESS_POOL_{self.name.upper()}"
+
+    @property
+    def task_flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def parameter(self) -> str:
+        return self.keyword or self.name
+
+    def read(self, value: Any) -> Any:
+        """``value`` as the option takes it; OptionError naming the option otherwise. None is
+        "not given" where the default is None, and refused where there always is a value."""
+        if value is None:
+            if self.default is not None:
+                raise OptionError(f"{self.name}: must be given, not None")
+            return None
+        if self.off_flag and (value is False or _turned_off(value)):
+            return False
+        try:
+            return self.kind.read(value)
+        except OptionError as error:
+            raise OptionError(f"{self.name}: {error}") from None
+
+
+def _turned_off(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() in ("false", "off", "no", "none")
+
+
+CONFIGURATION = "configuration"
+THE_POOL = "the pool"
+THE_WORKERS = "the workers"
+DAEMON = "running as a daemon"
+WATCHING = "watching the pool"
+OTHER = "other"
+
+OPTIONS: tuple[Option, ...] = (
+    # --- configuration
+    Option("config", Text(), "the pool's YAML file", "config", CONFIGURATION,
+           flags=("-c", "--config"), metavar="FILE",
+           default_text="$QLESS_POOL_CONFIG, ./qless-pool.yml, ./config/qless-pool.yml"),
+    Option("environment", Text(), "the section of the file to use", "config", CONFIGURATION,
+           flags=("-E", "--environment"), metavar="NAME",
+           default_text="$QLESS_ENV, $RACK_ENV, $RAILS_ENV"),
+    Option("max_workers", Whole(1, 100_000),
+           "the most workers the config may ask for, for one queue list and in all", "config",
+           CONFIGURATION, default=1000, flags=("--max-workers",), metavar="N"),
+    Option("dry_run", Switch(), "print the resolved groups as one JSON object and exit",
+           "launch", CONFIGURATION, entries=frozenset({COMMAND, POOL}), default=False,
+           flags=("--dry-run",)),
+    Option("drain", Switch(),
+           "run until the queues are empty, print a summary and stop; exit 1 if a job failed",
+           "pool", CONFIGURATION, default=False, flags=("--drain",)),
+    # --- the pool
+    Option("appname", Text(), "shown in process titles and log lines", "pool", THE_POOL,
+           entries=EVERYWHERE, flags=("-a", "--appname"), metavar="NAME",
+           default_text="the working directory's name"),
+    Option("redis", Text(), "qless's Redis URL", "pool", THE_POOL, entries=EVERYWHERE,
+           flags=("-R", "--redis"), metavar="URL", keyword="redis_url", aliases=("redis_url",),
+           default_text="$QLESS_URL, $REDIS_URL, redis://localhost:6379/0"),
+    Option("preload", Many(),
+           "import (and call) in the manager before forking; repeatable", "launch", THE_POOL,
+           entries=EVERYWHERE, flags=("-m", "--preload"), metavar="MODULE[:CALLABLE]",
+           aliases=("preload_modules",)),
+    Option("include", Many(), "put DIR on sys.path (the working directory always is); "
+           "repeatable", "launch", THE_POOL, entries=EVERYWHERE, flags=("-I", "--include"),
+           metavar="DIR"),
+    Option("spawn_delay", Seconds(0.0, 3600.0), "wait this long between starting two workers",
+           "pool", THE_POOL, default=0.0, flags=("-s", "--spawn-delay")),
+    Option("single_process_group", Switch(), "keep the workers in the manager's process group "
+           "(a terminal's Ctrl-C then reaches them too)", "pool", THE_POOL, default=False,
+           flags=("--single-process-group",)),
+    Option("term", Choice(("immediate", "graceful", "graceful-wait"), helps=(
+               "TERM stops the workers now (their jobs are handed back) and exits",
+               "TERM lets the workers finish their jobs and exits at once",
+               "TERM lets the workers finish their jobs and waits for them (as QUIT)")),
+           "what TERM does: stop the workers now (their jobs handed back) and exit; let them "
+           "finish their jobs and exit at once; or as QUIT, wait for them", "pool", THE_POOL,
+           default="immediate",
+           flags=("--term-immediate", "--term-graceful", "--term-graceful-wait"),
+           const_flags=True, keyword="term_behaviour", aliases=("term_behaviour",)),
+    # --- the workers
+    Option("queues", Many(), "the worker's queues, in priority order", "launch", THE_WORKERS,
+           entries=frozenset({WORK}), default_text="$QUEUES"),
+    Option("interval", Seconds(0.01, 3600.0), "how often an idle worker polls its queues (a "
+           "put wakes it at once)", "worker", THE_WORKERS, entries=EVERYWHERE, default=5.0,
+           flags=("-i", "--interval")),
+    Option("reserver", Choice(("ordered", "round-robin", "shuffled-round-robin")),
+           "the order a worker tries its queues in", "worker", THE_WORKERS, entries=EVERYWHERE,
+           default="ordered", flags=("--reserver",)),
+    Option("fork_per_job", Switch(), "a child process per job; off (--no-fork-per-job): jobs "
+           "run in the worker process itself (cheap, trusted jobs)", "worker", THE_WORKERS,
+           entries=EVERYWHERE, default=True, flags=("--no-fork-per-job",)),
+    Option("prefetch", Whole(1, 1000), "jobs in process: pop N at a time", "worker",
+           THE_WORKERS, entries=EVERYWHERE, flags=("--prefetch",),
+           default_text="adaptive, 1 to 32: a job popped ahead waits about a second at most"),
+    Option("job_timeout", Seconds(0.0, MAX_SECONDS, positive=True),
+           "kill a job running longer and fail it as <queue>-TimeoutError", "worker",
+           THE_WORKERS, entries=EVERYWHERE, flags=("--job-timeout",), default_text="none"),
+    Option("allow_modules", Many(), "run only jobs whose class is in one of these modules or "
+           "below (myapp allows myapp.jobs.Mail); others fail as <queue>-ForbiddenClass; "
+           "repeatable", "worker", THE_WORKERS, entries=EVERYWHERE, flags=("--allow-module",),
+           metavar="PREFIX", default_text="$QLESS_POOL_ALLOW_MODULES (comma-separated); none: "
+           "any class"),
+    Option("max_jobs", Whole(1, 10**9), "a worker exits after N jobs (plus --max-jobs-jitter) "
+           "and is replaced", "worker", THE_WORKERS, entries=EVERYWHERE, flags=("--max-jobs",),
+           default_text="none"),
+    Option("max_jobs_jitter", Whole(0, 10**9), "add a random 0 to M to each worker's "
+           "--max-jobs, so that they do not all restart at once", "worker", THE_WORKERS,
+           entries=EVERYWHERE, default=0, flags=("--max-jobs-jitter",), metavar="M"),
+    Option("max_memory", Whole(1, 10**7), "a worker above MB (RSS) after a job is replaced; a "
+           "job child above it is killed and its job handed back", "worker", THE_WORKERS,
+           entries=EVERYWHERE, flags=("--max-memory",), metavar="MB", default_text="none"),
+    Option("graceful_timeout", Seconds(0.0, MAX_SECONDS, positive=True), "a job still running "
+           "this long after its worker was told to stop gracefully (QUIT, a graceful TERM, HUP, "
+           "recycling) is killed and handed back", "worker", THE_WORKERS, entries=EVERYWHERE,
+           flags=("--graceful-timeout",), default_text="none: it finishes"),
+    # --- running as a daemon
+    Option("daemon", Switch(), "detach and run in the background; returns once the pool has "
+           "started", "launch", DAEMON, entries=frozenset({COMMAND, POOL}), default=False,
+           flags=("-d", "--daemon")),
+    Option("pidfile", Text(), "write the manager's pid to FILE; --no-pidfile: write none",
+           "launch", DAEMON, flags=("-p", "--pidfile"), off_flag="--no-pidfile",
+           metavar="FILE", default_text="as a daemon, tmp/pids/qless-pool.pid; else none"),
+    Option("stdout", Text(), "append standard output to FILE", "launch", DAEMON,
+           flags=("-o", "--stdout"), metavar="FILE",
+           default_text="as a daemon, log/qless-pool.stdout.log"),
+    Option("stderr", Text(), "append standard error, and so the log, to FILE", "launch",
+           DAEMON, flags=("-e", "--stderr"), metavar="FILE",
+           default_text="as a daemon, log/qless-pool.stderr.log"),
+    Option("sync", Switch(), "write the log files line by line; off (--nosync): in blocks",
+           "launch", DAEMON, default=True, flags=("--nosync",)),
+    Option("user", Text(), "started as root: run as USER (name or uid) once the pidfile and "
+           "log files are open; its primary group unless --group", "launch", DAEMON,
+           flags=("--user",), metavar="USER"),
+    Option("group", Text(), "started as root: run as GROUP (name or gid)", "launch", DAEMON,
+           flags=("--group",), metavar="GROUP"),
+    Option("lock", Text(), "hold a shared flock on FILE while any process of the pool lives "
+           "(a deploy can wait for them all with: flock FILE true)", "launch", DAEMON,
+           flags=("-l", "--lock"), metavar="FILE"),
+    # --- watching the pool
+    Option("metrics_port", Whole(1, 65535), "serve Prometheus metrics on PORT at /metrics "
+           "(needs qless-pool[metrics])", "launch", WATCHING, flags=("--metrics-port",),
+           metavar="PORT"),
+    Option("metrics_address", Text(), "the address --metrics-port listens on", "launch",
+           WATCHING, default="127.0.0.1", flags=("--metrics-address",), metavar="ADDR"),
+    # --- other
+    Option("log_level", Choice(("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), upper=True),
+           "how much to log", "launch", OTHER, entries=EVERYWHERE, default="INFO",
+           flags=("--log-level",), metavar="LEVEL"),
+)  # fmt: skip
+
+_BY_NAME = {opt.name: opt for opt in OPTIONS}
+_BY_ALIAS = {alias: opt for opt in OPTIONS for alias in opt.aliases}
+#: Not options, but numbers Worker() takes with a range all the same.
+_INTERNAL = {"kill_grace": Seconds(0.0, 3600.0)}
+
+
+def option(name: str) -> Option:
+    return _BY_NAME[name]
 
 
 def check(name: str, value: Any) -> Any:
-    """``value`` (None stays None: not given) if option ``name`` takes it; else OptionError
-    naming the option."""
-    if value is None:
-        if name in _GIVEN:
+    """``value`` (None stays None) as option (or Worker parameter) ``name`` takes it;
+    OptionError naming it otherwise."""
+    if name in _INTERNAL:
+        if value is None:
             raise OptionError(f"{name}: must be given, not None")
-        return None
-    try:
-        return RANGES[name](value)
-    except OptionError as error:
-        raise OptionError(f"{name}: {error}") from None
+        try:
+            return _INTERNAL[name].read(value)
+        except OptionError as error:
+            raise OptionError(f"{name}: {error}") from None
+    return _BY_NAME[name].read(value)
 
 
-def parse(name: str, text: str) -> Any:
-    """The value option ``name`` takes from ``text`` (OptionError without the name: the caller
-    says how the option was spelled)."""
-    return RANGES[name](text)
+def read_values(
+    given: Mapping[str, Any], entry: str, *, where: str = "", defaults: bool = True
+) -> dict[str, Any]:
+    """The options of ``entry`` from ``given`` (names or aliases), each read as it takes it,
+    with the defaults of those not given (unless ``defaults`` is False). An option the entry
+    does not have is OptionError, saying where it is one: never dropped."""
+    values: dict[str, Any] = {}
+    for name, value in given.items():
+        known = _BY_NAME.get(name) or _BY_ALIAS.get(name)
+        if known is None:
+            raise OptionError(f"{where}{name}: no such option")
+        if entry not in known.entries:
+            have = " and ".join(ENTRIES[e] for e in ENTRIES if e in known.entries)
+            raise OptionError(f"{where}{known.name}: not an option of {ENTRIES[entry]} "
+                              f"({have} take it)")  # fmt: skip
+        values[known.name] = known.read(value)
+    if defaults:
+        for opt in OPTIONS:
+            if entry in opt.entries:
+                values.setdefault(opt.name, opt.default)
+    return values
 
 
-def checked(options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` with each of those that has a range checked (OptionError on the first bad)."""
+def for_entry(entry: str) -> list[Option]:
+    return [opt for opt in OPTIONS if entry in opt.entries]
+
+
+def going_to(target: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The values that are parameters of ``target`` ("pool" or "worker"), by parameter name."""
     return {
-        name: check(name, value) if name in RANGES else value for name, value in options.items()
+        opt.parameter: values[opt.name]
+        for opt in OPTIONS
+        if opt.goes_to == target and opt.name in values
     }
 
 
-def nonempty(what: str, value: Optional[str]) -> Optional[str]:
-    """None (not given) or a non-empty string: an empty one is most often an unset variable
-    (``--user "$RUN_AS"``), which must not quietly mean the default."""
-    if value is not None and not value.strip():
-        raise OptionError(f"{what}: empty (an unset variable?)")
-    return value
+# --- the README's table ---------------------------------------------------------------------------
+
+
+def default_text(opt: Option) -> str:
+    if opt.default_text:
+        return opt.default_text
+    if opt.default is None:
+        return "none"
+    if isinstance(opt.default, bool):
+        return "on" if opt.default else "off"
+    return str(opt.default)
+
+
+def _flags(opt: Option) -> str:
+    flags = [*opt.flags, *([opt.off_flag] if opt.off_flag else [])]
+    if not flags:
+        return "-"
+    metavar = opt.metavar or getattr(opt.kind, "metavar", None)
+    if isinstance(opt.kind, Switch) or opt.const_flags:
+        return ", ".join(f"`{flag}`" for flag in flags)
+    shown = [f"`{flag} {metavar}`" if flag != opt.off_flag else f"`{flag}`" for flag in flags]
+    return ", ".join(shown)
+
+
+def markdown_table(options: Iterable[Option] = OPTIONS) -> str:
+    """The README's option table (tests/test_options.py checks that the README has it)."""
+    short = {COMMAND: "command", POOL: "qless.pool", WORK: "qless.work", RUN: "run()"}
+    rows = [
+        "| setting | `qless-pool` | takes | default | where | meaning |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for opt in options:
+        where = ", ".join(short[e] for e in ENTRIES if e in opt.entries)
+        rows.append(
+            f"| `{opt.name}` | {_flags(opt)} | {opt.kind.describe()} | {default_text(opt)} "
+            f"| {where} | {opt.help} |"
+        )
+    return "\n".join(rows)
+
+
+def sections() -> Sequence[str]:
+    return list(dict.fromkeys(opt.section for opt in OPTIONS))
+
+
+if __name__ == "__main__":  # python -m qless_pool.options: the README's option table
+    print(markdown_table())

@@ -19,7 +19,14 @@ The Ruby gem's Rake chain, for Invoke::
     # or, with no hooks of your own: ns.add_collection(qless_pool.tasks)
 
 ``invoke qless.pool`` runs the chain once each, then turns its own process (the application is
-loaded in it) into the pool manager: no re-exec, no subprocess.
+loaded in it) into the pool manager: no re-exec, no subprocess. Its settings and config are
+checked first (``qless.check``), before any task of the user's loads the application.
+
+Every option (options.py) is a setting, under ``qless_pool:`` in invoke.yaml or as the variable
+``INVOKE_QLESS_POOL_<NAME>``, and a flag of the tasks it is an option of (``--max-jobs``); a flag
+wins over the variable, which wins over invoke.yaml. A setting that is not an option of the task
+run (``daemon`` for ``qless.work``: invoke.yaml is shared by both) is said in one line and not
+used; a flag that is not is refused by Invoke.
 
 Two Invoke traps are designed around here (Invoke 3.0.3). Replacing a task by name does not
 rewire the ``pre=`` of tasks that already reference the original, so the user's tasks are
@@ -31,277 +38,244 @@ configuration: they are read from the Invoke config the files and the environmen
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Iterable, Mapping
-from typing import Any, Optional
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from invoke import Collection, Task
 from invoke.exceptions import Exit
 
-__all__ = ["SETTINGS", "collection", "settings"]
+from . import options
+from .options import POOL, WORK, Many, Option, OptionError, Switch
 
-#: Settings under ``qless_pool:`` in the Invoke config (or ``INVOKE_QLESS_POOL_<NAME>``), each
-#: with its type and the ``qless-pool`` option it stands for (None: used by the tasks).
-SETTINGS: dict[str, tuple[type, Optional[str]]] = {
-    "config": (str, "--config"),
-    "environment": (str, "--environment"),
-    "redis": (str, "--redis"),
-    "appname": (str, "--appname"),
-    "preload": (list, None),
-    "include": (list, None),
-    "interval": (float, "--interval"),
-    "reserver": (str, "--reserver"),
-    "fork_per_job": (bool, None),
-    "job_timeout": (float, "--job-timeout"),
-    "prefetch": (int, "--prefetch"),
-    "max_jobs": (int, "--max-jobs"),
-    "max_jobs_jitter": (int, "--max-jobs-jitter"),
-    "max_memory": (int, "--max-memory"),
-    "graceful_timeout": (float, "--graceful-timeout"),
-    "metrics_port": (int, "--metrics-port"),
-    "metrics_address": (str, "--metrics-address"),
-    "allow_modules": (list, "--allow-module"),
-    "spawn_delay": (float, "--spawn-delay"),
-    "max_workers": (int, "--max-workers"),
-    "term": (str, None),
-    "log_level": (str, "--log-level"),
-    "pidfile": (str, "--pidfile"),
-    "stdout": (str, "--stdout"),
-    "stderr": (str, "--stderr"),
-    "lock": (str, "--lock"),
-    "user": (str, "--user"),
-    "group": (str, "--group"),
-    "daemon": (bool, None),
-    "drain": (bool, None),
-    "queues": (list, None),
-}
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
+__all__ = ["collection", "settings"]
 
 #: Our variables, taken out of the environment when this module is imported (Invoke imports
 #: the tasks before it reads the environment). Invoke would otherwise cast each to the type
 #: invoke.yaml gives the setting, and fail before any task runs: a list can take no variable
-#: (UncastableEnvVar), and int("0.5") raises. Here every one is read as the settings say.
+#: (UncastableEnvVar), and int("0.5") raises. Here every one is read as its option says.
 ENVIRONMENT_PREFIX = "INVOKE_QLESS_POOL_"
 _TAKEN = {
     name: os.environ.pop(name) for name in list(os.environ) if name.startswith(ENVIRONMENT_PREFIX)
 }
+#: The options that are settings: those of either task.
+_SETTINGS = [opt for opt in options.OPTIONS if opt.entries & {POOL, WORK}]
 
 
 def settings(c: Any) -> dict[str, Any]:
-    """The ``qless_pool`` settings, typed: ``INVOKE_QLESS_POOL_<NAME>``, else the Invoke config
-    (``invoke.yaml``).
-
-    The environment is read here, not by Invoke: Invoke loads ``INVOKE_*`` variables only for
-    settings it already knows of, only from the root collection for a pre-task, and casts them
-    to the file's types (see _TAKEN).
-    """
+    """The ``qless_pool`` settings given, each read as its option takes it:
+    ``INVOKE_QLESS_POOL_<NAME>``, else the Invoke config (``invoke.yaml``). A value an option
+    does not take, or a setting that is no option, is one line and exit status 2."""
     configured = c.config.get("qless_pool", None) or {}
+    if not isinstance(configured, Mapping):
+        raise Exit(f"qless_pool: must be a mapping of settings, not {configured!r}", code=2)
+    known = {opt.name for opt in _SETTINGS}
+    for name in [*configured, *(v[len(ENVIRONMENT_PREFIX) :].lower() for v in _environ())]:
+        if name not in known:
+            raise Exit(f"qless_pool.{name}: no such setting (the options: README.md)", code=2)
     found: dict[str, Any] = {}
-    for name, (kind, _) in SETTINGS.items():
-        variable = f"{ENVIRONMENT_PREFIX}{name.upper()}"
-        raw = os.environ.get(variable, _TAKEN.get(variable))
+    for opt in _SETTINGS:
+        raw = _environ().get(opt.setting)
         if raw is None:
-            raw = configured.get(name) if isinstance(configured, Mapping) else None
+            raw = configured.get(opt.name)
         if raw is not None:
-            found[name] = _typed(name, kind, raw)
+            found[opt.name] = _read(opt, raw)
     return found
 
 
-def _typed(name: str, kind: type, raw: Any) -> Any:
-    if kind is list:
-        if isinstance(raw, str):
-            return [part for part in raw.replace(",", " ").split() if part]
-        if isinstance(raw, (list, tuple)):
-            return [str(part) for part in raw]
-    elif kind is bool:
-        if isinstance(raw, bool):
-            return raw
-        text = str(raw).strip().lower()
-        if text in _TRUE or text in _FALSE:
-            return text in _TRUE
-    elif kind is int and isinstance(raw, float):
-        if raw.is_integer():
-            return int(raw)
-    elif kind is str and isinstance(raw, str) and not raw.strip():
-        # Most often an unset variable (INVOKE_QLESS_POOL_USER=$RUN_AS): never the default.
-        raise Exit(f"qless_pool.{name}: empty (an unset variable?)", code=2)
-    elif not isinstance(raw, bool):  # YAML's yes/no are not numbers or names
-        try:
-            return kind(raw)
-        except (TypeError, ValueError):
-            pass
-    what = {list: "a list", bool: "true or false", int: "a whole number", float: "a number"}
-    raise Exit(
-        f"qless_pool.{name}: must be {what.get(kind, 'a string')}, not {raw!r}", code=2
-    ) from None
+def _environ() -> dict[str, str]:
+    """Our variables: those taken at import, and any set since (a test's, a task's)."""
+    now = {k: v for k, v in os.environ.items() if k.startswith(ENVIRONMENT_PREFIX)}
+    return {**_TAKEN, **now}
 
 
-def _command_line(found: Mapping[str, Any]) -> list[str]:
-    """The ``qless-pool`` arguments the settings stand for."""
-    argv: list[str] = []
-    for name, value in found.items():
-        option = SETTINGS[name][1]
-        if option is None:
-            continue
-        for item in value if isinstance(value, list) else [value]:
-            argv += [option, str(item)]
-    if found.get("fork_per_job") is False:
-        argv.append("--no-fork-per-job")
-    if found.get("term"):
-        argv.append(f"--term-{found['term']}")
-    if found.get("daemon"):
-        argv.append("--daemon")
-    if found.get("drain"):
-        argv.append("--drain")
-    return argv
+def _read(opt: Option, raw: Any) -> Any:
+    try:
+        return opt.read(raw)
+    except OptionError as error:
+        raise Exit(f"qless_pool.{error}", code=2) from None
+
+
+def _values(c: Any, entry: str, task: str, flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of ``entry``: its flags given, else the settings, else the defaults. The
+    settings that are not options of the entry are said once, not used."""
+    found = settings(c)
+    ignored = [name for name in found if entry not in options.option(name).entries]
+    if ignored:
+        print(f"{task}: not using the settings {', '.join(ignored)} (not options of "
+              f"{task})", file=sys.stderr)  # fmt: skip
+    given = {name: value for name, value in found.items() if name not in ignored}
+    for name, value in flags.items():
+        opt = options.option(name)
+        if isinstance(opt.kind, Switch):
+            if value != opt.default:  # the flag turns it from its default
+                given[name] = value
+        elif value not in (None, [], ()):
+            given[name] = _read(opt, value)
+    try:
+        return options.read_values(given, entry)
+    except OptionError as error:
+        raise Exit(f"{task}: {error}", code=2) from None
+
+
+def _body(entry: str, run: Callable[..., None], name: str) -> Callable[..., None]:
+    """A task body taking a flag per option of ``entry`` (Invoke reads the signature)."""
+
+    def body(c: Any, **flags: Any) -> None:
+        run(c, flags)
+
+    parameters = [inspect.Parameter("c", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for opt in options.for_entry(entry):
+        if isinstance(opt.kind, Switch):
+            default: Any = opt.default
+        elif isinstance(opt.kind, Many):
+            default = []
+        else:
+            default = None
+        parameters.append(
+            inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=default)
+        )
+    body.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    body.__name__ = body.__qualname__ = name
+    body.__doc__ = run.__doc__
+    return body
+
+
+def _task(entry: str, run: Callable[..., None], name: str, **kwargs: Any) -> Task:
+    entry_options = options.for_entry(entry)
+    return Task(
+        _body(entry, run, name),
+        name=name,
+        help={opt.name.replace("_", "-"): _flag_help(opt) for opt in entry_options},
+        iterable=[opt.name for opt in entry_options if isinstance(opt.kind, Many)],
+        auto_shortflags=False,  # -d, -a ... would not mean what they mean to qless-pool
+        **kwargs,
+    )
+
+
+def _flag_help(opt: Option) -> str:
+    default = options.default_text(opt)
+    shown = "" if isinstance(opt.kind, Switch) or default == "none" else f" (default: {default})"
+    return f"{opt.help}{shown}; setting: {opt.name}"
 
 
 # --- the task bodies ------------------------------------------------------------------------------
 
 
+def _check(c: Any) -> None:
+    """Check the qless_pool settings (and for qless.pool, the config) before anything loads."""
+    settings(c)
+
+
+def _check_pool(c: Any) -> None:
+    """Check the config too, as qless.pool will read it: its flags win over the settings. A
+    pre-task is given no flags by Invoke: those three are read from the command line."""
+    found = settings(c)
+    values = {name: value for name, value in found.items() if POOL in options.option(name).entries}
+    for name in ("config", "environment", "max_workers"):
+        given = _flag_in_argv(options.option(name).task_flag)
+        if given is not None:
+            values[name] = _read(options.option(name), given)
+    values = options.read_values(values, POOL)
+    from .config import ConfigError, ConfigSource
+
+    try:
+        ConfigSource(
+            values["config"], values["environment"], max_workers=values["max_workers"]
+        ).load()
+    except ConfigError as error:
+        raise Exit(f"qless-pool: config error: {error}", code=78) from None
+
+
+def _flag_in_argv(flag: str) -> Any:
+    """The value of ``flag`` (``--config x`` or ``--config=x``) on the command line, if given
+    (the last one, as Invoke takes it)."""
+    given = _flags_in_argv(flag)
+    return given[-1] if given else None
+
+
+def _flags_in_argv(flag: str) -> list[str]:
+    """Every value of a flag given again and again (``--preload a --preload b``)."""
+    argv = sys.argv[1:]
+    found = []
+    for index, word in enumerate(argv):
+        if word == flag and index + 1 < len(argv):
+            found.append(argv[index + 1])
+        elif word.startswith(flag + "="):
+            found.append(word[len(flag) + 1 :])
+    return found
+
+
 def _setup(c: Any) -> None:
-    """Load the application in this process (the `preload` setting's modules)."""
+    """Load the application in this process (the preload option's modules)."""
     from .hooks import preload
 
     found = settings(c)
-    if found.get("metrics_port"):
+    # A pre-task is given no flags by Invoke: the tasks' --preload, --include and
+    # --metrics-port are read from the command line (they win over the settings, as flags do).
+    given = {
+        name: _flags_in_argv(options.option(name).task_flag) or found.get(name) or []
+        for name in ("preload", "include")
+    }
+    port = _flag_in_argv(options.option("metrics_port").task_flag) or found.get("metrics_port")
+    if port:
         from .ops import metrics
 
         # prometheus_client picks its mode when first imported: before the application is.
         metrics.prepare()
-    preload(found.get("preload", ()), found.get("include", ()))
+    preload(given["preload"], given["include"])
 
 
 def _pool_setup(c: Any) -> None:
     """Close what must not cross a fork (a hook: chain your own tasks before it)."""
 
 
-def _pool(
-    c: Any,
-    config: Optional[str] = None,
-    environment: Optional[str] = None,
-    redis: Optional[str] = None,
-    interval: Optional[str] = None,
-    job_timeout: Optional[str] = None,
-    reserver: Optional[str] = None,
-    no_fork_per_job: bool = False,
-    daemon: bool = False,
-    drain: bool = False,
-) -> None:
+def _pool(c: Any, flags: Mapping[str, Any]) -> None:
     """Run the pool manager in this process (after qless.setup and qless.pool.setup)."""
-    from .cli import build_parser, launch
+    from .pool.launch import launch
 
-    found = settings(c)
-    flags = {"config": config, "environment": environment, "redis": redis}
-    found.update({name: value for name, value in flags.items() if value is not None})
-    found.update(_worker_flags(interval, job_timeout, reserver, no_fork_per_job))
-    found.update({name: True for name, value in (("daemon", daemon), ("drain", drain)) if value})
-    args = build_parser().parse_args(_command_line(found))
-    status = launch(args, preloaded=True)
+    status = launch(_values(c, POOL, "qless.pool", flags), preloaded=True)
     if status:
         raise Exit(code=status)
 
 
-def _worker_flags(
-    interval: Optional[str],
-    job_timeout: Optional[str],
-    reserver: Optional[str],
-    no_fork_per_job: bool,
-) -> dict[str, Any]:
-    """The worker options given as task flags, typed as the settings are."""
-    flags: dict[str, Any] = {}
-    for name, value in (("interval", interval), ("job_timeout", job_timeout)):
-        if value is not None:
-            flags[name] = _typed(name, float, value)
-    if reserver:
-        flags["reserver"] = reserver
-    if no_fork_per_job:
-        flags["fork_per_job"] = False
-    return flags
-
-
-def _work(
-    c: Any,
-    queues: Optional[str] = None,
-    redis: Optional[str] = None,
-    interval: Optional[str] = None,
-    job_timeout: Optional[str] = None,
-    reserver: Optional[str] = None,
-    no_fork_per_job: bool = False,
-) -> None:
+def _work(c: Any, flags: Mapping[str, Any]) -> None:
     """Run one worker in the foreground on --queues (or $QUEUES), like rake qless:work."""
     from . import logs
-    from .cli import bad_redis_url
     from .client import database_problem
     from .config import CONTROL_CHARACTER
-    from .urls import redis_url_and_origin
-    from .worker.base import Worker
+    from .urls import check_redis_url, redis_url_and_origin
+    from .worker import Worker
 
-    found = settings(c)
-    if redis is not None:
-        found["redis"] = _typed("redis", str, redis)
-    found.update(_worker_flags(interval, job_timeout, reserver, no_fork_per_job))
-    names = queues or os.environ.get("QUEUES") or ",".join(found.get("queues", []))
-    queue_list = [name.strip() for name in names.split(",") if name.strip()]
-    if not queue_list:
+    values = _values(c, WORK, "qless.work", flags)
+    names = values["queues"] or [os.environ.get("QUEUES", "")]
+    queues = [name.strip() for text in names for name in text.split(",") if name.strip()]
+    if not queues:
         raise Exit("qless.work: name the queues with --queues foo,bar or QUEUES=foo,bar", code=2)
-    for name in queue_list:
+    for name in queues:
         control = CONTROL_CHARACTER.search(name)
         if control:
             raise Exit(
                 f"qless.work: queue {name!r} holds the control character {control.group(0)!r}",
                 code=2,
             )
-    appname = found.get("appname") or os.path.basename(os.getcwd())
-    logs.configure(found.get("log_level", "INFO"), appname=appname)
-    options = {
-        k: found[k]
-        for k in (
-            "interval",
-            "reserver",
-            "fork_per_job",
-            "prefetch",
-            "job_timeout",
-            "allow_modules",
-        )
-        if k in found
-    }
-    url = found.get("redis")
-    problem = bad_redis_url(url)
-    if problem:
-        raise Exit(problem, code=2)
-    problem = database_problem(redis_url_and_origin(url)[0])
+    appname = values["appname"] or os.path.basename(os.getcwd())
+    logs.configure(values["log_level"], appname=appname)
+    url, origin = redis_url_and_origin(values["redis"])
+    try:
+        check_redis_url(url)
+    except ValueError as error:
+        raise Exit(f"qless-pool: bad Redis URL (from {origin}): {error}", code=2) from None
+    problem = database_problem(url)
     if problem:
         raise Exit(f"qless.work: {problem}", code=2)
     try:
-        worker = Worker(queue_list, url, appname=appname, **options)
-    except ValueError as error:  # a bad reserver, interval ...
+        worker = Worker(queues, url, appname=appname, **options.going_to("worker", values))
+    except ValueError as error:  # a bad allowlist ...
         raise Exit(f"qless.work: {error}", code=2) from None
     worker.work()
-
-
-_WORKER_HELP = {
-    "redis": "qless's Redis URL (setting: redis)",
-    "interval": "seconds between an idle worker's polls (setting: interval)",
-    "job-timeout": "kill a job running longer and fail it (setting: job_timeout)",
-    "reserver": "ordered, round-robin or shuffled-round-robin (setting: reserver)",
-    "no-fork-per-job": "run jobs in the worker process (setting: fork_per_job: false)",
-}
-_HELP = {
-    "pool": {
-        "config": "the pool's YAML file (setting: config)",
-        "environment": "the config section to use (setting: environment)",
-        **_WORKER_HELP,
-        "daemon": "detach and run in the background (setting: daemon)",
-        "drain": "run until the queues are empty, then stop; exit 1 if a job failed",
-    },
-    "work": {
-        "queues": "comma-separated queue names, in priority order (or $QUEUES)",
-        **_WORKER_HELP,
-    },
-}
 
 
 def collection(setup: Iterable[Task] = (), pool_setup: Iterable[Task] = ()) -> Collection:
@@ -310,23 +284,19 @@ def collection(setup: Iterable[Task] = (), pool_setup: Iterable[Task] = ()) -> C
 
     Every hook runs exactly once per invocation, however many tasks depend on it.
     """
-    setup_task = Task(_setup, name="setup", pre=list(setup))
+    check_task = Task(_check, name="check")
+    check_pool_task = Task(_check_pool, name="check_pool")
+    setup_task = Task(_setup, name="setup", pre=[check_task, *setup])
     # Named "pool_setup" (in logs and `invoke -d`), listed as qless.pool.setup.
     pool_setup_task = Task(_pool_setup, name="pool_setup", pre=[setup_task, *pool_setup])
-    pool_task = Task(
-        _pool,
-        name="pool",
-        pre=[setup_task, pool_setup_task],
-        help=_HELP["pool"],
-        auto_shortflags=False,  # -d, -a ... would not mean what they mean to qless-pool
-    )
-    work_task = Task(
-        _work, name="work", pre=[setup_task], help=_HELP["work"], auto_shortflags=False
-    )
+    pool_task = _task(POOL, _pool, "pool", pre=[check_pool_task, setup_task, pool_setup_task])
+    work_task = _task(WORK, _work, "work", pre=[setup_task])
     pool = Collection("pool")
-    pool.add_task(pool_task, default=True)
+    pool.add_task(pool_task, name="run", default=True)
     pool.add_task(pool_setup_task, name="setup")
+    pool.add_task(check_pool_task, name="check")
     qless = Collection("qless")
+    qless.add_task(check_task)
     qless.add_task(setup_task)
     qless.add_task(work_task)
     qless.add_collection(pool)

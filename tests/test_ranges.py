@@ -14,7 +14,7 @@ from test_bad_input import one_line, qless_pool
 from test_tasks import CHAIN_APP, USER_TASKS, invoke
 
 import qless_pool as package
-from qless_pool.options import MAX_SECONDS, RANGES, OptionError, check
+from qless_pool.options import MAX_SECONDS, OPTIONS, OptionError, Seconds, Whole, check
 from qless_pool.worker import Worker
 
 BIG = "1" + "0" * 30
@@ -110,7 +110,7 @@ def test_run_checks_the_options_before_loading_the_application():
         package.run({"foo": 1}, interval=1e-320, preload_modules=["no_such_module_here"])
     with pytest.raises(OptionError, match=r"^prefetch: must be at most 1,000"):
         package.run({"foo": 1}, prefetch=10**30, preload_modules=["no_such_module_here"])
-    with pytest.raises(OptionError, match=r"^redis_url: empty"):
+    with pytest.raises(OptionError, match=r"^redis: empty"):
         package.run({"foo": 1}, redis_url="", preload_modules=["no_such_module_here"])
 
 
@@ -124,28 +124,30 @@ def test_a_worker_made_by_hand_checks_its_options():
 
 
 def test_every_range_takes_its_bounds_and_refuses_past_them():
-    for name, allowed in RANGES.items():
-        low, high = allowed.minimum, allowed.maximum
-        if getattr(allowed, "positive", False):
+    ranged = [opt for opt in OPTIONS if isinstance(opt.kind, (Seconds, Whole))]
+    assert len(ranged) >= 10
+    for opt in ranged:
+        low, high = opt.kind.minimum, opt.kind.maximum
+        if getattr(opt.kind, "positive", False):
             low = 1e-6
-        assert check(name, low) == low, name
-        assert check(name, high) == high, name
+        assert check(opt.name, low) == low, opt.name
+        assert check(opt.name, high) == high, opt.name
         with pytest.raises(OptionError):
-            check(name, high * 2 + 1)
+            check(opt.name, high * 2 + 1)
         with pytest.raises(OptionError):
-            check(name, -1)
-    assert RANGES["job_timeout"].maximum == MAX_SECONDS
+            check(opt.name, -1)
+    assert next(opt for opt in OPTIONS if opt.name == "job_timeout").kind.maximum == MAX_SECONDS
 
 
 @pytest.mark.parametrize(
     ("task", "variable", "value", "message"),
     [
-        ("qless.pool", "PREFETCH", BIG, f"argument --prefetch: must be at most 1,000: '{BIG}'"),
-        ("qless.pool", "INTERVAL", "1e-320", "argument -i/--interval: must be at least 0.01 seconds"),
+        ("qless.pool", "PREFETCH", BIG, f"qless_pool.prefetch: must be at most 1,000: '{BIG}'"),
+        ("qless.pool", "INTERVAL", "1e-320", "qless_pool.interval: must be at least 0.01 seconds"),
         ("qless.pool", "USER", "", "qless_pool.user: empty (an unset variable?)"),
         ("qless.pool", "REDIS", "", "qless_pool.redis: empty (an unset variable?)"),
-        ("qless.work", "PREFETCH", BIG, f"qless.work: prefetch: must be at most 1,000: {BIG}"),
-        ("qless.work", "INTERVAL", "1e-320", "qless.work: interval: must be at least 0.01 seconds"),
+        ("qless.work", "PREFETCH", BIG, f"qless_pool.prefetch: must be at most 1,000: '{BIG}'"),
+        ("qless.work", "INTERVAL", "1e-320", "qless_pool.interval: must be at least 0.01 seconds"),
         ("qless.work", "REDIS", "", "qless_pool.redis: empty (an unset variable?)"),
     ],
 )  # fmt: skip

@@ -107,8 +107,9 @@ def test_the_chain_runs_in_order_once_each_and_the_task_process_becomes_the_mana
     (project / "invoke.yaml").write_text("qless_pool:\n  preload: [chainapp]\n  interval: 0.2\n")
     result = invoke(project, redis_url, "-d", "qless.pool", "--drain")
     assert result.returncode == 0, result.stderr
+    # The settings and the config are checked before the user's tasks load the application.
     assert executed(result.stderr) == [
-        "environment", "setup", "close_connections", "pool_setup", "pool",
+        "check_pool", "check", "environment", "setup", "close_connections", "pool_setup", "pool",
     ]  # fmt: skip
     records = chain(project)
     assert [what for what, *_ in records[:3]] == ["environment", "preload", "pool-setup"]
@@ -129,7 +130,7 @@ def test_each_hook_runs_once_even_when_several_tasks_need_it(project, redis_url)
     )
     assert result.returncode == 0, result.stderr
     assert executed(result.stderr) == [
-        "environment", "setup", "close_connections", "pool_setup", "pool",
+        "check", "environment", "setup", "close_connections", "pool_setup", "check_pool", "pool",
     ]  # fmt: skip
     assert [what for what, *_ in chain(project)].count("preload") == 1
 
@@ -158,7 +159,7 @@ def test_the_hooks_reach_every_task_that_depends_on_qless_setup(project, redis_u
         process.send_signal(signal.SIGQUIT)
         _, stderr = process.communicate(timeout=10)
         assert process.returncode == 0
-        assert executed(stderr) == ["environment", "setup", "work"]
+        assert executed(stderr) == ["check", "environment", "setup", "work"]
     finally:
         process.kill()
         process.wait()
@@ -193,7 +194,7 @@ def test_list_shows_the_four_tasks_with_one_line_of_help_each():
     for name, words in (
         ("qless.setup", "Load the application"),
         ("qless.pool.setup", "Close what must not cross a fork"),
-        ("qless.pool.pool (qless.pool)", "Run the pool manager"),
+        ("qless.pool.run (qless.pool)", "Run the pool manager"),
         ("qless.work", "Run one worker"),
     ):
         line = next(
@@ -211,10 +212,10 @@ def test_collection_builds_a_fresh_chain_each_time():
 
     first, second = qless_pool.tasks.collection(setup=[mine]), qless_pool.tasks.collection()
     assert first["setup"] is not second["setup"]
-    assert [t.name for t in first["setup"].pre] == ["mine"]
-    assert second["setup"].pre == []
+    assert [t.name for t in first["setup"].pre] == ["check", "mine"]
+    assert [t.name for t in second["setup"].pre] == ["check"]
     # qless.pool's own pre-tasks are this collection's setup tasks, not the module's.
-    assert first["pool"].pre[0] is first["setup"]
+    assert first["pool"].pre[1] is first["setup"]
 
 
 # --- settings -------------------------------------------------------------------------------------
@@ -432,9 +433,9 @@ def test_the_environment_overrides_invoke_yaml_for_every_type(project, redis_url
 @pytest.mark.parametrize(
     ("yaml", "message"),
     [
-        ("  interval: soon\n", "qless_pool.interval: must be a number, not 'soon'"),
-        ("  max_jobs: 2.5\n", "qless_pool.max_jobs: must be a whole number, not 2.5"),
-        ("  daemon: maybe\n", "qless_pool.ops.daemon: must be true or false, not 'maybe'"),
+        ("  interval: soon\n", "qless_pool.interval: not a number of seconds: 'soon'"),
+        ("  max_jobs: 2.5\n", "qless_pool.max_jobs: not a whole number: 2.5"),
+        ("  daemon: maybe\n", "qless_pool.daemon: must be true or false, not 'maybe'"),
         ("  preload: {a: 1}\n", "qless_pool.preload: must be a list, not {'a': 1}"),
     ],
 )

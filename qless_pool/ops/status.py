@@ -211,6 +211,7 @@ def collect(pid: int, redis_url: Optional[str] = None, queues: bool = True) -> d
             "redis": manager.get("redis_shown"),
             "stopping": manager.get("stopping"),
             "restarts": manager.get("restarts", {}),
+            "options": manager.get("options", {}),
             "rss_bytes": rss_bytes(pid),
         },
         "groups": groups,

@@ -27,15 +27,12 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from .. import hooks, lifeline, notes, options, proctitle
-from ..client import database_problem
 from ..config import MAX_POOL_WORKERS, ConfigError, ConfigSource, Groups
-from ..hooks import preload
-from ..logs import configure as configure_logging
 from ..logs import logger, set_role
 from ..ops import state
 from ..urls import check_redis_url, default_redis_url, mask_secrets
@@ -45,7 +42,7 @@ from ..worker.reservation import default_allowed_modules
 from ..worker.will import open_will, settle_remains
 from .drain import DrainWatcher, run_watcher
 
-__all__ = ["TERM_BEHAVIOURS", "Pool", "WorkerRecord", "run"]
+__all__ = ["TERM_BEHAVIOURS", "Pool", "WorkerRecord"]
 
 log = logger.getChild("manager")
 
@@ -141,10 +138,14 @@ class Pool:
             raise ValueError(f"term_behaviour must be one of {', '.join(TERM_BEHAVIOURS)}")
         # Checked here, before anything forks: a value a worker would refuse must not reach
         # every worker, one after the other (options.py).
-        self.worker_options = options.checked(worker_options or {})
+        self.worker_options = {
+            name: options.check(name, value) for name, value in (worker_options or {}).items()
+        }
         spawn_delay = options.check("spawn_delay", spawn_delay)
-        max_workers = options.check("max_workers", max_workers)
-        options.nonempty("redis_url", redis_url)
+        if max_workers is not None:
+            max_workers = options.check("max_workers", max_workers)
+        if redis_url is not None:
+            redis_url = options.check("redis", redis_url)
         if isinstance(config, ConfigSource):
             self.source = config
             if max_workers is not None:
@@ -166,6 +167,9 @@ class Pool:
         self.drain_pid: Optional[int] = None
         # --metrics-port: the bound socket, served by a helper process (metrics.py).
         self.metrics_listener = metrics_listener
+        #: What the launcher did with the options that are its own (pool/launch.py): shown in
+        #: the pool's state beside the pool's and the workers' (effective_options).
+        self.launch_options: dict[str, Any] = {}
         self.metrics_pid: Optional[int] = None
         self.metrics_restart_at = 0.0
         self.exit_status = 0
@@ -192,6 +196,23 @@ class Pool:
         self._published: Any = None
         self._state_problem: Optional[str] = None  # why the state cannot be written, once said
         self._state_written = False  # manager.json is there (or was, if intact() says no)
+
+    def effective_options(self) -> dict[str, Any]:
+        """The options (options.py) as this pool holds them, the Redis password masked: its own,
+        its workers', and what its launcher did (``launch_options``)."""
+        return {
+            **self.launch_options,
+            "config": self.source.name,
+            "environment": self.source.environment,
+            "max_workers": self.source.max_workers,
+            "appname": self.appname,
+            "redis": mask_secrets(self.redis_url),
+            "spawn_delay": self.spawn_delay,
+            "single_process_group": self.single_process_group,
+            "term": self.term_behaviour,
+            "drain": self.drain,
+            **self.worker_options,
+        }
 
     # --- start and the loop ---------------------------------------------------------------------
 
@@ -848,6 +869,7 @@ class Pool:
                 for w in self.workers.values()
             ],
             "restarts": dict(self.restarts),
+            "options": self.effective_options(),
             "drain_pid": self.drain_pid,
             "metrics_pid": self.metrics_pid,
         }
@@ -902,46 +924,3 @@ def _kill(pid: int, signum: int) -> None:
         os.kill(pid, signum)
     except ProcessLookupError:  # exited and reaped by someone else: nothing to signal
         pass
-
-
-def run(
-    config: Any = None,
-    environment: Optional[str] = None,
-    *,
-    preload_modules: Iterable[str] = (),
-    include: Sequence[str] = (),
-    log_level: Optional[str] = "INFO",
-    **options: Any,
-) -> int:
-    """Run a pool from a plain script; returns the exit status when the pool stops.
-
-    ``qless_pool.run("config/qless-pool.yml", "production", preload_modules=["myapp"])``.
-    Other keywords are :class:`Pool`'s (``appname``, ``redis_url``, ``term_behaviour``,
-    ``spawn_delay``, ...) and the workers' (``interval``, ``reserver``, ``fork_per_job``,
-    ``prefetch``, ``job_timeout``, ``kill_grace``, ``allow_modules``, ``max_jobs``,
-    ``max_jobs_jitter``, ``max_memory``, ``graceful_timeout``). ``log_level=None`` leaves logging as the
-    caller set it up. Raises ConfigError for a bad config, before the application is preloaded.
-    """
-    if log_level is not None:
-        configure_logging(log_level, appname=options.get("appname"))
-    worker_keys = {
-        "interval",
-        "reserver",
-        "fork_per_job",
-        "job_timeout",
-        "kill_grace",
-        "allow_modules",
-        "prefetch",
-        "max_jobs",
-        "max_jobs_jitter",
-        "max_memory",
-        "graceful_timeout",
-    }
-    worker_options = {k: options.pop(k) for k in list(options) if k in worker_keys}
-    pool = Pool(config, environment, worker_options=worker_options, **options)
-    pool.load_config()
-    problem = database_problem(pool.redis_url)
-    if problem:
-        raise ValueError(problem)
-    preload(preload_modules, include)
-    return pool.run()

@@ -231,6 +231,21 @@ class Worker:
     def __repr__(self) -> str:
         return f"<Worker {self.name} {','.join(self.queues)}>"
 
+    def effective_options(self) -> dict[str, Any]:
+        """The worker options (options.py) as this worker holds them."""
+        return {
+            "interval": self.interval,
+            "reserver": self.reserver.name,
+            "fork_per_job": self.fork_per_job,
+            "prefetch": self.prefetch.fixed,
+            "job_timeout": self.job_timeout,
+            "allow_modules": list(self.allow_modules),
+            "max_jobs": self.limits.max_jobs,
+            "max_jobs_jitter": self.limits.max_jobs_jitter,
+            "max_memory": self.limits.max_memory_mb,
+            "graceful_timeout": self.limits.graceful_timeout,
+        }
+
     # --- the loop -------------------------------------------------------------------------------
 
     def work(self) -> int:
@@ -292,9 +307,10 @@ class Worker:
             self.name,
             ",".join(self.queues),
             "a child per job" if self.fork_per_job else "jobs in process",
-            type(self.reserver).__name__,
+            self.reserver.name,
             self.interval,
         )
+        log.debug("worker options: %s", json.dumps(self.effective_options(), sort_keys=True))
         clean = False
         try:
             while not self._finished():

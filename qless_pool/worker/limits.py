@@ -45,6 +45,11 @@ class Limits:
         max_memory: Optional[int] = None,
         graceful_timeout: Optional[float] = None,
     ):
+        self.max_jobs, self.max_jobs_jitter, self.max_memory_mb = (
+            max_jobs,
+            max_jobs_jitter,
+            max_memory,
+        )
         self.job_limit = max_jobs + random.randint(0, max_jobs_jitter) if max_jobs else None
         self.max_memory = max_memory * 1024 * 1024 if max_memory else None
         self.graceful_timeout = graceful_timeout

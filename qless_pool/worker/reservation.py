@@ -56,6 +56,8 @@ log = logger.getChild("worker")
 class OrderedReserver:
     """The first queue in the list that has a job wins (the Ruby gem's default)."""
 
+    name = "ordered"
+
     def __init__(self, queues: Sequence[str]):
         self.queues = list(queues)
 
@@ -68,6 +70,8 @@ class OrderedReserver:
 
 class RoundRobinReserver(OrderedReserver):
     """Each attempt starts at the queue after the one tried last, so no queue starves."""
+
+    name = "round-robin"
 
     def __init__(self, queues: Sequence[str]):
         super().__init__(queues)
@@ -82,6 +86,8 @@ class RoundRobinReserver(OrderedReserver):
 
 class ShuffledRoundRobinReserver(RoundRobinReserver):
     """Round robin over an order shuffled once per worker, so workers start on different queues."""
+
+    name = "shuffled-round-robin"
 
     def __init__(self, queues: Sequence[str]):
         shuffled = list(queues)

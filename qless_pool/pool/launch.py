@@ -1,0 +1,265 @@
+"""From options to a running pool: the one way every entry starts one.
+
+The ``qless-pool`` command (cli.py), ``invoke qless.pool`` (tasks.py) and ``qless_pool.run()``
+all end here, with the options read the same way (options.py)::
+
+    check       the config, the Redis URL (and, if Redis answers, its database), the allowlist,
+                --user/--group, the metrics extra: nothing is forked or opened yet
+    daemonize   -d: detach; from here on the start is reported through a pipe
+    open        log files, pidfile, lock, the metrics port (as root, if started as root)
+    drop        --user/--group: from here on the application runs unprivileged
+    load        --preload (Invoke's qless.setup has loaded it already)
+    run         Pool(...).run(), until a signal (or --drain) ends it
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .. import logs, options, proctitle
+from ..client import database_problem
+from ..config import EX_CONFIG, ConfigError, ConfigSource, Groups, groups_to_json
+from ..hooks import preload
+from ..ops import metrics
+from ..ops.daemon import (
+    DEFAULT_PIDFILE,
+    DEFAULT_STDERR,
+    DEFAULT_STDOUT,
+    DaemonError,
+    Identity,
+    LogFiles,
+    Pidfile,
+    PoolLock,
+    Readiness,
+    SystemdNotifier,
+    daemonize,
+    drop_privileges,
+    resolve_identity,
+)
+from ..urls import check_redis_url, redis_url_and_origin
+from ..worker.reservation import check_allowed_modules, default_allowed_modules
+from .manager import Pool
+
+__all__ = ["LaunchError", "check", "launch", "run"]
+
+log = logs.logger.getChild("launch")
+
+
+class LaunchError(Exception):
+    """The pool cannot start: one line for the operator, and the exit status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Checked:
+    """Options that passed every check made before anything starts."""
+
+    values: dict[str, Any]
+    source: ConfigSource
+    groups: Groups
+    identity: Optional[Identity]
+
+
+def check(values: dict[str, Any], source: Optional[ConfigSource] = None) -> Checked:
+    """Everything that can be checked before anything forks, detaches or opens a file; raises
+    LaunchError. ``values["redis"]`` becomes the URL to use (the option's, else the
+    environment's, else the default), ``values["allow_modules"]`` the allowlist in force."""
+    try:
+        if source is None:
+            source = ConfigSource(
+                values["config"], values["environment"], max_workers=values["max_workers"]
+            )
+        groups = source.load()
+    except ConfigError as error:
+        raise LaunchError(EX_CONFIG, f"config error: {error}") from None
+    # A URL that cannot work is refused here; a Redis that is down is not (the workers ride
+    # that out).
+    url, origin = redis_url_and_origin(values["redis"])
+    try:
+        check_redis_url(url)
+    except ValueError as error:
+        raise LaunchError(2, f"bad Redis URL (from {origin}): {error}") from None
+    values["redis"] = url
+    allowed = values["allow_modules"]
+    try:
+        values["allow_modules"] = list(
+            check_allowed_modules(default_allowed_modules() if allowed is None else allowed)
+        )
+    except ValueError as error:
+        raise LaunchError(2, f"--allow-module: {error}") from None
+    try:
+        identity = resolve_identity(values.get("user"), values.get("group"))
+    except DaemonError as error:
+        raise LaunchError(error.status, str(error)) from None
+    if values.get("metrics_port"):
+        try:
+            metrics.require()
+        except metrics.MetricsError as error:
+            raise LaunchError(error.status, str(error)) from None
+    if not values.get("dry_run"):
+        problem = database_problem(url)
+        if problem:
+            raise LaunchError(2, problem)
+    return Checked(values, source, groups, identity)
+
+
+def launch(
+    values: dict[str, Any], source: Optional[ConfigSource] = None, preloaded: bool = False
+) -> int:
+    """Start a pool as the command does (also ``invoke qless.pool``): a problem is one line on
+    stderr and the exit status. ``preloaded``: the application is loaded in this process
+    already (Invoke's ``qless.setup``), so ``--preload`` and ``--include`` are not applied
+    again. Returns the exit status."""
+    try:
+        checked = check(values, source)
+    except LaunchError as error:
+        print(f"qless-pool: {error}", file=sys.stderr)
+        return error.status
+    if values.get("dry_run"):
+        print(groups_to_json(checked.groups))
+        return 0
+    # Everything that can be checked before detaching has been: from here on, a daemon reports
+    # its start (or why it failed) through `readiness`, and the command exits with that.
+    readiness = daemonize() if values.get("daemon") else None
+    return _run(checked, readiness, preloaded, configure_logging=True)
+
+
+def run(
+    config: Any = None,
+    environment: Optional[str] = None,
+    *,
+    log_level: Optional[str] = "INFO",
+    **given: Any,
+) -> int:
+    """Run a pool from a plain script; returns the exit status when the pool stops.
+
+    ``qless_pool.run("config/qless-pool.yml", "production", preload=["myapp"])``. ``config`` is
+    a path, a dict in the file's shape, or a callable taking the environment name and
+    returning one (config/__init__.py). The keywords are the options (options.py, or the
+    README's option table), by their setting names; ``log_level=None`` leaves logging as the
+    caller set it up. A bad option raises OptionError, a bad config ConfigError, both before
+    the application is loaded; what the command would refuse with an exit status (a bad Redis
+    URL, a pidfile held) raises LaunchError.
+    """
+    values = options.read_values(
+        {**given, **({"log_level": log_level} if log_level is not None else {})},
+        options.RUN,
+        where="qless_pool.run(): ",
+    )
+    source = ConfigSource(config, environment, max_workers=values["max_workers"])
+    source.load()  # ConfigError, before anything else
+    checked = check(values, source)
+    return _run(checked, None, preloaded=False, configure_logging=log_level is not None)
+
+
+def _run(
+    checked: Checked, readiness: Optional[Readiness], preloaded: bool, configure_logging: bool
+) -> int:
+    values = checked.values
+    appname = values["appname"] or os.path.basename(os.getcwd())
+    # At once: the command line (which may hold a password) is no longer what ps shows.
+    proctitle.set_title(proctitle.manager(appname, []))
+    log_files: Optional[LogFiles] = None
+
+    def fail(status: int, message: str) -> int:
+        """One line for the operator: on the launching terminal (a daemon's start pipe), and
+        in the log file if one is open."""
+        if readiness is None:
+            print(f"qless-pool: {message}", file=sys.stderr)
+        else:
+            if log_files is not None:
+                log.error("%s", message)
+            readiness.failed(status, message)
+        return status
+
+    daemon = bool(values.get("daemon"))
+    if daemon or values.get("stdout") or values.get("stderr"):
+        files = LogFiles(
+            values.get("stdout") or DEFAULT_STDOUT,
+            values.get("stderr") or DEFAULT_STDERR,
+            sync=values.get("sync", True),
+        )
+        try:
+            files.open()
+        except DaemonError as error:
+            return fail(error.status, str(error))
+        log_files = files
+    if configure_logging:
+        logs.configure(values["log_level"], appname=appname)
+    logs.set_role("manager", appname)
+
+    given_pidfile = values.get("pidfile")
+    pidfile_path = (DEFAULT_PIDFILE if daemon else None) if given_pidfile is None else given_pidfile
+    pidfile = Pidfile(pidfile_path) if pidfile_path else None
+    try:
+        if pidfile is not None:
+            pidfile.acquire()
+        if values.get("lock"):
+            PoolLock(values["lock"]).acquire()
+    except DaemonError as error:
+        return fail(error.status, str(error))
+    listener = None
+    if values.get("metrics_port"):  # bound before dropping privileges: a port below 1024 too
+        try:
+            listener = metrics.bind(values["metrics_address"], values["metrics_port"])
+        except metrics.MetricsError as error:
+            return fail(error.status, str(error))
+    # The files are open: from here on, the application runs without root's privileges.
+    if checked.identity is not None:
+        drop_privileges(checked.identity, log_files)
+    elif os.geteuid() == 0:
+        log.warning(
+            "running as root: give --user (and --group) to run the pool and its jobs "
+            "unprivileged once the pidfile and log files are open"
+        )
+    metrics_directory = None
+    if listener is not None:
+        # Before the application is loaded (and imports prometheus_client).
+        metrics_directory = metrics.prepare()
+    try:
+        if not preloaded:
+            modules = values["preload"] or []
+            try:
+                preload(modules, values["include"] or [])
+            except Exception as error:
+                log.exception("preloading %s failed", ", ".join(modules))
+                return fail(1, f"preloading {', '.join(modules)} failed: {error!r}")
+        notifier = SystemdNotifier()
+
+        def lifecycle(event: str, pool: Pool) -> None:
+            if event == "started" and readiness is not None:
+                readiness.started()
+            notifier(event, pool)
+
+        pool = Pool(
+            checked.source,
+            **{**options.going_to("pool", values), "appname": appname},
+            worker_options=options.going_to("worker", values),
+            daemonized=daemon,
+            reopen_logs=log_files.reopen if log_files else None,
+            lifecycle=lifecycle,
+            close_in_workers=[pidfile.fd] if pidfile else [],
+            metrics_listener=listener,
+        )
+        pool.groups = checked.groups
+        pool.launch_options = {
+            **{opt.name: values.get(opt.name) for opt in options.OPTIONS if opt.goes_to == "launch"
+               and opt.name in values},
+            "daemon": daemon,
+            "pidfile": pidfile_path or False,
+            "stdout": log_files.stdout if log_files else None,
+            "stderr": log_files.stderr if log_files else None,
+        }  # fmt: skip
+        pool.launch_options.pop("dry_run", None)
+        return pool.run()
+    finally:
+        if pidfile is not None:
+            pidfile.release()
+        if metrics_directory is not None:
+            metrics.discard(metrics_directory)
