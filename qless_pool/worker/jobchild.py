@@ -28,6 +28,7 @@ from typing import Any, NoReturn, Optional
 
 from .. import lifeline, proctitle
 from ..logs import logger, set_role
+from .outcome import JobRun, Report
 from .reservation import HeldJob
 from .running import JobClient, describe_job, run_job
 
@@ -69,14 +70,14 @@ class JobChild:
     settled: Optional[str] = None  # how the job settled itself, as soon as it did
     completed: Optional[str] = None  # the data of a complete() the job made, not yet sent
     unread: bytes = b""  # of the report pipe: a line not yet whole
-    report: Optional[dict[str, Any]] = None  # once the child has reported
+    report: Optional[Report] = None  # once the child has reported
 
     @property
     def jid(self) -> str:
         assert self.job is not None
         return self.job["jid"]
 
-    def read_report(self) -> Optional[dict[str, Any]]:
+    def read_report(self) -> Optional[Report]:
         """Read what the child has written; its report once that line is whole, else None.
 
         Before the report, the child says at once when its job settles itself:
@@ -97,17 +98,17 @@ class JobChild:
                 elif "settled" in message:
                     self.settled = message["settled"]
                 else:
-                    self.report = message
+                    self.report = Report.from_json(message)
                     break
         return self.report
 
-    def last_word(self) -> dict[str, Any]:
+    def last_word(self) -> Report:
         """What a child that is gone said: its report; or, if it died after its job called
         ``complete()``, that complete, for the worker to send; or nothing."""
         report = self.read_report()
         if report is None and self.completed is not None:
-            report = {"outcome": "returned", "data": self.completed, "cut_short": True}
-        return report or {}
+            report = Report(outcome="returned", data=self.completed, cut_short=True)
+        return report or Report()
 
     def close(self) -> None:
         for fd in (self.report_fd, self.job_fd):
@@ -204,7 +205,7 @@ def _become_child(
         proctitle.set_title(proctitle.processing(job["queue"], time.time()))
         setup.client.on_settled = lambda message: _write_line(report_fd, message)
         report = run_job(setup.client, job, setup.allow_modules)
-        _write_line(report_fd, report)
+        _write_line(report_fd, report.to_json())
         status = 0
     except BrokenPipeError:
         pass  # the worker parent is gone (and this child about to be): nothing to tell
@@ -250,8 +251,17 @@ class Ended:
     (None: it reported and is still exiting)."""
 
     child: JobChild
-    report: dict[str, Any]
+    report: Report
     status: Optional[int]
+
+    def run(self) -> JobRun:
+        """The run, for settling."""
+        child = self.child
+        assert child.job is not None
+        return JobRun(
+            child.job, self.report, self.status, child.kill_reason, child.timed_out,
+            child.next_heartbeat,
+        )  # fmt: skip
 
 
 class Children:
@@ -326,7 +336,7 @@ class Children:
         if child is None:
             return ended
         report = child.read_report()
-        if report:  # it has reported: the job is done, whenever the process itself exits
+        if report is not None:  # it has reported: the job is done, whenever it exits
             self.running = None
             self.finishing.append(child)
             if child.escalate_at is None:  # it exits at once, or is made to

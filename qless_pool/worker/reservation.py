@@ -10,7 +10,7 @@ how many jobs it pops at once.
   about a second (``BATCH_SECONDS``) when the jobs run as fast as the last ones did: it doubles
   while jobs are fast and drops at once when one is slow. The jobs popped ahead are *held*:
   locked to this worker, heartbeated like the running job (by the worker's loop between jobs,
-  by its keeper thread while one runs: running.Keeper), and given back to their queue (no
+  by its keeper thread while one runs: inprocess.Keeper), and given back to their queue (no
   retry spent) if the worker must stop before it runs them.
 """
 

@@ -17,6 +17,12 @@ its child died, or was killed, or it was    ``retry`` as ``<queue>-DirtyExit``: 
 interrupted, without settling it            or, out of retries, fails
 ==========================================  =================================================
 
+*The one batching* (an optimisation, and the only place the worker defers what it owes): a
+``complete`` owed rides with the worker's next pop, both in one round trip (Settler.send_with);
+with no pop to ride with, it goes alone when due (MAX_COMPLETE_DELAY after the run, or sooner
+if the job's lock is due). Meanwhile it is in the worker's will (will.py): if the worker dies,
+it is sent for it. Everything else is sent at once.
+
 Everything but a ``complete`` is sent only if qless still says the job is running on this
 worker (``fail`` does not check its owner itself), so that a job that was taken away meanwhile
 (its lock expired and another worker has it) is left alone, and nothing is reported twice.
@@ -39,6 +45,7 @@ from qless.exceptions import QlessException
 from .. import lifeline
 from ..client import pipelined, raise_if_down, redis_is_down
 from ..logs import logger
+from .outcome import JobRun, Report
 from .running import describe_job
 from .will import Will
 
@@ -70,47 +77,35 @@ class Settlement:
         return self.command[0] == "complete"
 
 
-def settlement_for(
-    job: dict[str, Any],
-    report: dict[str, Any],
-    status: Optional[int],
-    kill_reason: Optional[str],
-    timed_out: bool,
-    worker: str,
-    job_timeout: Optional[float],
-    lock_due: float,
-) -> Optional[Settlement]:
-    """How to settle ``job``, given its run's report (empty if it sent none), its child's wait
-    status (None: it ran in the worker process) and why the worker stopped it, if it did.
-    ``lock_due`` (monotonic) is when the job's lock would be due a heartbeat: a complete owed
-    goes by then (or within MAX_COMPLETE_DELAY), with a pop or without.
-    None: the job settled itself (its log line is written here)."""
-    seconds = float(report.get("seconds") or 0.0)
-    outcome = report.get("outcome")
-    if outcome == "returned":  # even if its run was then cut short: complete() was called
-        if report.get("cut_short"):
+def settlement_for(run: JobRun, worker: str, job_timeout: Optional[float]) -> Optional[Settlement]:
+    """How to settle ``run``'s job (None: the job settled itself; its log line is written
+    here). A complete owed goes by the time its lock is due a heartbeat (``run.lock_due``), or
+    within MAX_COMPLETE_DELAY, with a pop or without."""
+    job, report = run.job, run.report
+    if report.outcome == "returned":  # even if its run was then cut short: complete() was called
+        if report.cut_short:
             log.warning(
                 "%s called complete() and then its run was cut short (%s); completing it",
                 describe_job(job),
-                "timeout" if timed_out else kill_reason or _ended(status),
+                "timeout" if run.timed_out else run.kill_reason or _ended(run.status),
             )
-        command = ["complete", job["jid"], worker, job["queue"], report.get("data") or "{}"]
-        due = min(lock_due, time.monotonic() + MAX_COMPLETE_DELAY)
-        return Settlement(job, command, "completed", seconds, due)
-    if outcome and outcome != "returned":
-        log.info("%s: %s in %.3fs", describe_job(job), _described(report), seconds)
+        command = ["complete", job["jid"], worker, job["queue"], report.data or "{}"]
+        due = min(run.lock_due, time.monotonic() + MAX_COMPLETE_DELAY)
+        return Settlement(job, command, "completed", report.seconds, due)
+    if report.outcome:
+        log.info("%s: %s in %.3fs", describe_job(job), _described(report), report.seconds)
         return None
-    if report.get("unreported"):
-        command = report["unreported"]
+    if report.unreported:
+        command = report.unreported
         reason = f"its run could not report {command[0]} (Redis was unreachable)"
-        return Settlement(job, command, reason, seconds)
-    if timed_out:
+        return Settlement(job, command, reason, report.seconds)
+    if run.timed_out:
         message = f"killed after running longer than the job timeout ({job_timeout:g}s)"
         group = f"{job['queue']}-TimeoutError"
         return Settlement(job, ["fail", job["jid"], worker, group, message, job["data"]], message)
-    ended = _ended(status)
-    if kill_reason:
-        ended = kill_reason if status is None else f"{kill_reason}: {ended}"
+    ended = _ended(run.status)
+    if run.kill_reason:
+        ended = run.kill_reason if run.status is None else f"{run.kill_reason}: {ended}"
     message = f"{ended}; the job did not complete or fail"
     group = f"{job['queue']}-DirtyExit"
     return Settlement(job, ["retry", job["jid"], job["queue"], worker, 0, group, message], message)
@@ -128,16 +123,14 @@ def _ended(status: Optional[int]) -> str:
     return f"its child exited with status {os.WEXITSTATUS(status)}"
 
 
-def _described(report: dict[str, Any]) -> str:
-    group = report.get("group")
+def _described(report: Report) -> str:
     text = settled_outcome(report)
-    return f"{text} ({group})" if group else text
+    return f"{text} ({report.group})" if report.group else text
 
 
-def settled_outcome(report: dict[str, Any]) -> str:
+def settled_outcome(report: Report) -> str:
     """How a job that settled itself ended: completed, failed, retried, moved or canceled."""
-    outcome = report.get("outcome")
-    return OUTCOMES.get(outcome, str(outcome))
+    return OUTCOMES.get(report.outcome or "", str(report.outcome))
 
 
 class Settler:
