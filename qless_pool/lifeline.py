@@ -35,6 +35,7 @@ __all__ = [
     "kill_group",
     "leads_group_in_session",
     "reap",
+    "send",
 ]
 
 _PR_SET_PDEATHSIG = 1
@@ -100,6 +101,12 @@ def become_subreaper(on: bool = True) -> bool:
     if _prctl is None:
         return False
     return _prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
+
+
+def send(pid: int, signum: int) -> None:
+    """Signal ``pid``; one that has exited (and been reaped) is fine."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
 
 
 def kill_group(pgid: int, signum: int) -> None:

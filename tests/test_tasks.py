@@ -425,7 +425,7 @@ def test_the_environment_overrides_invoke_yaml_for_every_type(project, redis_url
     assert result.returncode == 0, result.stderr
     loaded = [what for what, *_ in chain(project)]
     assert "otherapp" in loaded and "preload" not in loaded  # not chainapp
-    assert "jobs in process, OrderedReserver, polling every 0.5s" in result.stderr
+    assert "jobs in process, ordered, polling every 0.5s" in result.stderr
     assert "qless-pool-manager[fromenv]" in result.stderr
     assert "drained foo: 1 completed, 0 failed" in result.stdout
 
@@ -463,7 +463,7 @@ def test_qless_work_takes_the_worker_options(project, redis_url, client):
         _, err = process.communicate(timeout=10)
     finally:
         process.kill()
-    assert "on foo,bar (jobs in process, RoundRobinReserver, polling every 0.3s)" in err
+    assert "on foo,bar (jobs in process, round-robin, polling every 0.3s)" in err
 
 
 def test_qless_pool_daemon_shows_the_manager_title_at_once(project, redis_url):

@@ -46,6 +46,7 @@ __all__ = [
     "ConfigNotFound",
     "ConfigSource",
     "Groups",
+    "describe_groups",
     "environment_name",
     "expand_variables",
     "find_config_file",
@@ -350,6 +351,11 @@ def _kind(value: Any) -> str:
 
 def _too_big(size: int) -> str:
     return f"is {size:,} bytes; a config file may be at most {MAX_CONFIG_BYTES:,} bytes"
+
+
+def describe_groups(groups: Groups) -> str:
+    """``foo: 1, foo,bar,baz: 4`` (or ``no workers``), for log lines."""
+    return ", ".join(f"{','.join(q)}: {n}" for q, n in groups.items()) or "no workers"
 
 
 def groups_to_json(groups: Groups) -> str:

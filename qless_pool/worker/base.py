@@ -51,20 +51,19 @@ from ..client import (
     redis_is_down,
 )
 from ..logs import logger, set_role
-from ..notes import BEGAN, NoteTaker, PauseFlag
+from ..notes import NoteTaker, PauseFlag
 from .events import Subscriptions
 from .limits import RECYCLED, Limits
 from .outcome import JobRun
-from .presence import Presence
+from .presence import Presence, effective_options
 from .reservation import (
-    HeldJob,
     Holding,
     Prefetch,
     check_allowed_modules,
-    class_allowed,
     default_allowed_modules,
     make_reserver,
 )
+from .reserving import Reserving
 from .running import describe_job
 from .settling import Settler, settled_outcome, settlement_for
 from .signals import HANDLED_SIGNALS, SignalHandling
@@ -83,14 +82,12 @@ def worker_name(pid: int) -> str:
     return f"{socket.gethostname()}-{pid}"
 
 
-class Worker(SignalHandling):
+class Worker(Reserving, SignalHandling):
     """A qless worker parent: ``Worker(["foo", "bar"]).work()`` runs until told to stop.
 
     ``Worker(...)`` makes the run mode ``fork_per_job`` asks for: a ForkingWorker (a child per
-    job, the default) or an InProcessWorker. Its options are the worker options of options.py
-    (``interval``, ``reserver``, ``prefetch``, ``job_timeout``, ``allow_modules``,
-    ``max_jobs``, ``max_jobs_jitter``, ``max_memory``, ``graceful_timeout``), checked as every
-    entry checks them; and, from the pool or a caller of its own:
+    job, the default) or an InProcessWorker. It takes the worker options of options.py, checked
+    as every entry checks them, and:
 
     redis_url     default $QLESS_URL, $REDIS_URL, redis://localhost:6379/0
     watch_parent  pid of the process that forked this one; exit (after the job) when it is gone
@@ -193,59 +190,9 @@ class Worker(SignalHandling):
         self._wakeup_r = self._wakeup_w = -1
         self._saved_handlers: dict[int, Any] = {}
 
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name} {','.join(self.queues)}>"
-
     def effective_options(self) -> dict[str, Any]:
         """The worker options (options.py) as this worker holds them."""
-        limits = self.limits
-        return {
-            "interval": self.interval, "reserver": self.reserver.name,
-            "fork_per_job": self.fork_per_job, "prefetch": self.prefetch.fixed,
-            "job_timeout": self.job_timeout, "allow_modules": list(self.allow_modules),
-            "max_jobs": limits.max_jobs, "max_jobs_jitter": limits.max_jobs_jitter,
-            "max_memory": limits.max_memory_mb, "graceful_timeout": limits.graceful_timeout,
-        }  # fmt: skip
-
-    # --- what a run mode provides ---------------------------------------------------------------
-
-    def _start_mode(self) -> None:
-        """Once the worker runs and its signal handlers are in place."""
-
-    def _start_job(self, held: HeldJob) -> None:
-        raise NotImplementedError
-
-    def _busy(self) -> bool:
-        """A job runs now (the loop turns while it does: a child per job)."""
-        return False
-
-    def _lingering(self) -> bool:
-        """Processes of its own to wait for before it may exit (its job children)."""
-        return False
-
-    def _supervise(self, now: float) -> None:
-        """The running job, if the loop watches it: reap, report, timeout, memory."""
-
-    def _heartbeat_running(self, now: float) -> None:
-        """Heartbeat the running job, if the loop does (Redis: may raise an outage)."""
-
-    def _job_taken_away(self, jid: str, what: str) -> bool:
-        """qless says job ``jid`` ``what`` (lost its lock, was canceled, moved): True if it is
-        the running one (then it is acted on)."""
-        return False
-
-    def _wake_times(self, now: float) -> list[float]:
-        return []
-
-    def _wake_fds(self) -> list[int]:
-        return []
-
-    def _show_busy(self) -> bool:
-        """Title and record while a job runs; False if none does."""
-        return False
-
-    def _end_mode(self) -> None:
-        """The worker is exiting."""
+        return effective_options(self)
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -371,72 +318,6 @@ class Worker(SignalHandling):
                 poller.register(fd, select.POLLIN)
         poller.poll(timeout * 1000)
 
-    # --- events from qless ----------------------------------------------------------------------
-
-    def _handle_events(self, events: list[dict[str, Any]]) -> None:
-        for event in events:
-            kind = event.get("event")
-            if event["channel"] == self.subscriptions.idle_channel:
-                if kind == "put" and event.get("queue") in self.queues:
-                    self.next_poll = 0.0
-                continue
-            what = {"lock_lost": "lost its lock", "canceled": "was canceled", "put": "was moved"}
-            jid = event.get("jid")
-            if kind not in what or not jid or self._job_taken_away(jid, what[kind]):
-                continue
-            held = self.holding.drop(jid)
-            if held is not None:
-                log.warning("%s %s before it ran; it is not run here", describe_job(held),
-                            what[kind])  # fmt: skip
-
-    # --- reserving and starting a job -----------------------------------------------------------
-
-    def _reserve_and_run(self) -> None:
-        count = 1 if self.fork_per_job else self.prefetch.size
-        jobs = self._pop(count)
-        if not jobs and not self.subscriptions.listening_for_puts:
-            # Listen for puts before one more look, so that a put after that look is heard.
-            self._handle_events(self.subscriptions.listen_for_puts(True))
-            jobs = self._pop(count)
-        if not jobs:
-            self.next_poll = time.monotonic() + self.interval
-            return
-        self.next_poll = 0.0
-        log.debug("popped %d job(s) (asked for %d)", len(jobs), count)
-        self.prefetch.popped(len(jobs))
-        # Held first: if Redis goes away from here on, they are heartbeated, given back or run
-        # once it is back, like any held job.
-        self.holding.hold([HeldJob.popped(job) for job in jobs])
-        self.subscriptions.listen_for_puts(False)  # busy: stop hearing every put of qless
-        self._run_held()
-
-    def _pop(self, count: int) -> list[dict[str, Any]]:
-        """Pop up to ``count`` jobs from the first of the queues (in the reserver's order) that
-        has any; the completes owed travel with the first pop (settling.py)."""
-        assert self.client is not None
-        for queue in self.reserver.order():
-            [answer] = self.settler.send_with(self.client, [["pop", queue, self.name, count]])
-            self.reserver.tried(queue)
-            if isinstance(answer, QlessException):
-                raise answer
-            jobs = json.loads(answer)
-            if jobs:
-                return list(jobs)
-        return []
-
-    def _run_held(self) -> None:
-        held = self.holding.next()
-        if held is None:
-            return
-        if not class_allowed(held.job["klass"], self.allow_modules):
-            assert self.client is not None
-            self.settler.forbid(self.client, held.job, self.allow_modules)
-            return
-        if not self.began:
-            self.began = True
-            self.notes.say(BEGAN)
-        self._start_job(held)
-
     # --- a run's end, limits --------------------------------------------------------------------
 
     def _finish_job(self, run: JobRun) -> None:
@@ -453,11 +334,6 @@ class Worker(SignalHandling):
             log.info("worker %s recycling: %s", self.name, why)
             self._stop_gracefully()
 
-    def _check_graceful_deadline(self, now: float) -> None:
-        deadline = self.stop_deadline
-        if deadline is not None and now >= deadline and (self._busy() or self.holding):
-            self._terminate(self.limits.graceful_reason())
-
     # --- titles and the end ---------------------------------------------------------------------
 
     def _update_title(self) -> None:
@@ -470,21 +346,10 @@ class Worker(SignalHandling):
             self.presence.title(proctitle.waiting(self.queues))
             self._record("stopping" if self.stopping else "waiting")
 
-    def _record(
-        self,
-        state: str,
-        job: Optional[dict[str, Any]] = None,
-        started: float = 0.0,
-        child: Optional[int] = None,
-    ) -> None:
-        self.presence.record(
-            state, job, started, jobs_done=self.jobs_done, child=child,
-            standby=self._standby_pid(), held=len(self.holding),
-        )  # fmt: skip
-
-    def _standby_pid(self) -> Optional[int]:
-        """The child forked ahead for the next job, if any (for qless-pool status)."""
-        return None
+    def _record(self, state: str, job: Optional[dict[str, Any]] = None, started: float = 0.0,
+                child: Optional[int] = None) -> None:  # fmt: skip
+        self.presence.record(state, job, started, jobs_done=self.jobs_done, child=child,
+                             standby=self._standby_pid(), held=len(self.holding))  # fmt: skip
 
     def _shut_down(self, clean: bool) -> None:
         """``clean``: the loop ended as it should (not by an exception): then nothing is left

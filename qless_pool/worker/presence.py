@@ -13,7 +13,7 @@ from ..logs import logger
 from ..ops.metrics import JobMeter
 from ..ops.state import WorkerSlot
 
-__all__ = ["Presence"]
+__all__ = ["Presence", "effective_options"]
 
 log = logger.getChild("worker")
 
@@ -64,3 +64,20 @@ class Presence:
     def stopping(self) -> None:
         if self.slot is not None:
             self.slot.update("stopping")
+
+
+def effective_options(worker: Any) -> dict[str, Any]:
+    """The worker options (options.py) as ``worker`` holds them: what it logs at start."""
+    limits = worker.limits
+    return {
+        "interval": worker.interval,
+        "reserver": worker.reserver.name,
+        "fork_per_job": worker.fork_per_job,
+        "prefetch": worker.prefetch.fixed,
+        "job_timeout": worker.job_timeout,
+        "allow_modules": list(worker.allow_modules),
+        "max_jobs": limits.max_jobs,
+        "max_jobs_jitter": limits.max_jobs_jitter,
+        "max_memory": limits.max_memory_mb,
+        "graceful_timeout": limits.graceful_timeout,
+    }

@@ -23,6 +23,8 @@ from .. import lifeline
 from ..logs import logger
 from ..notes import PauseFlag
 from .limits import Limits
+from .reservation import Holding
+from .runmode import RunMode
 
 __all__ = ["HANDLED_SIGNALS", "SignalHandling"]
 
@@ -40,7 +42,7 @@ HANDLED_SIGNALS = (
 )
 
 
-class SignalHandling:
+class SignalHandling(RunMode):
     """The worker's part that reads and acts on its signals (a base of worker.base.Worker)."""
 
     # The worker's, read and set here.
@@ -51,16 +53,11 @@ class SignalHandling:
     next_poll: float
     stop_deadline: Optional[float]
     limits: Limits
+    holding: Holding
     watch_parent: Optional[int]
     _wakeup_r: int
     _wakeup_w: int
     _saved_handlers: dict[int, Any]
-
-    def _kill_running(self, reason: str) -> None:
-        """Stop the job running now, if any (the run modes say how)."""
-
-    def _stop_by(self, deadline: float) -> None:
-        """A graceful stop must be over by ``deadline`` (monotonic): the job running too."""
 
     def _install_signal_handlers(self) -> None:
         self._wakeup_r, self._wakeup_w = os.pipe()
@@ -150,6 +147,12 @@ class SignalHandling:
         if timeout is not None and self.stop_deadline is None:
             self.stop_deadline = time.monotonic() + timeout
             self._stop_by(self.stop_deadline)
+
+    def _check_graceful_deadline(self, now: float) -> None:
+        """A graceful stop's deadline has passed: what runs or is held is stopped now."""
+        deadline = self.stop_deadline
+        if deadline is not None and now >= deadline and (self._busy() or self.holding):
+            self._terminate(self.limits.graceful_reason())
 
     def _terminate(self, reason: str) -> None:
         self.stopping = self.terminating = True

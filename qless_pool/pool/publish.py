@@ -1,0 +1,132 @@
+"""The pool's state for ``qless-pool status``, the metrics helper and operators: manager.json
+(ops/state.py says where), rewritten by the manager when anything in it changed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from ..logs import logger
+from ..ops.state import PoolState
+from ..urls import mask_secrets
+from .table import active_by_group
+
+if TYPE_CHECKING:
+    from .manager import Pool
+
+__all__ = ["StatePublisher", "effective_options"]
+
+log = logger.getChild("manager")
+
+
+class StatePublisher:
+    """Writes a pool's manager.json, best effort (the jobs come first): a directory removed
+    under the pool is made again; a write that fails is said once, and tried again."""
+
+    def __init__(self, state: PoolState, restore_metrics: Any = None):
+        self.state = state
+        self.restore_metrics = restore_metrics  # called when the directory is made again
+        self._published: Any = None
+        self._problem: Optional[str] = None  # why the state cannot be written, once said
+        self._written = False  # manager.json is there (or was, if intact() says no)
+
+    def publish(self, pool: Pool) -> None:
+        """Rewrite manager.json when anything in it has changed (spawns, reaps, signals)."""
+        now = time.monotonic()
+        desired = pool.desired() if pool.groups is not None else {}
+        backoffs = {q: b.until for q, b in pool.backoffs.items() if b.failures and b.until > now}
+        snapshot = (
+            tuple(pool.workers.values()),
+            tuple(desired.items()),
+            tuple(backoffs.items()),
+            pool.stopping,
+            tuple(pool.restarts.values()),
+            pool.metrics_pid,
+        )
+        if snapshot == self._published and self.state.intact():
+            return
+        wall = time.time() - now  # monotonic -> epoch
+        groups = []
+        active = active_by_group(pool.workers.values())
+        for queues in dict.fromkeys([*desired, *(w.queues for w in pool.workers.values())]):
+            groups.append(
+                {
+                    "queues": list(queues),
+                    "desired": desired.get(queues, 0),
+                    "live": len(active.get(queues, ())),
+                    "backoff_until": wall + backoffs[queues] if queues in backoffs else None,
+                }
+            )
+        data = {
+            "version": 1,
+            "pid": pool.pid,
+            "started": pool.started,
+            "appname": pool.appname,
+            "config": pool.source.name,
+            "environment": pool.source.environment,
+            # Never the password: the state is files any process of the pool's user can read.
+            "redis_shown": mask_secrets(pool.redis_url),
+            "redis_masked": mask_secrets(pool.redis_url) != pool.redis_url,
+            "stopping": pool.stopping,
+            "winched": pool.winched,
+            "groups": groups,
+            "workers": [
+                {
+                    "pid": w.pid,
+                    "queues": list(w.queues),
+                    "started": wall + w.started_at,
+                    "retiring": w.retiring,
+                }
+                for w in pool.workers.values()
+            ],
+            "restarts": dict(pool.restarts),
+            "options": pool.effective_options(),
+            "drain_pid": pool.drain_pid,
+            "metrics_pid": pool.metrics_pid,
+        }
+        try:
+            if not self.state.intact():
+                if self._written:
+                    log.warning(
+                        "the pool's state in %s was removed under it; making it again (the "
+                        "running workers' records for qless-pool status are lost)",
+                        self.state.directory,
+                    )
+                    self._written = False
+                self.state.restore()
+                if self.restore_metrics is not None:
+                    self.restore_metrics()
+            self.state.write_manager(data)
+        except OSError as error:
+            # Tried again on every turn (intact() says no) or change; said once, not each time.
+            if str(error) != self._problem:
+                log.warning("cannot write the pool's state (for qless-pool status): %s", error)
+                self._problem = str(error)
+            return
+        self._published = snapshot
+        self._written = True
+        if self._problem is not None:
+            log.info("the pool's state is written again, in %s", self.state.directory)
+            self._problem = None
+
+
+def effective_options(pool: Pool) -> dict[str, Any]:
+    """The options (options.py) as this pool holds them, the Redis password masked: its own,
+    its workers', and what its launcher did (``launch_options``)."""
+    return {
+        **pool.launch_options,
+        "config": pool.source.name,
+        "environment": pool.source.environment,
+        "max_workers": pool.source.max_workers,
+        "appname": pool.appname,
+        "redis": mask_secrets(pool.redis_url),
+        "spawn_delay": pool.spawn_delay,
+        "single_process_group": pool.single_process_group,
+        "term": pool.term_behaviour,
+        "drain": pool.drain,
+        **pool.worker_options,
+    }
+
+
+# --- start and the loop ---------------------------------------------------------------------
