@@ -10,14 +10,15 @@ import os
 import sys
 
 from qless_pool import cli
+from qless_pool.pool.launch import launch
 
 if __name__ == "__main__":
-    args = cli.build_parser().parse_args()
-    for directory in [*args.include, os.getcwd()]:
+    values = vars(cli.build_parser().parse_args())
+    for directory in [*(values["include"] or []), os.getcwd()]:
         sys.path.insert(0, os.path.abspath(directory))
-    for spec in args.preload:
+    for spec in values["preload"] or []:
         module_name, _, attribute = spec.partition(":")
         module = importlib.import_module(module_name)
         if attribute:
             getattr(module, attribute)()
-    sys.exit(cli.launch(args, preloaded=True))
+    sys.exit(launch(values, preloaded=True))

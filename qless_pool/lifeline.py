@@ -44,7 +44,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 PARENT_POLL = 0.5
 
 
-def _load_prctl():
+def _load_prctl() -> Any:
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -100,7 +100,7 @@ def become_subreaper(on: bool = True) -> bool:
     """Adopt the orphans of this process's descendants (Linux); returns whether it worked."""
     if _prctl is None:
         return False
-    return _prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
+    return bool(_prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0)
 
 
 def send(pid: int, signum: int) -> None:

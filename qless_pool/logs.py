@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 __all__ = ["MAX_MESSAGE", "cap", "configure", "logger", "set_role"]
 
@@ -47,7 +48,7 @@ class _Formatter(logging.Formatter):
         return cap(super().format(record))
 
 
-def configure(level: int | str = "INFO", stream=None, appname: str | None = None) -> None:
+def configure(level: int | str = "INFO", stream: Any = None, appname: str | None = None) -> None:
     """Send qless-pool's log lines (and qless-py's errors) to ``stream`` (default stderr).
 
     Replaces only the handler this function installed before, so it is safe to call again (the

@@ -165,7 +165,7 @@ def unavailable_aware(base: type) -> type:
     ConnectionError; this also covers Redis 6.2's, which comes as a script error quoting it.
     """
 
-    class Connection(base):
+    class Connection(base):  # type: ignore[misc]  # a redis-py connection class, given
         def read_response(self, *args: Any, **kwargs: Any) -> Any:
             try:
                 return super().read_response(*args, **kwargs)

@@ -61,7 +61,8 @@ def manager(appname: str | None, workers: Iterable[Any]) -> str:
     """``workers``: pids, or records with ``pid`` and ``retiring`` (told to stop: during a HUP,
     the old workers finishing their jobs are listed apart from the new ones)."""
     app = f"[{appname}]" if appname else ""
-    active, retiring = [], []
+    active: list[str] = []
+    retiring: list[str] = []
     for worker in workers:
         pid = getattr(worker, "pid", worker)
         (retiring if getattr(worker, "retiring", False) else active).append(str(pid))

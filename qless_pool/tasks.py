@@ -44,8 +44,9 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from invoke import Collection, Task
+from invoke.collection import Collection
 from invoke.exceptions import Exit
+from invoke.tasks import Task
 
 from . import options
 from .options import POOL, WORK, Many, Option, OptionError, Switch
@@ -143,7 +144,7 @@ def _body(entry: str, run: Callable[..., None], name: str) -> Callable[..., None
     return body
 
 
-def _task(entry: str, run: Callable[..., None], name: str, **kwargs: Any) -> Task:
+def _task(entry: str, run: Callable[..., None], name: str, **kwargs: Any) -> Task[Any]:
     entry_options = options.for_entry(entry)
     return Task(
         _body(entry, run, name),
@@ -278,17 +279,22 @@ def _work(c: Any, flags: Mapping[str, Any]) -> None:
     worker.work()
 
 
-def collection(setup: Iterable[Task] = (), pool_setup: Iterable[Task] = ()) -> Collection:
+def collection(setup: Iterable[Task[Any]] = (), pool_setup: Iterable[Task[Any]] = ()) -> Collection:
     """A fresh ``qless`` collection whose ``qless.setup`` runs the ``setup`` tasks first and
     whose ``qless.pool.setup`` runs the ``pool_setup`` tasks first (after ``qless.setup``).
 
     Every hook runs exactly once per invocation, however many tasks depend on it.
     """
-    check_task = Task(_check, name="check")
-    check_pool_task = Task(_check_pool, name="check_pool")
-    setup_task = Task(_setup, name="setup", pre=[check_task, *setup])
+    check_task: Task[Any] = Task(_check, name="check")
+    check_pool_task: Task[Any] = Task(_check_pool, name="check_pool")
+    # Invoke annotates pre= as task names; it takes tasks, as its documentation says.
+    setup_task: Task[Any] = Task(_setup, name="setup", pre=[check_task, *setup])  # type: ignore[list-item]
     # Named "pool_setup" (in logs and `invoke -d`), listed as qless.pool.setup.
-    pool_setup_task = Task(_pool_setup, name="pool_setup", pre=[setup_task, *pool_setup])
+    pool_setup_task: Task[Any] = Task(
+        _pool_setup,
+        name="pool_setup",
+        pre=[setup_task, *pool_setup],  # type: ignore[list-item]
+    )
     pool_task = _task(POOL, _pool, "pool", pre=[check_pool_task, setup_task, pool_setup_task])
     work_task = _task(WORK, _work, "work", pre=[setup_task])
     pool = Collection("pool")

@@ -147,7 +147,7 @@ def _check_bounds(text: str) -> None:
     try:
         for event in yaml.parse(text, Loader=_BASE_LOADER):
             if isinstance(event, yaml.AliasEvent):
-                nodes += sizes.get(event.anchor, 1)
+                nodes += sizes.get(event.anchor or "", 1)
             elif isinstance(event, yaml.ScalarEvent):
                 nodes += 1
                 if event.anchor:
@@ -158,8 +158,8 @@ def _check_bounds(text: str) -> None:
                 depth += 1
                 if depth > MAX_DEPTH:
                     raise YamlProblem(
-                        f"nested deeper than {MAX_DEPTH} levels (line "
-                        f"{event.start_mark.line + 1}); a pool's config needs three at most"
+                        f"nested deeper than {MAX_DEPTH} levels (line {_line(event)}); a pool's "
+                        "config needs three at most"
                     )
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
@@ -169,7 +169,7 @@ def _check_bounds(text: str) -> None:
             if nodes > MAX_NODES:
                 raise YamlProblem(
                     f"holds more than {MAX_NODES:,} values (counting each value an alias "
-                    f"repeats; line {event.start_mark.line + 1}): not a pool's config"
+                    f"repeats; line {_line(event)}): not a pool's config"
                 )
     except yaml.YAMLError as error:
         if "nesting depth" in str(getattr(error, "problem", "")):  # libyaml's own limit
@@ -177,6 +177,11 @@ def _check_bounds(text: str) -> None:
                 f"nested deeper than {MAX_DEPTH} levels; a pool's config needs three at most"
             ) from None
         return  # the loader says what is wrong, and where
+
+
+def _line(event: Any) -> int:
+    mark = event.start_mark
+    return int(mark.line) + 1 if mark is not None else 0
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -260,7 +265,7 @@ def _is_one_scalar(value: str) -> bool:
     return not isinstance(parsed, (dict, list))
 
 
-class _StrictLoader(_BASE_LOADER):  # type: ignore[misc,valid-type]
+class _StrictLoader(_BASE_LOADER):  # type: ignore[misc]  # a class chosen at import
     """YAML's safe loader, refusing a mapping that repeats a key (PyYAML keeps the last one)."""
 
 

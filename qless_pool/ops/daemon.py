@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 from .. import lifeline
 from ..logs import logger
@@ -474,7 +474,7 @@ class SystemdNotifier:
         except OSError as error:
             log.debug("sd_notify %s failed: %s", fields, error)
 
-    def __call__(self, event: str, pool) -> None:
+    def __call__(self, event: str, pool: Any) -> None:
         """A Pool lifecycle listener."""
         status = f"STATUS=managing {len(pool.workers)} worker(s)"
         if event == "ready":

@@ -301,7 +301,7 @@ class PoolCollector:
         from .state import read_manager, read_worker, worker_state
 
         manager = read_manager(self.directory) or {}
-        states: Tally = Tally({state: 0 for state in WORKER_STATES})
+        states: Tally[str] = Tally({state: 0 for state in WORKER_STATES})
         now = time.time()
         for worker in manager.get("workers", []):
             record = read_worker(os.path.join(self.directory, f"worker-{worker['pid']}"))

@@ -291,7 +291,7 @@ def worker_state(record: Optional[Mapping[str, Any]], started: float, now: float
     run before it writes one), then "unknown" (its record was lost: the directory removed since
     it started, or could not be made)."""
     if record:
-        return record["state"]
+        return str(record["state"])
     return "starting" if now - started < STARTING else "unknown"
 
 
@@ -354,6 +354,7 @@ def read_manager(directory: str) -> Optional[dict[str, Any]]:
     if len(text) > MANAGER_LIMIT:  # not the manager's (a sparse file would be read for ever)
         return None
     try:
-        return json.loads(text)
+        manager = json.loads(text)
     except ValueError:
         return None
+    return manager if isinstance(manager, dict) else None

@@ -18,6 +18,8 @@ import time
 from collections.abc import Sequence
 from typing import Optional
 
+import qless
+
 from ..client import Outage, control_client, redis_is_down
 from ..logs import logger, set_role
 from ..proctitle import set_title
@@ -73,7 +75,7 @@ class DrainWatcher:
         self.horizon = interval  # "due within the poll interval"
         self.appname = appname
         self.started = time.time() if started is None else started  # the run's start
-        self.client = None
+        self.client: Optional[qless.Client] = None
 
     def run(self) -> int:
         set_role("drain", self.appname)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 from .. import hooks, lifeline, proctitle
 from ..config import Groups
 from ..logs import logger, set_role
+from ..notes import Notes, PauseFlag
 from ..ops.state import PoolState
 from ..worker import Worker, worker_name
 from ..worker.will import open_will, settle_remains
@@ -50,6 +51,16 @@ class Forking:
     metrics_pid: Optional[int]
     metrics_listener: Optional[Any]
     metrics_restart_at: float
+    workers: dict[int, WorkerRecord]
+    notes: Optional[Notes]
+    pause: PauseFlag
+    single_process_group: bool
+    close_in_workers: tuple[int, ...]
+    _wakeup_r: int
+    _wakeup_w: int
+
+    def _note_exit(self, queues: tuple[str, ...], lived: float, began: bool = False) -> None:
+        raise NotImplementedError
 
     def signal_workers(self, signum: int, retire: bool = True) -> None:
         raise NotImplementedError
@@ -158,11 +169,12 @@ class Forking:
         lifeline.die_with_parent(self.pid)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGER_SIGNALS)
         set_role("metrics", self.appname)
-        address, port = self.metrics_listener.getsockname()[:2]
+        listener = self.metrics_listener
+        assert listener is not None and self.state is not None
+        address, port = listener.getsockname()[:2]
         app = f"[{self.appname}]" if self.appname else ""
         proctitle.set_title(f"qless-pool-metrics{app}: serving http://{address}:{port}/metrics")
-        assert self.state is not None
-        return metrics.serve(self.metrics_listener, self.state.directory, self.redis_url)
+        return metrics.serve(listener, self.state.directory, self.redis_url)
 
     def spawn(self, queues: tuple[str, ...]) -> Optional[int]:
         """Fork a worker parent for ``queues``; returns its pid (None if fork failed)."""

@@ -159,14 +159,11 @@ class Pool(ManagerSignals, Forking):
         self._install_signal_handlers()
         # A job child whose worker was killed comes to us, so that what it left is killed too.
         subreaper = lifeline.become_subreaper()
-        log.info(
-            "manager started (%s): %s",
-            self.source.name,
-            describe_groups(self.groups),
-        )
+        groups = self.groups or {}
+        log.info("manager started (%s): %s", self.source.name, describe_groups(groups))
         for warning in self.source.warnings:
             log.warning("%s", warning)
-        self._warn_if_empty(self.groups, "")
+        self._warn_if_empty(groups, "")
         allowed = self.worker_options.get("allow_modules")
         if not (default_allowed_modules() if allowed is None else allowed):
             log.warning(
@@ -291,7 +288,7 @@ class Pool(ManagerSignals, Forking):
             )  # fmt: skip
 
     def desired(self) -> Groups:
-        return {} if self.winched else self.groups
+        return {} if self.winched or self.groups is None else self.groups
 
     def _next_spawn_time(self, now: float) -> float:
         """When reconcile can next start a missing worker (a tick away if none is missing)."""

@@ -147,7 +147,7 @@ def note_exit(backoff: Backoff, lived: float, began: bool, now: float) -> Option
     backoff.failures += 1
     delay = min(FIRST_BACKOFF * 2 ** (backoff.failures - 1), MAX_BACKOFF)
     backoff.until = now + delay
-    return delay
+    return float(delay)
 
 
 def clean_exit(status: int) -> bool:

@@ -71,7 +71,7 @@ class Subscriptions:
         self.channels.add(channel)
         return events
 
-    def _read_until_subscribed(self, channels: set[str]) -> list[dict]:
+    def _read_until_subscribed(self, channels: set[str]) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
         pending = set(channels)
         deadline = time.monotonic() + CONTROL_TIMEOUT

@@ -75,7 +75,7 @@ class JobChild:
     @property
     def jid(self) -> str:
         assert self.job is not None
-        return self.job["jid"]
+        return str(self.job["jid"])
 
     def read_report(self) -> Optional[Report]:
         """Read what the child has written; its report once that line is whole, else None.
@@ -332,9 +332,10 @@ class Children:
                 log.warning("job child %d reported but has not exited; sending SIGKILL", child.pid)
                 lifeline.kill_group(child.pid, signal.SIGKILL)
                 child.escalate_at = None
-        child = self.running
-        if child is None:
+        running = self.running
+        if running is None:
             return ended
+        child = running
         report = child.read_report()
         if report is not None:  # it has reported: the job is done, whenever it exits
             self.running = None

@@ -239,7 +239,7 @@ class HeldJob:
 
     @property
     def jid(self) -> str:
-        return self.job["jid"]
+        return str(self.job["jid"])
 
     def heartbeaten(self, now: float) -> None:
         self.next_heartbeat = now + self.every

@@ -42,7 +42,7 @@ def describe_job(job: dict[str, Any]) -> str:
 # --- the job's client ---------------------------------------------------------------------------
 
 
-class JobClient(qless.Client):
+class JobClient(qless.Client):  # type: ignore[misc]  # qless-py has no type information
     """The job's client: it notices the command that settles its job.
 
     complete, fail, retry, cancel, or a put of the job to another queue settle a job. Once one

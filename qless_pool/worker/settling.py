@@ -74,7 +74,7 @@ class Settlement:
     @property
     def batched(self) -> bool:
         """Sent with the next pop: a ``complete`` (qless checks its owner itself)."""
-        return self.command[0] == "complete"
+        return bool(self.command[0] == "complete")
 
 
 def settlement_for(run: JobRun, worker: str, job_timeout: Optional[float]) -> Optional[Settlement]:
@@ -140,7 +140,7 @@ class Settler:
     def __init__(
         self,
         worker: str,
-        observe: Optional[Callable[[dict, str, float], None]] = None,
+        observe: Optional[Callable[[dict[str, Any], str, float], None]] = None,
         will: Optional[Will] = None,
     ):
         self.worker = worker
