@@ -13,19 +13,30 @@ from invoke import Collection, task
 import qless_pool.tasks
 
 
-@task(help={"args": "extra pytest arguments, e.g. '-k config -x'"})
-def test(c, args=""):
-    """Run the test suite (starts its own redis-server)."""
+@task(
+    help={
+        "args": "extra pytest arguments, e.g. '-k config -x'",
+        "slow": "run the long chaos and benchmark runs instead (CI runs both)",
+        "workers": "test processes side by side (pytest-xdist; default 2, 0: one process)",
+    }
+)
+def test(c, args="", slow=False, workers=2):
+    """Run the test suite (starts its own redis-server in each test process)."""
     # sys.executable: the interpreter Invoke runs in, so `.venv/bin/invoke test` needs no
     # activated virtual environment.
-    c.run(f"{sys.executable} -m pytest {args}", pty=False)
+    if slow:  # one at a time: each is a long run that loads the machine on its own
+        c.run(f"{sys.executable} -m pytest -m slow {args}", pty=False)
+        return
+    parallel = f"-n {int(workers)}" if int(workers) else ""
+    c.run(f"{sys.executable} -m pytest -m 'not slow' {parallel} {args}", pty=False)
 
 
 @task
 def lint(c):
-    """ruff check and ruff format --check."""
+    """ruff check, ruff format --check, and mypy (strict on the package)."""
     c.run(f"{sys.executable} -m ruff check .")
     c.run(f"{sys.executable} -m ruff format --check .")
+    c.run(f"{sys.executable} -m mypy")
 
 
 @task(help={"jobs": "how many jobs to enqueue (default 300)"})

@@ -35,6 +35,7 @@ def processes_under(directory: Path) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_invoke_bench_tiny_runs_every_scenario_and_writes_the_results(tmp_path):
     out = tmp_path / "results.json"

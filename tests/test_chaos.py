@@ -8,6 +8,7 @@ import pytest
 from chaos import run_chaos
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("fork_per_job", [True, False], ids=["fork", "in-process"])
 def test_chaos_loses_nothing_and_explains_every_duplicate(request, fork_per_job):
