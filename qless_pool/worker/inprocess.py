@@ -56,9 +56,10 @@ class InProcessWorker(Worker):
         signal.signal(signal.SIGQUIT, self._quit_during_job)
 
     def _quit_during_job(self, signum: int, frame: Any) -> None:
-        # The loop handles QUIT once the job returns; a graceful timeout must start now.
-        if self.in_process.running:
-            self._start_graceful_timeout()
+        # Python's C handler has written QUIT to the wakeup pipe, but the loop reads it only
+        # once the job returns: the graceful timeout starts now, for the job running and for
+        # one the loop starts before it reads QUIT (popped a moment before, or held).
+        self._start_graceful_timeout()
 
     def _stop_by(self, deadline: float) -> None:
         if hasattr(self, "in_process"):
