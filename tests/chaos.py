@@ -268,9 +268,17 @@ class Chaos:
         except AssertionError:
             self.report.problems.append(f"workers {paused()} still paused after {after}")
 
+    def logged(self, text: str, before: int, what: str) -> None:
+        """Wait for the pool's log to say ``text`` once more than the ``before`` times."""
+        try:
+            wait_for(lambda: self.log.read_text().count(text) > before, 10, message=what)
+        except AssertionError:
+            self.report.problems.append(f"not seen within 10 s: {what}")
+
     def hup_storm(self) -> None:
         """20 HUPs in a second, with USR2 and CONT between them, CONT last."""
         assert self.pool is not None
+        reloads = self.log.read_text().count("INFO: HUP: reloading ")
         for n in range(20):
             self.pool.send_signal(signal.SIGHUP)
             self.report.hups += 1
@@ -280,20 +288,25 @@ class Chaos:
                 self.pool.send_signal(signal.SIGCONT)
                 self.report.pauses += 1
             time.sleep(0.05)
-        time.sleep(0.5)  # the burst's one reload, and its workers starting
+        self.logged("INFO: HUP: reloading ", reloads, "the burst's reload")
         self.none_paused("the HUP storm")
 
     def pause(self) -> None:
         assert self.pool is not None
         self.pool.send_signal(signal.SIGUSR2)
-        time.sleep(1.0)
+        paused = lambda: any("Paused" in title(pid) for pid in self.workers())  # noqa: E731
+        try:
+            wait_for(paused, 5)
+        except AssertionError:
+            self.report.problems.append("no worker paused within 5 s of USR2")
         self.pool.send_signal(signal.SIGCONT)
         self.report.pauses += 1
-        self.none_paused("USR2, a second, CONT")
+        self.none_paused("USR2, a worker paused, CONT")
 
     def restart_redis(self) -> None:
+        said = self.log.read_text().count("Redis is unavailable")
         self.redis.stop()  # SIGTERM: Redis shuts down; the AOF was fsynced on every write
-        time.sleep(1.0)
+        self.logged("Redis is unavailable", said, "a worker to meet the outage")
         self.redis.start()
         self.report.redis_restarts += 1
         back = time.monotonic()

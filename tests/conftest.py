@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from commands import INVOKE_PROJECT
 from processes import become_subreaper, kill_processes_in, reap_orphans
 from redis_server import RedisServer, server_binary, server_version
 
@@ -17,8 +18,8 @@ from qless_pool.client import connect
 become_subreaper()
 
 # The fixtures that start real workers and pools, for every test module.
-from test_manager import start_pool  # noqa: E402, F401
-from test_worker import own_redis, start_worker  # noqa: E402, F401
+from pools import start_pool  # noqa: E402, F401
+from workers import own_redis, start_worker  # noqa: E402, F401
 
 
 def pytest_addoption(parser):
@@ -69,13 +70,42 @@ def client(redis_url):
 
 
 @pytest.fixture
-def project(tmp_path):
-    """A working directory with a one-worker config; every process left in it is killed
-    afterwards. Modules that need another config define their own."""
-    (tmp_path / "qless-pool.yml").write_text("foo: 1\n")
-    yield tmp_path
+def make_project(tmp_path):
+    """``make_project({name: text})``: a working directory holding those files. Every process left
+    in it is killed afterwards, and its logs are printed (pytest shows them when a test fails)."""
+
+    def make(files: dict[str, str]) -> Path:
+        for name, text in files.items():
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text(text)
+        return tmp_path
+
+    yield make
     kill_processes_in(tmp_path)
     reap_orphans()
+    for log in sorted(tmp_path.rglob("*.log")):
+        print(f"--- {log.relative_to(tmp_path)} ---\n{log.read_text(errors='replace')[-20_000:]}")
+
+
+@pytest.fixture
+def project(make_project):
+    """A working directory with a one-worker config. Modules that need another define their
+    own, with ``make_project``."""
+    return make_project({"qless-pool.yml": "foo: 1\n"})
+
+
+@pytest.fixture
+def invoke_project(make_project):
+    """A project run by ``invoke``: its tasks.py chains qless_pool's tasks (commands.py)."""
+    return make_project(INVOKE_PROJECT)
+
+
+@pytest.fixture
+def redis_with_password():
+    """A redis-server of the test's own that asks for a password ("secretpw")."""
+    server = RedisServer(password="secretpw").start()
+    yield server
+    server.remove()
 
 
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids")

@@ -21,6 +21,19 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, message: 
         time.sleep(interval)
 
 
+def stays(condition, seconds: float, interval: float = 0.02, message: str = "") -> None:
+    """A check that something does not happen: ``condition()`` holds all through ``seconds``,
+    looked at every ``interval``, and the test fails the moment it does not. Only for what must
+    not happen where nothing observable marks the moment it would have; everything else waits on
+    its condition with ``wait_for``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not condition():
+            raise AssertionError(f"no longer true: {message or condition}")
+        time.sleep(interval)
+    assert condition(), f"no longer true: {message or condition}"
+
+
 def stat(pid: int) -> tuple[str, int] | None:
     """(state, ppid) of a process, or None if it does not exist."""
     try:

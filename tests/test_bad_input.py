@@ -10,29 +10,7 @@ import sys
 import time
 
 import pytest
-
-SCRIPT = os.path.join(os.path.dirname(sys.executable), "qless-pool")
-
-
-def qless_pool(project, *args, env=None, timeout=30):
-    environ = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("QLESS_ENV", "RACK_ENV", "RAILS_ENV", "QLESS_URL", "REDIS_URL")
-    }
-    environ.update(env or {})
-    return subprocess.run(
-        [SCRIPT, *args], cwd=project, env=environ, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def one_line(result) -> str:
-    """The single line on stderr (and nothing that looks like a traceback)."""
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
-
+from commands import SCRIPT, one_line, qless_pool
 
 # --- options --------------------------------------------------------------------------------------
 

@@ -323,13 +323,15 @@ def test_an_environment_from_a_variable_without_a_section_warns_and_uses_the_def
 
 
 @pytest.fixture
-def project(tmp_path):
-    (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "qless-pool.yml").write_text("config_dir: 1\n")
-    (tmp_path / "qless-pool.yml").write_text("top: 1\n")
-    (tmp_path / "env.yml").write_text("from_env: 1\n")
-    (tmp_path / "explicit.yml").write_text("explicit: 1\n")
-    return tmp_path
+def project(make_project):
+    return make_project(
+        {
+            "config/qless-pool.yml": "config_dir: 1\n",
+            "qless-pool.yml": "top: 1\n",
+            "env.yml": "from_env: 1\n",
+            "explicit.yml": "explicit: 1\n",
+        }
+    )
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 from processes import alive, wait_for
-from test_worker import put, runs, wait_state
+from workers import put, runs, wait_state
 
 #: Far longer than any wait below: a job handed back by its lock's expiry would fail the test.
 HEARTBEAT = "120"

@@ -12,23 +12,18 @@ import pytest
 from processes import (
     alive,
     children,
-    kill_processes_in,
-    reap_orphans,
     title,
     wait_for,
 )
-from test_worker import put, runs, wait_state
+from workers import put, runs, wait_state
 
 TESTS = Path(__file__).resolve().parent
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "qless-pool")
 
 
 @pytest.fixture
-def project(tmp_path):
-    (tmp_path / "qless-pool.yml").write_text("foo: 2\nbar: 1\n")
-    yield tmp_path
-    kill_processes_in(tmp_path)
-    reap_orphans()
+def project(make_project):
+    return make_project({"qless-pool.yml": "foo: 2\nbar: 1\n"})
 
 
 def drain(project, redis_url, *args, timeout=60):

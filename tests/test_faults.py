@@ -10,7 +10,7 @@ import time
 
 import pytest
 from processes import alive, wait_for
-from test_worker import history_events, put, runs, state, wait_state
+from workers import history_events, put, runs, state, wait_state
 
 from qless_pool.client import connect
 

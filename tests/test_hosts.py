@@ -18,9 +18,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from pools import SCRIPT, PoolProcess
 from processes import kill_processes_in, kill_tree, reap_orphans, wait_for
-from test_manager import SCRIPT, TESTS, PoolProcess
-from test_worker import put, runs, wait_state
+from workers import TESTS, put, runs, wait_state
 
 
 @functools.cache

@@ -8,9 +8,9 @@ import signal
 import time
 
 import pytest
+from commands import one_line, qless_pool
 from processes import alive, wait_for
-from test_bad_input import one_line, qless_pool
-from test_worker import WAITING
+from workers import WAITING
 
 ALIAS_BOMB = "\n".join(
     ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]

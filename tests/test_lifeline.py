@@ -10,7 +10,7 @@ import time
 
 import pytest
 from processes import alive, children, stat, title, wait_for
-from test_worker import PROCESSING, history_events, put, runs, wait_state
+from workers import PROCESSING, history_events, put, runs, wait_state
 
 from qless_pool import lifeline
 
@@ -71,9 +71,11 @@ def test_a_process_the_job_put_in_a_session_of_its_own_outlives_it(
     start_worker(["foo"])
     jid = put(client, "foo", "Spawn", {"setsid": True})
     wait_state(client, jid, "complete")
-    daemon = runs(redis_conn)[0]["background"]
+    [run] = runs(redis_conn)
+    daemon = run["background"]
     try:
-        time.sleep(0.3)  # the worker has reaped the job child by now: the daemon lives on
+        # The job child is gone, and with it what was left in its process group: not the daemon.
+        wait_for(lambda: stat(run["pid"]) is None, message="the job child to be reaped")
         assert alive(daemon)
     finally:
         os.kill(daemon, signal.SIGKILL)

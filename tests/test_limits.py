@@ -14,7 +14,7 @@ import pytest
 import testjobs  # noqa: F401  (imported before dropping privileges: the job child needs it)
 from processes import as_unprivileged, in_child, kill_tree, reap_orphans, wait_for
 from redis_server import RedisServer
-from test_worker import put, wait_state
+from workers import put, wait_state
 
 from qless_pool import logs
 from qless_pool.client import connect

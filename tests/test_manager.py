@@ -9,10 +9,9 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
+from pools import MANAGER, SCRIPT
 from processes import (
     alive,
     children,
@@ -22,133 +21,17 @@ from processes import (
     title,
     wait_for,
 )
-from test_worker import FORKED, PAUSED, PROCESSING, WAITING, history_events, put, runs, wait_state
-
-TESTS = Path(__file__).resolve().parent
-SCRIPT = os.path.join(os.path.dirname(sys.executable), "qless-pool")
-MANAGER = re.compile(
-    r"^qless-pool-manager(\[[^\]]*\])?: managing \[([0-9, ]*)\]( retiring \[([0-9, ]*)\])?$"
+from workers import (
+    FORKED,
+    PAUSED,
+    PROCESSING,
+    TESTS,
+    WAITING,
+    history_events,
+    put,
+    runs,
+    wait_state,
 )
-README_CONFIG = """\
-foo: 1
-bar: 2
-"foo,bar,baz": 1
-
-production:
-  "foo,bar,baz": 4
-"""
-
-
-@dataclass
-class PoolProcess:
-    process: subprocess.Popen
-    directory: Path
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def title(self) -> str:
-        return title(self.pid)
-
-    def managed(self) -> list[int]:
-        """The pids the manager's title lists (the retiring ones too)."""
-        match = MANAGER.match(self.title())
-        assert match, self.title()
-        listed = f"{match.group(2)}, {match.group(4) or ''}"
-        return [int(pid) for pid in listed.split(", ") if pid]
-
-    def retiring(self) -> list[int]:
-        match = MANAGER.match(self.title())
-        assert match, self.title()
-        return [int(pid) for pid in (match.group(4) or "").split(", ") if pid]
-
-    def workers(self) -> list[int]:
-        """The worker parents (not the drain watcher or the metrics helper)."""
-        return [pid for pid in children(self.pid) if not title(pid).startswith("qless-pool-")]
-
-    def worker_titles(self) -> dict[int, str]:
-        return {pid: title(pid) for pid in self.workers()}
-
-    def waiting(self) -> dict[str, int]:
-        """How many workers wait on each queue list."""
-        counts: dict[str, int] = {}
-        for text in self.worker_titles().values():
-            match = WAITING.match(text)
-            if match:
-                counts[match.group(1)] = counts.get(match.group(1), 0) + 1
-        return counts
-
-    def wait_for_workers(self, expected: dict[str, int], timeout: float = 15.0) -> list[int]:
-        wait_for(lambda: self.waiting() == expected, timeout, message=f"workers {expected}")
-        wait_for(lambda: sorted(self.managed()) == sorted(self.workers()), message="the title")
-        return self.workers()
-
-    def send(self, signum: int) -> None:
-        os.kill(self.pid, signum)
-
-    def log_text(self) -> str:
-        return self.log.read_text()
-
-    def wait_log(self, text: str, count: int = 1, timeout: float = 10.0) -> None:
-        wait_for(lambda: self.log_text().count(text) >= count, timeout, message=repr(text))
-
-
-@pytest.fixture
-def start_pool(redis_url, tmp_path):
-    started: list[PoolProcess] = []
-
-    def start(
-        *args: str,
-        config: str = README_CONFIG,
-        env: dict[str, str] | None = None,
-        url: str | None = None,
-        expect: dict[str, int] | None = None,
-    ) -> PoolProcess:
-        (tmp_path / "qless-pool.yml").write_text(config)
-        log = tmp_path / f"pool{len(started)}.log"
-        environ = {
-            k: v for k, v in os.environ.items() if k not in ("QLESS_ENV", "RACK_ENV", "RAILS_ENV")
-        }
-        environ.update(env or {})
-        command = [
-            SCRIPT,
-            "-R",
-            url or redis_url,
-            "-I",
-            str(TESTS),
-            "-a",
-            "testapp",
-            "-i",
-            "0.2",
-            *args,
-        ]
-        with open(log, "w") as log_file:
-            process = subprocess.Popen(
-                command,
-                cwd=tmp_path,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=environ,
-                start_new_session=True,
-            )
-        pool = PoolProcess(process, tmp_path, log)
-        started.append(pool)
-        if expect is not None:
-            pool.wait_for_workers(expect)
-        return pool
-
-    yield start
-    for pool in started:
-        kill_tree(pool.pid)
-    kill_processes_in(tmp_path)  # workers and job children that outlived their manager
-    for pool in started:
-        pool.process.wait(timeout=10)
-        print(f"--- {pool.log} ---\n{pool.log_text()}")
-    reap_orphans()
-
 
 PRODUCTION = {"foo": 1, "bar": 2, "foo,bar,baz": 4}
 DEFAULT = {"foo": 1, "bar": 2, "foo,bar,baz": 1}

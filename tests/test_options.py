@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 from invoke import Collection
-from processes import alive, kill_processes_in, reap_orphans, wait_for
-from test_worker import python_path
+from processes import alive, wait_for
+from workers import python_path
 
 import qless_pool.tasks
 from qless_pool import options
@@ -89,19 +89,18 @@ def test_the_sample_covers_every_option(tmp_path):
 
 
 @pytest.fixture
-def project(tmp_path):
-    (tmp_path / "sample.yml").write_text('foo: 0\nproduction:\n  "foo,bar": 2\n')
-    (tmp_path / "arrival_app.py").write_text(
-        "import os\nopen(os.path.join(os.path.dirname(__file__), 'loaded'), 'a').write('x')\n"
+def project(make_project):
+    made = make_project(
+        {
+            "sample.yml": 'foo: 0\nproduction:\n  "foo,bar": 2\n',
+            "arrival_app.py": "import os\n"
+            "open(os.path.join(os.path.dirname(__file__), 'loaded'), 'a').write('x')\n",
+            "tasks.py": "from invoke import Collection\nimport qless_pool.tasks\n\n"
+            "ns = Collection()\nns.add_collection(qless_pool.tasks)\n",
+        }
     )
-    (tmp_path / "tasks.py").write_text(
-        "from invoke import Collection\nimport qless_pool.tasks\n\n"
-        "ns = Collection()\nns.add_collection(qless_pool.tasks)\n"
-    )
-    os.chmod(tmp_path, 0o755)
-    yield tmp_path
-    kill_processes_in(tmp_path)
-    reap_orphans()
+    os.chmod(made, 0o755)
+    return made
 
 
 def environ(project: Path, extra: dict | None = None) -> dict:

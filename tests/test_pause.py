@@ -9,8 +9,8 @@ import random
 import signal
 import time
 
-from processes import stat, wait_for
-from test_worker import ANY_WORKER, PAUSED, WAITING, put, wait_state
+from processes import stat, stays, wait_for
+from workers import ANY_WORKER, PAUSED, WAITING, put, wait_state
 
 
 def all_titles(pool, pattern, count):
@@ -42,8 +42,7 @@ def test_signals_sent_together_leave_the_pool_working(start_pool):
     pool.send(signal.SIGHUP)
     pool.wait_log("HUP: reloading")
     wait_for(lambda: all_titles(pool, WAITING, 2), message="2 workers waiting")
-    time.sleep(0.3)  # a late USR2 would show now
-    assert all_titles(pool, WAITING, 2), pool.worker_titles()
+    stays(lambda: all_titles(pool, WAITING, 2), 0.3, message="2 workers waiting, none paused")
 
 
 def test_a_worker_started_during_a_pause_starts_paused_and_cont_resumes_it(start_pool, client):
@@ -57,8 +56,8 @@ def test_a_worker_started_during_a_pause_starts_paused_and_cont_resumes_it(start
         message="2 new workers, paused",
     )
     jid = put(client, "foo", "Noop")
-    time.sleep(0.5)
-    assert client.jobs[jid].state == "waiting"  # paused: nothing taken
+    # Paused: nothing taken, though a put wakes a waiting worker at once.
+    stays(lambda: client.jobs[jid].state == "waiting", 0.5, message="the job left waiting")
     pool.send(signal.SIGCONT)
     wait_state(client, jid, "complete")
     wait_for(lambda: all_titles(pool, WAITING, 2), message="2 workers waiting")

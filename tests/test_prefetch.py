@@ -7,7 +7,7 @@ import signal
 import time
 
 from processes import wait_for
-from test_worker import history_events, put, runs, state, wait_state
+from workers import history_events, put, runs, state, wait_state
 
 from qless_pool.client import connect
 from qless_pool.worker.reservation import BATCH_SECONDS, MAX_PREFETCH, Prefetch

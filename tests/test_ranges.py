@@ -8,26 +8,15 @@ import os
 import signal
 
 import pytest
-from processes import alive, kill_processes_in, reap_orphans, wait_for
+from commands import invoke, one_line, qless_pool
+from processes import alive, wait_for
 from redis_server import RedisServer
-from test_bad_input import one_line, qless_pool
-from test_tasks import CHAIN_APP, USER_TASKS, invoke
 
 import qless_pool as package
 from qless_pool.options import MAX_SECONDS, OPTIONS, OptionError, Seconds, Whole, check
 from qless_pool.worker import Worker
 
 BIG = "1" + "0" * 30
-
-
-@pytest.fixture
-def invoke_project(tmp_path):
-    (tmp_path / "tasks.py").write_text(USER_TASKS)
-    (tmp_path / "chainapp.py").write_text(CHAIN_APP)
-    (tmp_path / "qless-pool.yml").write_text("foo: 2\n")
-    yield tmp_path
-    kill_processes_in(tmp_path)
-    reap_orphans()
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,7 @@ import time
 
 import pytest
 from processes import alive, as_unprivileged, descendants, wait_for
-from redis_server import RedisServer
-from test_worker import history_events, put, runs, wait_state
+from workers import history_events, put, runs, wait_state
 
 from qless_pool.client import connect
 
@@ -92,13 +91,6 @@ def test_a_bad_allow_module_is_refused(tmp_path):
 
 
 # --- passwords ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_with_password():
-    server = RedisServer(password="secretpw").start()
-    yield server
-    server.remove()
 
 
 def test_a_password_in_the_redis_url_is_never_shown(start_pool, redis_with_password, tmp_path):

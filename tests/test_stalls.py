@@ -9,9 +9,10 @@ import socket
 import time
 
 import pytest
-from processes import alive, descendants, wait_for
+from processes import alive, children, descendants, title, wait_for
+from redis_proxy import WatchingProxy
 from redis_server import RedisServer
-from test_worker import put, wait_state
+from workers import put, wait_state
 
 from qless_pool.client import connect
 
@@ -19,16 +20,35 @@ from qless_pool.client import connect
 STOP_WITHIN = 5.0
 
 
+class StallingRedis:
+    """A Redis of the test's own, behind a proxy that sees who waits for an answer; ``stall()``
+    makes every command wait (CLIENT PAUSE, sent around the proxy)."""
+
+    def __init__(self) -> None:
+        self.server = RedisServer().start()
+        self.proxy = WatchingProxy(self.server.socket, self.server.directory)
+
+    def url(self) -> str:
+        return self.proxy.url()
+
+    def stall(self, seconds: float = 60) -> None:
+        pause = int(seconds * 1000)
+        connect(self.server.url()).redis.execute_command("CLIENT", "PAUSE", pause, "ALL")
+
+    def wait_stuck(self, pids) -> None:
+        """Until each of ``pids`` waits for an answer."""
+        wait_for(lambda: set(pids) <= self.proxy.waiting(), message=f"{pids} stuck in a call")
+
+    def remove(self) -> None:
+        self.proxy.close()
+        self.server.remove()
+
+
 @pytest.fixture
 def stalling_redis():
-    """A Redis of the test's own, to be stalled with CLIENT PAUSE (every command waits)."""
-    server = RedisServer().start()
-    yield server
-    server.remove()
-
-
-def stall(server: RedisServer, seconds: float = 60) -> None:
-    connect(server.url()).redis.execute_command("CLIENT", "PAUSE", int(seconds * 1000), "ALL")
+    redis = StallingRedis()
+    yield redis
+    redis.remove()
 
 
 def timed_stop(pool, signum) -> float:
@@ -47,9 +67,8 @@ def timed_stop(pool, signum) -> float:
 def test_the_pool_stops_within_5s_while_redis_stalls(start_pool, stalling_redis, signum):
     url = stalling_redis.url()
     pool = start_pool(url=url, config="foo: 2\nbar: 1\n", expect={"foo": 2, "bar": 1})
-    stall(stalling_redis)
-    # Let every worker get stuck in a call: each polls every 0.2 s.
-    time.sleep(0.5)
+    stalling_redis.stall()
+    stalling_redis.wait_stuck(pool.workers())  # each polls every 0.2 s
     took = timed_stop(pool, signum)
     print(f"{signal.Signals(signum).name} took {took:.2f}s with Redis stalled")
     assert took < STOP_WITHIN
@@ -61,8 +80,7 @@ def test_term_with_a_job_running_while_redis_stalls(start_pool, stalling_redis):
     pool = start_pool(url=url, config="foo: 1\n", expect={"foo": 1})
     jid = put(client, "foo", "Sleep", {"seconds": 60})
     wait_state(client, jid, "running")
-    stall(stalling_redis)
-    time.sleep(0.5)
+    stalling_redis.stall()  # the worker meets it when TERM makes it hand the job back
     took = timed_stop(pool, signal.SIGTERM)
     print(f"TERM took {took:.2f}s with a job running and Redis stalled")
     assert took < STOP_WITHIN
@@ -75,8 +93,9 @@ def test_a_drain_stops_within_5s_while_redis_stalls(start_pool, stalling_redis):
     put(client, "foo", "Sleep", {"seconds": 60})
     pool = start_pool("--drain", url=url, config="foo: 1\n")
     wait_for(lambda: len(descendants(pool.pid)) >= 3, message="the drain watcher and a job")
-    stall(stalling_redis)
-    time.sleep(1.5)  # the watcher looks every 0.2 s: it is stuck in a call now
+    stalling_redis.stall()
+    [watcher] = [pid for pid in children(pool.pid) if title(pid).startswith("qless-pool-drain")]
+    stalling_redis.wait_stuck([watcher])  # it looks every 0.2 s
     took = timed_stop(pool, signal.SIGTERM)
     print(f"TERM of a drain took {took:.2f}s with Redis stalled")
     assert took < STOP_WITHIN

@@ -7,7 +7,7 @@ import signal
 import time
 
 from processes import alive, title, wait_for
-from test_worker import PROCESSING, READY, history_events, put, runs, wait_state
+from workers import PROCESSING, READY, history_events, put, runs, state, wait_state
 
 
 def test_the_standby_waits_titled_ready_and_runs_the_next_job(start_worker, client, redis_conn):
@@ -56,9 +56,12 @@ def test_a_job_that_never_touches_redis_opens_no_connection(start_worker, client
     wait_state(client, quiet, "running")
     wait_for(worker.job_child)
     before = client_ids(redis_conn)  # the worker's own, the tests', while the job runs
-    time.sleep(0.5)  # well into the job
-    assert client_ids(redis_conn) == before
-    wait_state(client, quiet, "complete")  # the worker parent completed it
+
+    def completed_with_no_new_connection():
+        assert client_ids(redis_conn) == before
+        return state(client, quiet) == "complete"  # completed by the worker parent
+
+    wait_for(completed_with_no_new_connection, message="the job to complete")
     # A job that uses Redis connects (a connection of its own, gone with the child).
     busy = put(client, "foo", "Sleep", {"seconds": 1.0})
     wait_state(client, busy, "running")

@@ -12,8 +12,8 @@ import sys
 import time
 
 import pytest
-from test_status import free_port, scrape
-from test_worker import put, wait_state
+from pools import free_port, scrape
+from workers import put, wait_state
 
 from qless_pool.ops.state import WorkerSlot, read_worker
 

@@ -11,11 +11,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
-from processes import alive, children, title, wait_for
-from test_worker import WAITING, put, runs, state, wait_state
+from pools import free_port, scrape
+from processes import alive, children, stays, title, wait_for
+from workers import WAITING, put, runs, state, wait_state
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "qless-pool")
 
@@ -126,19 +126,21 @@ def test_check_says_1_while_a_group_is_short(start_pool):
 
 def test_watch_refreshes_until_ctrl_c(start_pool):
     pool = start_pool(config="foo: 1\n", expect={"foo": 1})
-    process = subprocess.Popen(
-        [SCRIPT, "status", "--pid", str(pool.pid), "--watch", "0.2"],
-        stdout=subprocess.PIPE, text=True, cwd=pool.directory,
-    )  # fmt: skip
+    screen = pool.directory / "watch.out"
+    with open(screen, "w") as out:
+        process = subprocess.Popen(
+            [SCRIPT, "status", "--pid", str(pool.pid), "--watch", "0.2"],
+            stdout=out, text=True, cwd=pool.directory,
+        )  # fmt: skip
     try:
-        time.sleep(1.0)  # several refreshes
+        clears = lambda: screen.read_text().count("\x1b[H\x1b[2J")  # noqa: E731
+        wait_for(lambda: clears() >= 3, message="three refreshes")
         process.send_signal(signal.SIGINT)
-        out, _ = process.communicate(timeout=10)
+        process.wait(timeout=10)
     finally:
         process.kill()
     assert process.returncode == 0
-    assert out.count("\x1b[H\x1b[2J") >= 2
-    assert out.count(f"pid {pool.pid}") >= 2
+    assert screen.read_text().count(f"pid {pool.pid}") >= 3
 
 
 def test_the_state_is_private_and_removed_at_exit(start_pool):
@@ -221,9 +223,9 @@ def test_a_pool_whose_state_directory_cannot_be_made_again_runs_jobs_without_it(
     assert log.count(f"[{new}] WARNING: cannot count jobs for the metrics: ") == 1
     # The manager says so once, not on every turn of its loop.
     pool.wait_log("cannot write the pool's state (for qless-pool status): ")
-    time.sleep(1.5)  # a turn or two more (TICK is 1 s): it must not say it again
+    # A turn or two more (TICK is 1 s): it must not say it again.
+    stays(lambda: pool.log_text().count("cannot write the pool's state") == 1, 1.5)
     log = pool.log_text()
-    assert log.count("cannot write the pool's state") == 1
     assert log.count("was removed under it") == 1
     for args in ((), ("--check",)):
         result = status(pool, *args, env=env)
@@ -297,11 +299,13 @@ def test_a_job_child_above_max_memory_is_killed_and_handed_back(start_pool, clie
 
 
 @pytest.mark.parametrize("fork_per_job", [True, False], ids=["fork", "in-process"])
-def test_graceful_timeout_cuts_a_stuck_job_short_on_quit(start_pool, client, fork_per_job):
+def test_graceful_timeout_cuts_a_stuck_job_short_on_quit(
+    start_pool, client, redis_conn, fork_per_job
+):
     args = ["--graceful-timeout", "1"] + ([] if fork_per_job else ["--no-fork-per-job"])
     pool = start_pool(*args, config="foo: 1\n", expect={"foo": 1})
     jid = put(client, "foo", "Sleep", {"seconds": 60}, retries=3)
-    wait_state(client, jid, "running")
+    wait_for(lambda: runs(redis_conn), message="the job to start")  # not only popped
     sent = time.monotonic()
     pool.send(signal.SIGQUIT)
     assert pool.process.wait(timeout=15) == 0
@@ -323,25 +327,6 @@ def test_without_graceful_timeout_quit_waits_for_the_job(start_pool, client):
 
 
 # --- Prometheus metrics ---------------------------------------------------------------------------
-
-
-def scrape(port: int, timeout: float = 10) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_metrics_after_real_jobs(start_pool, client):

@@ -13,8 +13,7 @@ import tempfile
 
 import pytest
 from processes import as_unprivileged
-from redis_server import RedisServer
-from test_worker import put, wait_state
+from workers import put, wait_state
 
 from qless_pool.ops.state import pool_directory
 
@@ -99,13 +98,6 @@ def test_a_pidfile_of_root_is_read_by_another_user():
         assert as_unprivileged(read) == 12345
     finally:
         shutil.rmtree(directory)
-
-
-@pytest.fixture
-def redis_with_password():
-    server = RedisServer(password="secretpw").start()
-    yield server
-    server.remove()
 
 
 def test_the_state_holds_no_password_and_status_finds_it_in_the_environment(

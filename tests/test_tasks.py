@@ -7,86 +7,25 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
+from commands import INVOKE, invoke
 from invoke import Collection, Program, task
 from processes import children, kill_processes_in, reap_orphans, title, wait_for
-from test_worker import READY, WAITING, put, python_path, wait_state
+from workers import READY, WAITING, put, python_path, wait_state
 
 import qless_pool.tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
-INVOKE = os.path.join(os.path.dirname(sys.executable), "invoke")
-
-
-USER_TASKS = """\
-import os
-from invoke import Collection, task
-import qless_pool.tasks
-
-def record(what):
-    with open(os.environ["CHAIN_LOG"], "a") as log:
-        log.write(f"{what} {os.getpid()}\\n")
-
-@task
-def environment(c):
-    record("environment")
-
-@task
-def close_connections(c):
-    record("pool-setup")
-
-ns = Collection(environment, close_connections)
-ns.add_collection(
-    qless_pool.tasks.collection(setup=[environment], pool_setup=[close_connections])
-)
-"""
-
-CHAIN_APP = """\
-import os
-import qless_pool
-
-with open(os.environ["CHAIN_LOG"], "a") as log:
-    log.write(f"preload {os.getpid()}\\n")
-
-@qless_pool.after_prefork
-def record_worker(worker):
-    with open(os.environ["CHAIN_LOG"], "a") as log:
-        log.write(f"after_prefork {os.getpid()} {os.getppid()}\\n")
-"""
 
 
 @pytest.fixture
-def project(tmp_path):
-    (tmp_path / "tasks.py").write_text(USER_TASKS)
-    (tmp_path / "chainapp.py").write_text(CHAIN_APP)
-    (tmp_path / "qless-pool.yml").write_text("foo: 2\n")
-    yield tmp_path
-    kill_processes_in(tmp_path)
-    reap_orphans()
-
-
-def invoke(project, redis_url, *args, env=None, timeout=60):
-    environ = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("INVOKE_", "QLESS_", "RACK_ENV", "RAILS_ENV", "QUEUES"))
-    }
-    environ.update(
-        {
-            "CHAIN_LOG": str(project / "chain.log"),
-            "QLESS_URL": redis_url,
-            "PYTHONPATH": python_path(TESTS, project),
-        }
-    )
-    environ.update(env or {})
-    return subprocess.run(
-        [INVOKE, *args], cwd=project, env=environ, capture_output=True, text=True, timeout=timeout
-    )
+def project(invoke_project):
+    """Every test here runs in the Invoke project (conftest.py)."""
+    return invoke_project
 
 
 def executed(stderr: str) -> list[str]:

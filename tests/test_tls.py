@@ -13,7 +13,7 @@ import redis
 from processes import wait_for
 from redis_sentinel import free_port
 from redis_server import _die_with_parent, server_binary
-from test_worker import put, runs, wait_state
+from workers import put, runs, wait_state
 
 from qless_pool.client import connect
 
