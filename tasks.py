@@ -39,6 +39,33 @@ def lint(c):
     c.run(f"{sys.executable} -m mypy")
 
 
+@task
+def wheel(c):
+    """Build the wheel from a clean clone of HEAD, check what it carries, install it in a fresh
+    virtual environment and run ``qless-pool --version`` there (CI runs this)."""
+    import tempfile
+    import zipfile
+
+    with tempfile.TemporaryDirectory(prefix="qless-pool-wheel-") as temp:
+        source, dist, venv = (f"{temp}/{name}" for name in ("source", "dist", "venv"))
+        c.run(f"git clone -q --no-local . {source}")
+        c.run(f"{sys.executable} -m build -q --wheel --outdir {dist} {source}", hide=True)
+        [built] = Path(dist).glob("qless_pool-*.whl")
+        names = zipfile.ZipFile(built).namelist()
+        wanted = ["qless_pool/py.typed", "qless_pool/__main__.py", "qless_pool/worker/base.py"]
+        missing = [name for name in wanted if name not in names]
+        missing += (
+            [] if any(n.endswith(".dist-info/licenses/LICENSE") for n in names) else ["LICENSE"]
+        )
+        stray = [name for name in names if name.startswith(("tests/", "benchmarks/", "examples/"))]
+        if missing or stray:
+            raise SystemExit(f"{built.name}: missing {missing}, should not carry {stray}")
+        c.run(f"{sys.executable} -m venv {venv}")
+        c.run(f"{venv}/bin/pip install -q {built}", hide=True)
+        version = c.run(f"{venv}/bin/qless-pool --version", hide="out").stdout.strip()
+        print(f"{built.name}: {len(names)} files, LICENSE and py.typed in; installs; {version}")
+
+
 @task(help={"jobs": "how many jobs to enqueue (default 300)"})
 def demo(c, jobs=300):
     """Run the pool on a few hundred example jobs (an embedded Redis unless $QLESS_URL is set)."""
@@ -108,5 +135,5 @@ def bench(
     c.run(shlex.join(command), pty=False)
 
 
-ns = Collection(test, lint, demo, bench)
+ns = Collection(test, lint, wheel, demo, bench)
 ns.add_collection(qless_pool.tasks)

@@ -84,6 +84,8 @@ def make_project(tmp_path):
     kill_processes_in(tmp_path)
     reap_orphans()
     for log in sorted(tmp_path.rglob("*.log")):
+        if log.is_symlink() or not log.is_file():  # a test's bad log file: a FIFO, a link
+            continue
         print(f"--- {log.relative_to(tmp_path)} ---\n{log.read_text(errors='replace')[-20_000:]}")
 
 
