@@ -39,9 +39,12 @@ def test_signals_sent_together_leave_the_pool_working(start_pool):
     for _ in range(10):
         pool.send(signal.SIGUSR2)
         pool.send(signal.SIGCONT)
+    old = set(pool.workers())
     pool.send(signal.SIGHUP)
-    pool.wait_log("HUP: reloading")
-    wait_for(lambda: all_titles(pool, WAITING, 2), message="2 workers waiting")
+    wait_for(
+        lambda: all_titles(pool, WAITING, 2) and not set(pool.workers()) & old,
+        message="2 new workers waiting",
+    )
     stays(lambda: all_titles(pool, WAITING, 2), 0.3, message="2 workers waiting, none paused")
 
 

@@ -144,7 +144,7 @@ def test_a_master_short_of_replicas_is_an_outage_and_the_job_is_not_lost(
     client.config["heartbeat"] = 6  # a heartbeat every 2 s
     worker = start_worker(["foo"])
     jid = put(client, "foo", "Sleep", {"seconds": 3})
-    wait_state(client, jid, "running")
+    wait_for(lambda: runs(redis_conn), message="the job to start")  # its one write is done
     redis_conn.config_set("min-replicas-to-write", 1)
     try:
         # (Redis 6.2 quotes NOREPLICAS in a script error)

@@ -58,7 +58,7 @@ def test_a_job_that_never_touches_redis_opens_no_connection(start_worker, client
     before = client_ids(redis_conn)  # the worker's own, the tests', while the job runs
 
     def completed_with_no_new_connection():
-        assert client_ids(redis_conn) == before
+        assert client_ids(redis_conn) <= before  # (one of another test may close meanwhile)
         return state(client, quiet) == "complete"  # completed by the worker parent
 
     wait_for(completed_with_no_new_connection, message="the job to complete")

@@ -106,11 +106,13 @@ def state(client, jid) -> str | None:
 
 
 def wait_state(client, jid, *states, timeout=10.0):
-    return wait_for(
-        lambda: state(client, jid) in states and state(client, jid),
-        timeout,
-        message=f"job {jid} to be {' or '.join(states)} (is {state(client, jid)})",
-    )
+    try:
+        return wait_for(lambda: state(client, jid) in states and state(client, jid), timeout)
+    except AssertionError:
+        raise AssertionError(
+            f"timed out after {timeout}s waiting for job {jid} to be {' or '.join(states)} "
+            f"(is {state(client, jid)})"
+        ) from None
 
 
 def put(client, queue, klass, data=None, **options) -> str:
