@@ -17,10 +17,11 @@ import qless_pool.tasks
     help={
         "args": "extra pytest arguments, e.g. '-k config -x'",
         "slow": "run the long chaos and benchmark runs instead (CI runs both)",
-        "workers": "test processes side by side (pytest-xdist; default 2, 0: one process)",
+        # 3 on 2 cores: the tests mostly wait, on processes and Redis.
+        "workers": "test processes side by side (pytest-xdist; default 3; 0: one process)",
     }
 )
-def test(c, args="", slow=False, workers=2):
+def test(c, args="", slow=False, workers=3):
     """Run the test suite (starts its own redis-server in each test process)."""
     # sys.executable: the interpreter Invoke runs in, so `.venv/bin/invoke test` needs no
     # activated virtual environment.
