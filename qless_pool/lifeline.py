@@ -25,13 +25,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 __all__ = [
     "HAVE_PDEATHSIG",
     "alive",
     "become_subreaper",
     "die_with_parent",
+    "exit_child",
     "kill_group",
     "leads_group_in_session",
     "reap",
@@ -183,3 +184,14 @@ def describe_status(status: int) -> str:
 def wake_only(signum: int, frame: Any) -> None:
     """A signal handler that does nothing: installed with ``signal.set_wakeup_fd``, whose pipe
     already holds the signal's number for the process's loop to act on."""
+
+
+def exit_child(status: int) -> NoReturn:
+    """The end of a forked child: flush what it printed, then ``os._exit`` (never the parent's
+    atexit handlers, nor its buffered output a second time)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # exiting regardless
+            pass
+    os._exit(status)

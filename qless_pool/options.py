@@ -58,6 +58,7 @@ __all__ = [
     "Text",
     "Whole",
     "check",
+    "choices",
     "default_text",
     "for_entry",
     "going_to",
@@ -230,7 +231,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("daemon", Switch(), "detach and run in the background; returns once the pool has "
            "started", "launch", DAEMON, entries=frozenset({COMMAND, POOL}), default=False,
            flags=("-d", "--daemon")),
-    Option("pidfile", Text(), "write the manager's pid to FILE; --no-pidfile: write none",
+    Option("pidfile", Text(), "write the manager's pid to FILE; --no-pidfile (as a setting: "
+           "false): write none",
            "launch", DAEMON, flags=("-p", "--pidfile"), off_flag="--no-pidfile",
            metavar="FILE", default_text="as a daemon, tmp/pids/qless-pool.pid; else none"),
     Option("stdout", Text(), "append standard output to FILE", "launch", DAEMON,
@@ -239,7 +241,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("stderr", Text(), "append standard error, and so the log, to FILE", "launch",
            DAEMON, flags=("-e", "--stderr"), metavar="FILE",
            default_text="as a daemon, log/qless-pool.stderr.log"),
-    Option("sync", Switch(), "write the log files line by line; off (--nosync): in blocks",
+    Option("sync", Switch(), "write the log files line by line; off (--nosync; the tasks' "
+           "--no-sync): in blocks",
            "launch", DAEMON, default=True, flags=("--nosync",)),
     Option("user", Text(), "started as root: run as USER (name or uid) once the pidfile and "
            "log files are open; its primary group unless --group", "launch", DAEMON,
@@ -305,6 +308,13 @@ def read_values(
             if entry in opt.entries:
                 values.setdefault(opt.name, opt.default)
     return values
+
+
+def choices(name: str) -> tuple[str, ...]:
+    """The values the Choice option ``name`` takes."""
+    kind = option(name).kind
+    assert isinstance(kind, Choice), name
+    return kind.values
 
 
 def for_entry(entry: str) -> list[Option]:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -111,10 +112,14 @@ def _values(c: Any, entry: str, task: str, flags: Mapping[str, Any]) -> dict[str
     for name, value in flags.items():
         opt = options.option(name)
         if isinstance(opt.kind, Switch):
-            if value != opt.default:  # the flag turns it from its default
+            if value != opt.default or _switch_given(opt):
                 given[name] = value
         elif value not in (None, [], ()):
-            given[name] = _read(opt, value)
+            try:
+                given[name] = opt.read(value)
+            except OptionError as error:
+                message = str(error).split(": ", 1)[1]
+                raise Exit(f"{task}: {opt.task_flag}: {message}", code=2) from None
     try:
         return options.read_values(given, entry)
     except OptionError as error:
@@ -190,23 +195,66 @@ def _check_pool(c: Any) -> None:
         raise Exit(f"qless-pool: config error: {error}", code=78) from None
 
 
+#: Invoke's own flags that take a value: a word after one is not a task name.
+_INVOKE_VALUE_FLAGS = {"-c", "--collection", "-f", "--config", "-r", "--search-root", "-T",
+                       "--command-timeout", "--hide", "-D", "--list-depth", "-F",
+                       "--list-format", "--print-completion-script"}  # fmt: skip
+#: qless.pool (qless.pool.run) or qless.work, under whatever name the collection is mounted.
+_OUR_TASK = re.compile(r"(?:[\w-]+\.)*(?:pool(?:\.run)?|work)")
+
+
+def _task_words() -> tuple[str, list[str]]:
+    """Which of our tasks the command line runs (POOL or WORK), and the words given to it: the
+    flags between its name and the next task's. A pre-task is given no flags by Invoke, so it
+    reads them here; Invoke's own (its ``--config``) and another task's are not ours."""
+    argv = sys.argv[1:]
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        if word in _INVOKE_VALUE_FLAGS:
+            index += 2
+            continue
+        if not word.startswith("-") and _OUR_TASK.fullmatch(word):
+            entry = WORK if word.endswith("work") else POOL
+            valued = {
+                o.task_flag for o in options.for_entry(entry) if not isinstance(o.kind, Switch)
+            }
+            words: list[str] = []
+            rest = argv[index + 1 :]
+            while rest and rest[0].startswith("-"):
+                flag = rest.pop(0)
+                words.append(flag)
+                if flag in valued and rest:
+                    words.append(rest.pop(0))
+            return entry, words
+        index += 1
+    return POOL, []
+
+
 def _flag_in_argv(flag: str) -> Any:
-    """The value of ``flag`` (``--config x`` or ``--config=x``) on the command line, if given
-    (the last one, as Invoke takes it)."""
+    """The value of our task's ``flag`` (``--config x`` or ``--config=x``), if given (the last
+    one, as Invoke takes it)."""
     given = _flags_in_argv(flag)
     return given[-1] if given else None
 
 
 def _flags_in_argv(flag: str) -> list[str]:
-    """Every value of a flag given again and again (``--preload a --preload b``)."""
-    argv = sys.argv[1:]
+    """Every value of a flag of our task given again and again (``--preload a --preload b``)."""
+    _, words = _task_words()
     found = []
-    for index, word in enumerate(argv):
-        if word == flag and index + 1 < len(argv):
-            found.append(argv[index + 1])
+    for index, word in enumerate(words):
+        if word == flag and index + 1 < len(words):
+            found.append(words[index + 1])
         elif word.startswith(flag + "="):
             found.append(word[len(flag) + 1 :])
     return found
+
+
+def _switch_given(opt: Option) -> bool:
+    """Whether our task's words turn ``opt`` on or off (``--sync``, ``--no-sync``): a flag
+    given as its default still wins over a setting."""
+    _, words = _task_words()
+    return bool({opt.task_flag, "--no-" + opt.task_flag[2:]} & set(words))
 
 
 def _setup(c: Any) -> None:

@@ -86,6 +86,17 @@ class PoolProcess:
         wait_for(lambda: self.log_text().count(text) >= count, timeout, message=repr(text))
 
 
+def launch(command: list[str], directory: Path, log: Path, env=None) -> PoolProcess:
+    """Start ``command`` (a pool) in ``directory`` and a session of its own, its output to
+    ``log``."""
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            command, cwd=directory, stdin=subprocess.DEVNULL, stdout=output,
+            stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    return PoolProcess(process, Path(directory), log)
+
+
 @pytest.fixture
 def start_pool(redis_url, tmp_path):
     started: list[PoolProcess] = []
@@ -115,17 +126,7 @@ def start_pool(redis_url, tmp_path):
             "0.2",
             *args,
         ]
-        with open(log, "w") as log_file:
-            process = subprocess.Popen(
-                command,
-                cwd=tmp_path,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=environ,
-                start_new_session=True,
-            )
-        pool = PoolProcess(process, tmp_path, log)
+        pool = launch(command, tmp_path, log, environ)
         started.append(pool)
         if expect is not None:
             pool.wait_for_workers(expect)

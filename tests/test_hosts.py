@@ -15,10 +15,9 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
-from pools import SCRIPT, PoolProcess
+from pools import SCRIPT, PoolProcess, launch
 from processes import kill_processes_in, kill_tree, reap_orphans, wait_for
 from workers import TESTS, put, runs, wait_state
 
@@ -55,17 +54,7 @@ def start_host(redis_url, tmp_path):
             command += args
         else:
             hostname = os.uname().nodename
-        log = directory / "pool.log"
-        with open(log, "w") as output:
-            process = subprocess.Popen(
-                command,
-                cwd=directory,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        pool = PoolProcess(process, Path(directory), log)
+        pool = launch(command, directory, directory / "pool.log")
         started.append(pool)
         return pool, hostname
 

@@ -5,6 +5,7 @@ state (``qless-pool status --json``) or the worker's log says, not by the parser
 
 from __future__ import annotations
 
+import fcntl
 import grp
 import json
 import os
@@ -25,6 +26,8 @@ import qless_pool.tasks
 from qless_pool import options
 from qless_pool.cli import build_parser
 from qless_pool.options import COMMAND, OPTIONS, POOL, RUN, WORK, OptionError, Switch
+from qless_pool.pool.manager import TERM_BEHAVIOURS
+from qless_pool.worker.reservation import RESERVERS
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
@@ -173,6 +176,17 @@ def check_arrived(project: Path, values: dict, entry: str, state: dict) -> None:
     assert (project / "loaded").exists()  # the preload ran
     assert (project / values["stderr"]).exists() and (project / values["stdout"]).exists()
     assert "DEBUG" in (project / values["stderr"]).read_text()  # the log level arrived
+    # What each worker was given, as it says itself (the log level is DEBUG).
+    said = re.findall(r"worker options: (\{.*\})", (project / values["stderr"]).read_text())
+    assert said, "the workers' options line"
+    for line in said:
+        held_by_worker = json.loads(line)
+        for opt in options.for_entry(entry):
+            if opt.goes_to == "worker":
+                assert held_by_worker[opt.name] == values[opt.name], (entry, opt.name)
+    # The lock is held: an exclusive one cannot be had.
+    with open(project / values["lock"]) as lock, pytest.raises(BlockingIOError):
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     address = f"http://127.0.0.2:{values['metrics_port']}/metrics"
     with urllib.request.urlopen(address, timeout=10) as answer:
         assert b"qless_pool_workers" in answer.read()
@@ -197,14 +211,12 @@ def test_every_option_arrives_through_the_command(project, redis_url):
     stop(project, values)
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("how", ["flags", "variables", "invoke.yaml"])
-def test_every_option_arrives_through_invoke_qless_pool(project, redis_url, how):
-    values = sample(project, redis_url)
-    given = {k: v for k, v in values.items() if POOL in options.option(k).entries}
+def given_to_invoke(project: Path, given: dict, entry: str, how: str) -> tuple[list, dict]:
+    """``given`` as a task's flags, as INVOKE_QLESS_POOL_* variables, or in invoke.yaml: the
+    task's extra argv and environment."""
     argv, extra = [], {}
     if how == "flags":
-        argv = flags_for(given, POOL)
+        argv = flags_for(given, entry)
     elif how == "variables":
         for name, value in given.items():
             if isinstance(value, list):
@@ -214,6 +226,15 @@ def test_every_option_arrives_through_invoke_qless_pool(project, redis_url, how)
             extra[options.option(name).setting] = text
     else:
         (project / "invoke.yaml").write_text(json.dumps({"qless_pool": given}))
+    return argv, extra
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["flags", "variables", "invoke.yaml"])
+def test_every_option_arrives_through_invoke_qless_pool(project, redis_url, how):
+    values = sample(project, redis_url)
+    given = {k: v for k, v in values.items() if POOL in options.option(k).entries}
+    argv, extra = given_to_invoke(project, given, POOL, how)
     result = subprocess.run(
         [f"{BIN}/invoke", "qless.pool", *argv],
         cwd=project, env=environ(project, extra), capture_output=True, text=True, timeout=60,
@@ -250,13 +271,15 @@ def test_every_option_arrives_through_run(project, redis_url):
 
 
 @pytest.mark.timeout(120)
-def test_every_option_arrives_through_invoke_qless_work(project, redis_url):
+@pytest.mark.parametrize("how", ["flags", "variables", "invoke.yaml"])
+def test_every_option_arrives_through_invoke_qless_work(project, redis_url, how):
     values = sample(project, redis_url)
     given = {k: v for k, v in values.items() if WORK in options.option(k).entries}
+    argv, extra = given_to_invoke(project, given, WORK, how)
     process = subprocess.Popen(
-        [f"{BIN}/invoke", "qless.work", *flags_for(given, WORK)],
-        cwd=project, env=environ(project), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
+        [f"{BIN}/invoke", "qless.work", *argv],
+        cwd=project, env=environ(project, extra), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     lines: list[str] = []
     try:
@@ -290,6 +313,49 @@ def test_dry_run_and_drain_arrive_everywhere_they_are_options(project, redis_url
                                 timeout=60)  # fmt: skip
         assert result.returncode == 0, result.stderr
         assert "drained foo: 0 completed" in result.stdout + result.stderr
+
+
+def test_the_pre_tasks_read_only_the_flags_of_the_task_run(project, redis_url):
+    """Invoke's own --config (its settings file) is not the pool's: qless.check_pool and
+    qless.setup read only the words given to qless.pool."""
+    (project / "qless-pool.yml").write_text("foo: 1\n")
+    (project / "settings.yaml").write_text("greeting: hello\nqless_pool:\n  max_workers: 5\n")
+    for invoke_flag in ("--config", "-f"):
+        result = subprocess.run(
+            [f"{BIN}/invoke", invoke_flag, "settings.yaml", "qless.pool", "--dry-run"],
+            cwd=project, env=environ(project, {"QLESS_URL": redis_url}), capture_output=True,
+            text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == '{"foo": 1}'
+
+
+def test_a_switch_flag_given_as_its_default_wins_over_the_setting(project, redis_url):
+    process = subprocess.Popen(
+        [f"{BIN}/invoke", "qless.work", "--queues", "foo", "--fork-per-job", "--log-level",
+         "DEBUG"],
+        cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=environ(project, {"QLESS_URL": redis_url, "INVOKE_QLESS_POOL_FORK_PER_JOB": "false"}),
+        start_new_session=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        wait_for(lambda: (lines.append(process.stderr.readline()) or True)
+                 and "worker options:" in lines[-1], 30, interval=0)  # fmt: skip
+        assert json.loads(lines[-1].split("worker options: ", 1)[1])["fork_per_job"] is True
+        assert any("(a child per job, " in line for line in lines)
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def test_a_bad_task_flag_is_named_as_the_flag(project):
+    result = subprocess.run(
+        [f"{BIN}/invoke", "qless.work", "--queues", "foo", "--max-jobs", "0"],
+        cwd=project, env=environ(project), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == "qless.work: --max-jobs: must be 1 or more: '0'"
 
 
 # --- where an option makes no sense, one line -----------------------------------------------------
@@ -363,9 +429,19 @@ def test_every_option_has_its_flags_settings_and_keywords():
             assert opt.name in pool_args, opt.name
         if WORK in opt.entries:
             assert opt.name in work_args, opt.name
-        if RUN in opt.entries:
-            options.read_values({opt.name: opt.default if opt.default is not None else None},
-                                RUN)  # fmt: skip
+    # And nothing beside the declaration: no flag or task argument written by hand.
+    assert pool_args == {opt.name for opt in options.for_entry(POOL)}
+    assert work_args == {opt.name for opt in options.for_entry(WORK)}
+    declared = {
+        flag
+        for opt in OPTIONS
+        if COMMAND in opt.entries
+        for flag in (*opt.flags, *([opt.off_flag] if opt.off_flag else []))
+    }
+    assert flags - declared == {"-h", "--help", "-v", "--version"}
+    # The choices the declaration offers are the ones the code has.
+    assert options.choices("reserver") == tuple(RESERVERS)
+    assert options.choices("term") == TERM_BEHAVIOURS
 
 
 def test_the_readme_has_the_option_table_the_declaration_makes():

@@ -56,6 +56,17 @@ def test_unknown_reserver_is_refused():
         Worker(["foo"], reserver="fastest")
 
 
+def test_worker_makes_the_run_mode_asked_for():
+    from qless_pool.worker import ForkingWorker, InProcessWorker, Worker
+
+    assert type(Worker(["foo"])) is ForkingWorker
+    assert type(Worker(["foo"], fork_per_job=True)) is ForkingWorker
+    assert type(Worker(["foo"], fork_per_job=False)) is InProcessWorker
+    assert type(InProcessWorker(["foo"])) is InProcessWorker
+    with pytest.raises(ValueError, match="ForkingWorker is the run mode fork_per_job=True"):
+        ForkingWorker(["foo"], fork_per_job=False)
+
+
 def test_a_put_wakes_an_idle_worker_at_once(start_worker, client, redis_conn):
     worker = start_worker(["foo", "bar"], interval=60)
     wait_for(lambda: WAITING.match(worker.title()))

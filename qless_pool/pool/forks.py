@@ -13,12 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
-from .. import hooks, lifeline, proctitle
+from .. import hooks, lifeline, options, proctitle
 from ..config import Groups
 from ..logs import logger, set_role
 from ..notes import Notes, PauseFlag
@@ -144,7 +143,7 @@ class Forking:
             served,
             self.redis_url,
             self.pid,
-            self.worker_options.get("interval", 5.0),
+            self.worker_options.get("interval", options.option("interval").default),
             self.appname,
             started,
             unserved=unserved,
@@ -223,12 +222,7 @@ class Forking:
             log.exception("child process failed")
             status = 1
         finally:
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except Exception:  # exiting regardless
-                    pass
-            os._exit(status)
+            lifeline.exit_child(status)
 
     def _become_worker(self, queues: tuple[str, ...]) -> int:
         """The worker parent's body: the after_prefork hooks, then the worker's loop."""

@@ -183,7 +183,7 @@ def _run(
         files = LogFiles(
             values.get("stdout") or DEFAULT_STDOUT,
             values.get("stderr") or DEFAULT_STDERR,
-            sync=values.get("sync", True),
+            sync=values["sync"],
         )
         try:
             files.open()

@@ -47,7 +47,7 @@ log = logger.getChild("manager")
 
 #: What TERM does: "immediate" (INT every worker, exit at once; the default), "graceful"
 #: (QUIT every worker, exit at once) or "graceful-wait" (as QUIT: wait for the workers).
-TERM_BEHAVIOURS = ("immediate", "graceful", "graceful-wait")
+TERM_BEHAVIOURS = options.choices("term")
 #: The longest the loop sleeps when nothing happens.
 TICK = 1.0
 

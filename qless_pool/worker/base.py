@@ -101,12 +101,17 @@ class Worker(Reserving, SignalHandling):
 
     fork_per_job = True  # the run mode's
 
-    def __new__(cls, *args: Any, fork_per_job: bool = True, **kwargs: Any) -> Worker:
+    def __new__(cls, *args: Any, fork_per_job: Optional[bool] = None, **kwargs: Any) -> Worker:
         if cls is Worker:
             from .forking import ForkingWorker
             from .inprocess import InProcessWorker
 
-            cls = ForkingWorker if fork_per_job else InProcessWorker
+            cls = InProcessWorker if fork_per_job is False else ForkingWorker
+        elif fork_per_job is not None and fork_per_job != cls.fork_per_job:
+            raise ValueError(
+                f"{cls.__name__} is the run mode fork_per_job={cls.fork_per_job}; "
+                f"Worker(..., fork_per_job={fork_per_job}) makes the other"
+            )
         return super().__new__(cls)
 
     def __init__(
@@ -114,7 +119,7 @@ class Worker(Reserving, SignalHandling):
         queues: Sequence[str],
         redis_url: Optional[str] = None,
         *,
-        fork_per_job: bool = True,
+        fork_per_job: Optional[bool] = None,  # chose the class (__new__)
         interval: float = 5.0,
         reserver: str = "ordered",
         prefetch: Optional[int] = None,

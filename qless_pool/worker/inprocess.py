@@ -4,7 +4,8 @@ The worker's loop cannot turn while a job runs here, so:
 
 - TERM, INT and USR1 stop the job where it is: their handlers raise ``JobInterrupted`` into it
   (a BaseException, which qless-py does not turn into a failure); SIGALRM does the same for the
-  job's timeout and for the deadline of a graceful stop (--graceful-timeout). QUIT waits.
+  job's timeout and for the deadline of a graceful stop (--graceful-timeout). QUIT lets the job
+  finish: its handler only sets that deadline's alarm (the loop reads QUIT after the job).
 - A thread of the worker, its *keeper*, does what the loop cannot while a job runs: it
   heartbeats the running job and the held ones, and sends the completes owed when due.
 - The worker pops several jobs at once (prefetch, reservation.py) and completes the ones whose

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -212,12 +211,7 @@ def _become_child(
     except BaseException:
         log.exception("job %s crashed its child process", (job or {}).get("jid"))
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # exiting regardless
-                pass
-        os._exit(status)
+        lifeline.exit_child(status)
 
 
 def _wait_for_job(fd: int) -> Optional[dict[str, Any]]:
