@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,14 @@ from qless_pool.client import connect
 # Orphans of the pools the tests start are re-parented to this process, so tests can reap them
 # and find them for cleanup.
 become_subreaper()
+
+# A shell without job control starts a background command (`.ci/run &`) with SIGINT and SIGQUIT
+# ignored, and every process the tests start would inherit that: the tests send both and
+# expect what they do by default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 # The fixtures that start real workers and pools, for every test module.
 from pools import start_pool  # noqa: E402, F401
