@@ -8,6 +8,8 @@ module's first lines remains; ``$QLESS_URL`` keeps a password out of the command
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -16,7 +18,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _hide_secrets(sys.argv)
     from .cli import main as run_command_line
 
-    return run_command_line(argv)
+    try:
+        return run_command_line(argv)
+    except BrokenPipeError:
+        # Whoever read the output is gone (qless-pool failed | head): no traceback, and no
+        # second complaint when Python flushes stdout at exit. 141: as if killed by SIGPIPE.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def _hide_secrets(argv: Sequence[str]) -> None:

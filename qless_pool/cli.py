@@ -21,7 +21,8 @@ DESCRIPTION = (
 EPILOG = (
     "Signals to the manager: HUP reload, QUIT graceful stop, INT stop, TERM (see --term-*), "
     "WINCH stop workers (daemon only), USR1/USR2/CONT passed to the workers. "
-    "Also: qless-pool status [-p PIDFILE | --pid PID] [--json] [--watch [S]] [--check]."
+    "The commands (qless-pool COMMAND --help): status, stop, queues, failed, job, retry, "
+    "cancel, pause, unpause."
 )
 
 
@@ -101,6 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .ops import status
 
         return status.main(argv[1:])
+    if argv and not argv[0].startswith("-"):  # the pool's command line has no word of its own
+        from .ops import commands
+
+        if argv[0] in commands.COMMANDS:
+            return commands.main(argv[0], argv[1:])
+        names = ", ".join(["status", *commands.COMMANDS])
+        build_parser().error(f"unknown command {argv[0]!r} (the commands: {names})")
     from .pool.launch import launch
 
     values = vars(build_parser().parse_args(argv))

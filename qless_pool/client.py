@@ -30,6 +30,7 @@ import re
 import socket
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import qless
@@ -61,13 +62,14 @@ __all__ = [
     "JOB_SOCKET_TIMEOUT",
     "REDIS_DOWN",
     "Outage",
+    "RedisAtStart",
     "RedisUnavailable",
     "connect",
     "control_client",
-    "database_problem",
     "default_redis_url",
     "fix_script",
     "fixed_script",
+    "look_at_redis",
     "patch_qless",
     "pipelined",
     "raise_if_down",
@@ -150,31 +152,42 @@ def _driver_options(announce: bool = True) -> dict[str, Any]:
     return {"driver_info": info.add_upstream_driver("qless-pool", __version__)}
 
 
-def database_problem(url: str, timeout: float = 1.0) -> Optional[str]:
-    """A look at start: why Redis refuses the URL's database, or None if it takes it or cannot
-    be reached now (an outage, which the workers ride out). The workers would otherwise take a
-    database beyond the server's ``databases`` for an outage, and wait for it forever."""
+@dataclass(frozen=True)
+class RedisAtStart:
+    """What a look at Redis found at start: ``refused``, why it refuses the URL's database (a
+    bad start); ``unreachable``, why it could not be reached now (an outage the workers ride
+    out, said to the operator)."""
+
+    refused: Optional[str] = None
+    unreachable: Optional[str] = None
+
+
+def look_at_redis(url: str, timeout: float = 1.0) -> RedisAtStart:
+    """A look at start. The workers would otherwise take a database beyond the server's
+    ``databases`` for an outage, and wait for it forever."""
     try:
         client = connect(
             url, "qless-pool-check", announce=False,
             socket_connect_timeout=timeout, socket_timeout=timeout,
         )  # fmt: skip
     except ValueError:
-        return None  # said by check_redis_url, where it is checked
+        return RedisAtStart()  # said by check_redis_url, where it is checked
     try:
         client.redis.ping()
     except redis.ResponseError as error:
         if NO_SUCH_DATABASE in str(error):
-            return (
-                f"Redis refuses the database of {mask_secrets(url)}: {error} (the server has "
-                "as many as its 'databases' setting says, numbered from 0)"
+            return RedisAtStart(
+                refused=f"Redis refuses the database of {mask_secrets(url)}: {error} (the "
+                "server has as many as its 'databases' setting says, numbered from 0)"
             )
-        return None
-    except Exception:  # unreachable, or anything else: for the workers to ride out or say
-        return None
+        if redis_is_down(error):
+            return RedisAtStart(unreachable=mask_secrets(str(error)))
+        return RedisAtStart()
+    except Exception as error:  # unreachable, or anything else: for the workers to ride out
+        return RedisAtStart(unreachable=mask_secrets(str(error) or type(error).__name__))
     finally:
         client.redis.close()
-    return None
+    return RedisAtStart()
 
 
 def connect(

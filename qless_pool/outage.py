@@ -19,6 +19,8 @@ from typing import Any, Optional
 import redis
 from qless.exceptions import QlessException
 
+from .urls import mask_secrets
+
 __all__ = [
     "MAX_OUTAGE_BACKOFF",
     "NO_SUCH_DATABASE",
@@ -55,6 +57,7 @@ class Outage:
 
     log: logging.Logger
     since: Optional[float] = None
+    error: Optional[str] = None  # what the last look met, while it lasts (for status)
     delay: float = 0.0
     retry_at: float = 0.0
     #: An outage that seems over: (since, when Redis answered again), until the next look.
@@ -70,13 +73,14 @@ class Outage:
             else:
                 self.since = now
                 self.log.error("Redis is unavailable (%s); retrying with backoff", _describe(error))
+        self.error = mask_secrets(_describe(error))
         self.delay = min(max(self.delay * 2, 0.5), MAX_OUTAGE_BACKOFF)
         self.retry_at = now + self.delay
 
     def recovered(self, now: float) -> None:
         if self.since is not None:
             self.ending = (self.since, now)
-            self.since, self.retry_at = None, 0.0
+            self.since, self.retry_at, self.error = None, 0.0, None
             return
         if self.ending is not None:
             since, back = self.ending

@@ -171,13 +171,14 @@ def _flag_help(opt: Option) -> str:
 
 
 def _check(c: Any) -> None:
-    """Check the qless_pool settings (and for qless.pool, the config) before anything loads."""
+    """Check the qless_pool settings, before any task loads the application."""
     settings(c)
 
 
 def _check_pool(c: Any) -> None:
-    """Check the config too, as qless.pool will read it: its flags win over the settings. A
-    pre-task is given no flags by Invoke: those three are read from the command line."""
+    """Check the settings and the config qless.pool will use, before anything loads."""
+    # As qless.pool will read them: its flags win over the settings. A pre-task is given no
+    # flags by Invoke: those three are read from the command line (_task_words).
     found = settings(c)
     values = {name: value for name, value in found.items() if POOL in options.option(name).entries}
     for name in ("config", "environment", "max_workers"):
@@ -293,7 +294,7 @@ def _pool(c: Any, flags: Mapping[str, Any]) -> None:
 def _work(c: Any, flags: Mapping[str, Any]) -> None:
     """Run one worker in the foreground on --queues (or $QUEUES), like rake qless:work."""
     from . import logs
-    from .client import database_problem
+    from .client import look_at_redis
     from .config import CONTROL_CHARACTER
     from .urls import check_redis_url, redis_url_and_origin
     from .worker import Worker
@@ -317,9 +318,9 @@ def _work(c: Any, flags: Mapping[str, Any]) -> None:
         check_redis_url(url)
     except ValueError as error:
         raise Exit(f"qless-pool: bad Redis URL (from {origin}): {error}", code=2) from None
-    problem = database_problem(url)
-    if problem:
-        raise Exit(f"qless.work: {problem}", code=2)
+    found = look_at_redis(url)
+    if found.refused:
+        raise Exit(f"qless.work: {found.refused}", code=2)
     try:
         worker = Worker(queues, url, appname=appname, **options.going_to("worker", values))
     except ValueError as error:  # a bad allowlist ...

@@ -79,7 +79,7 @@ def test_a_pidfile_of_another_user_is_not_trusted(tmp_path):
 def test_a_pidfile_of_root_is_read_by_another_user():
     """A daemon started by root drops to its user after writing the pidfile: that user's status
     trusts root's file."""
-    from qless_pool.ops.status import NoPool, read_pidfile
+    from qless_pool.ops.finding import NoPool, read_pidfile
 
     directory = tempfile.mkdtemp(prefix="qless-pool-pidfile-")
     try:

@@ -387,8 +387,9 @@ class Readiness:
     def __init__(self, fd: int):
         self.fd = fd
 
-    def started(self) -> None:
-        self._say(f"ok {os.getpid()}")
+    def started(self, note: str = "") -> None:
+        """``note``: said after the pid (what the operator should know at once)."""
+        self._say(f"ok {os.getpid()} {note}".rstrip())
 
     def failed(self, status: int, message: str) -> None:
         self._say(f"error {status} {message}")
@@ -431,7 +432,9 @@ def _wait_for_daemon(middle: int, read_end: int) -> NoReturn:
     with os.fdopen(read_end, "rb") as pipe:
         line = pipe.readline().decode(errors="replace").strip()
     if line.startswith("ok "):
-        print(f"qless-pool: started as a daemon, pid {line[3:]}", file=sys.stderr)
+        pid, _, note = line[3:].partition(" ")
+        note = f"; {note}" if note else ""
+        print(f"qless-pool: started as a daemon, pid {pid}{note}", file=sys.stderr)
         sys.exit(0)
     if line.startswith("error "):
         _, status, message = line.split(" ", 2)

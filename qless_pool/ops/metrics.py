@@ -11,7 +11,8 @@ stays Redis-free and thread-free; the helper dies with it.
   folded into one file per metric type, so that recycled workers do not pile files up.
 - ``qless_pool_workers{state}``, ``qless_pool_worker_restarts_total{reason}``: read from the
   pool's state files (state.py) at scrape time.
-- ``qless_pool_queue_jobs{queue, state}``: qless's counts, read from Redis at scrape time.
+- ``qless_pool_queue_jobs{queue, state}``: qless's counts, read from Redis at scrape time, and
+  ``qless_pool_failed_jobs{group}``: its failed jobs by failure group (every group in qless).
 
 The helper gives each connection a thread (a client that sends nothing is dropped after
 CLIENT_TIMEOUT, and holds up no other) and makes one scrape at a time. A multiprocess file it
@@ -321,16 +322,27 @@ class PoolCollector:
         for reason, count in (manager.get("restarts") or {}).items():
             restarts.add_metric([reason], count)
         yield restarts
+        counts, groups = self._from_redis(manager)
         queues = GaugeMetricFamily(
             "qless_pool_queue_jobs", "qless's jobs of the pool's queues, by state",
             labels=["queue", "state"],
         )  # fmt: skip
-        for queue, counts in self._queue_counts(manager).items():
+        for queue, by_state in counts.items():
             for state in QUEUE_STATES:
-                queues.add_metric([queue, state], counts.get(state, 0))
+                queues.add_metric([queue, state], by_state.get(state, 0))
         yield queues
+        failed = GaugeMetricFamily(
+            "qless_pool_failed_jobs", "qless's failed jobs, by failure group", labels=["group"]
+        )
+        for group, count in groups.items():
+            failed.add_metric([group], count)
+        yield failed
 
-    def _queue_counts(self, manager: dict[str, Any]) -> dict[str, dict[str, int]]:
+    def _from_redis(
+        self, manager: dict[str, Any]
+    ) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+        """The pool's queues' counts by state, and every failure group's count (in qless,
+        groups are not per pool: a queue's jobs fail as ``<queue>-<Exception>`` by default)."""
         from .state import configured_queues
 
         names = configured_queues(manager)
@@ -339,11 +351,12 @@ class PoolCollector:
                 from ..client import control_client
 
                 self.client = control_client(self.redis_url, "metrics")
-            return {name: json.loads(self.client("queues", name)) for name in names}
+            counts = {name: json.loads(self.client("queues", name)) for name in names}
+            return counts, dict(json.loads(self.client("failed")) or {})
         except Exception as error:  # Redis away: the other metrics are still worth serving
-            log.warning("qless_pool_queue_jobs: cannot read the queues: %s", error)
+            log.warning("cannot read the queues and failed jobs: %s", error)
             self.client = None
-            return {}
+            return {}, {}
 
 
 def fold_dead_processes(directory: str, alive: Optional[Sequence[int]] = None) -> Optional[str]:

@@ -56,9 +56,10 @@ MANAGER_FILE = "manager.json"
 MANAGER_LIMIT = 16 << 20
 
 #: A worker's record: sequence, state, job started (epoch), updated (epoch), jobs done,
-#: child pid, standby pid, held jobs, then the job's jid, queue and class (UTF-8, NUL-padded).
-_RECORD = struct.Struct("<QBxxxddQiiI64s128s256s")
-RECORD_SIZE = 512
+#: child pid, standby pid, held jobs, the job's jid, queue and class (UTF-8, NUL-padded), and
+#: since when Redis has been unreachable to it (epoch; 0: it is not) with what it met.
+_RECORD = struct.Struct("<QBxxxddQiiI64s128s256sd256s")
+RECORD_SIZE = 1024
 STATES = ("starting", "waiting", "processing", "paused", "stopping")
 #: How long a worker without a record is taken to be starting.
 STARTING = 10.0
@@ -173,6 +174,7 @@ class WorkerSlot:
         self.child_pid = 0
         self.standby_pid = 0
         self.held = 0
+        self.redis_down: tuple[float, str] = (0.0, "")
         self._recorded: Any = None
 
     def record(
@@ -184,14 +186,15 @@ class WorkerSlot:
         child_pid: Optional[int],
         standby_pid: Optional[int],
         held: int,
+        redis_down: tuple[float, str] = (0.0, ""),
     ) -> None:
         """update(), if anything has changed since the last record (the loop calls this on
-        every turn)."""
-        now = (state, job and job.get("jid"), jobs_done, child_pid, standby_pid, held)
+        every turn). ``redis_down``: since when (epoch, 0: not) and what the worker met."""
+        now = (state, job and job.get("jid"), jobs_done, child_pid, standby_pid, held, redis_down)
         if now == self._recorded:
             return
         self._recorded = now
-        self.jobs_done, self.held = jobs_done, held
+        self.jobs_done, self.held, self.redis_down = jobs_done, held, redis_down
         self.child_pid, self.standby_pid = child_pid or 0, standby_pid or 0
         self.update(state, job, started)
 
@@ -218,6 +221,8 @@ class WorkerSlot:
             _encoded(job, "jid", 64),
             _encoded(job, "queue", 128),
             _encoded(job, "klass", 256),
+            self.redis_down[0],
+            self.redis_down[1].encode()[:256],
         )
         self.sequence += 1
         struct.pack_into("<Q", self.map, 0, self.sequence)
@@ -266,7 +271,8 @@ def read_worker(path: str) -> Optional[dict[str, Any]]:
                 return None
     except OSError:  # none yet, or its directory removed or replaced
         return None
-    _, state, started, updated, done, child, standby, held, jid, queue, klass = fields
+    _, state, started, updated, done, child, standby, held, jid, queue, klass = fields[:11]
+    down_since, down_error = fields[11:]
     job = None
     if jid.rstrip(b"\0"):
         job = {
@@ -283,6 +289,8 @@ def read_worker(path: str) -> Optional[dict[str, Any]]:
         "standby": standby or None,
         "held": held,
         "job": job,
+        "redis_down_since": down_since or None,
+        "redis_error": down_error.rstrip(b"\0").decode(errors="replace") or None,
     }
 
 

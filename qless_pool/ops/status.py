@@ -2,24 +2,23 @@
 
     qless-pool status [-p PIDFILE | --pid PID] [--json] [--watch [SECONDS]] [--check] [-R URL]
 
-The pool is found by its pidfile (default: the daemon's, tmp/pids/qless-pool.pid) or its
-manager's pid; what it does comes from the files it keeps for this (state.py), its workers'
-memory from /proc, and its queues' counts from Redis, read by this command itself (the manager
-never talks to Redis). ``--check`` reads no Redis at all.
+The pool is found by its pidfile (default: the daemon's, tmp/pids/qless-pool.pid), its
+manager's pid, or as the pool started in this directory (finding.py); what it does comes from
+the files it keeps for this (state.py), its workers' memory from /proc, and its queues' counts
+from Redis, read by this command itself (the manager never talks to Redis). ``--check`` reads
+no Redis at all.
 
-Exit status: 0; with ``--check``, 0 when the pool is healthy (the manager is alive and every
-group has its count), 1 when a group is short (a worker in respawn backoff, one just died) or the
-pool is stopping, 3 when no pool is running (a stale or missing pidfile). 1 too, with or without
-``--check``, when the manager is alive but its state cannot be read. 2 for a bad option.
+Exit status: 0; with ``--check``, 0 when the pool is healthy, 1 when it is not (see health():
+a group short of workers, workers in respawn backoff or cut off from Redis, the pool stopping),
+3 when no pool is running (a stale or missing pidfile). 1 too, with or without ``--check``,
+when the manager is alive but its state cannot be read. 2 for a bad option.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
-import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from typing import Any, Optional
 
 from ..urls import DEFAULT_REDIS_URL, URL_VARIABLES, mask_secrets
 from .daemon import DEFAULT_PIDFILE
+from .finding import NoPool, find_manager, find_pool
 from .state import (
     configured_queues,
     pool_directory,
@@ -40,10 +40,6 @@ __all__ = ["EX_NO_POOL", "collect", "main", "render"]
 
 EX_NO_POOL = 3
 QUEUE_COLUMNS = ("waiting", "running", "scheduled", "stalled", "depends", "recurring")
-
-
-class NoPool(Exception):
-    """No pool is running where we were told to look."""
 
 
 class NoState(Exception):
@@ -60,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-p",
         "--pidfile",
         metavar="FILE",
-        default=DEFAULT_PIDFILE,
-        help=f"the pool's pidfile (default: {DEFAULT_PIDFILE})",
+        help=f"the pool's pidfile (default: {DEFAULT_PIDFILE}, else the pool started in this "
+        "directory)",
     )
     where.add_argument("--pid", type=int, metavar="PID", help="the manager's pid")
     parser.add_argument("--json", action="store_true", help="one JSON object (see README)")
@@ -76,70 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="no output; exit 0 if healthy, 1 if short of workers, stopping or its state "
-        "unreadable, 3 if no pool",
+        help="no output; exit 0 if healthy, 1 if not (short of workers, workers in respawn "
+        "backoff, workers that cannot reach Redis, stopping, its state unreadable), 3 if no "
+        "pool",
     )
     parser.add_argument(
         "-R", "--redis", metavar="URL", help="qless's Redis (default: the pool's own)"
     )
     return parser
-
-
-#: A pid is at most 7 digits (pid_max is at most 4194304) and a newline: more is not a pidfile.
-PIDFILE_LIMIT = 32
-
-
-def read_pidfile(path: str) -> int:
-    """The pid in ``path``, read safely (NoPool otherwise): ``status`` may run as root on a
-    pidfile in a directory its pool's user owns, who could put anything there.
-
-    It is opened without following a symlink and without blocking (a FIFO), read only if it is
-    a regular file owned by this user or root, and at most PIDFILE_LIMIT bytes of it; nothing
-    read is ever shown back.
-    """
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise NoPool(f"no pidfile {path}: no pool is running (give --pid?)") from None
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise NoPool(f"pidfile {path} is a symbolic link; not followed") from None
-        raise NoPool(f"cannot read pidfile {path}: {error.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise NoPool(f"pidfile {path} is not a regular file")
-        if info.st_uid not in (os.getuid(), 0):
-            raise NoPool(
-                f"pidfile {path} belongs to uid {info.st_uid}, not to this user or root; "
-                "not trusted (give --pid?)"
-            )
-        data = os.read(fd, PIDFILE_LIMIT)
-    except OSError as error:
-        raise NoPool(f"cannot read pidfile {path}: {error.strerror}") from None
-    finally:
-        os.close(fd)
-    text = data.decode("ascii", errors="replace").strip()
-    if not text:
-        raise NoPool(f"pidfile {path} is empty: no pool is running")
-    if not text.isdigit() or len(data) >= PIDFILE_LIMIT or int(text) == 0:
-        raise NoPool(f"pidfile {path} does not hold a pid")
-    return int(text)
-
-
-def find_manager(pidfile: Optional[str], pid: Optional[int]) -> int:
-    """The manager's pid, if it is a live qless-pool manager (NoPool otherwise)."""
-    if pid is None:
-        pid = read_pidfile(pidfile or DEFAULT_PIDFILE)
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as file:
-            title = file.read(4096).decode(errors="replace")
-    except OSError:
-        raise NoPool(f"no process {pid}: no pool is running (stale pidfile?)") from None
-    if not title.startswith("qless-pool-manager"):
-        raise NoPool(f"process {pid} is not a qless-pool manager ({title.split(chr(0))[0]!r})")
-    return pid
 
 
 def collect(pid: int, redis_url: Optional[str] = None, queues: bool = True) -> dict[str, Any]:
@@ -180,6 +120,8 @@ def collect(pid: int, redis_url: Optional[str] = None, queues: bool = True) -> d
                 "job_child": record.get("job_child"),
                 "standby": record.get("standby"),
                 "held": record.get("held", 0),
+                "redis_down_since": record.get("redis_down_since"),
+                "redis_error": record.get("redis_error"),
             }
         )
     groups = [
@@ -191,15 +133,7 @@ def collect(pid: int, redis_url: Optional[str] = None, queues: bool = True) -> d
         }
         for group in manager.get("groups", [])
     ]
-    problems = []
-    if manager.get("stopping"):
-        problems.append(f"the pool is stopping ({manager['stopping']})")
-    for group in groups:
-        if group["live"] < group["desired"]:
-            why = " (respawn backoff)" if group["backoff_until"] else ""
-            problems.append(
-                f"{','.join(group['queues'])}: {group['live']} of {group['desired']} workers{why}"
-            )
+    problems, warnings = health(manager, groups, workers, now)
     snapshot: dict[str, Any] = {
         "manager": {
             "pid": pid,
@@ -211,6 +145,8 @@ def collect(pid: int, redis_url: Optional[str] = None, queues: bool = True) -> d
             "redis": manager.get("redis_shown"),
             "stopping": manager.get("stopping"),
             "restarts": manager.get("restarts", {}),
+            "last_reload": manager.get("last_reload"),
+            "directory": manager.get("directory"),
             "options": manager.get("options", {}),
             "rss_bytes": rss_bytes(pid),
         },
@@ -218,10 +154,50 @@ def collect(pid: int, redis_url: Optional[str] = None, queues: bool = True) -> d
         "workers": workers,
         "healthy": not problems,
         "problems": problems,
+        "warnings": warnings,
     }
     if queues:
         snapshot.update(_queues(manager, redis_url, uid))
     return snapshot
+
+
+def health(
+    manager: dict[str, Any],
+    groups: list[dict[str, Any]],
+    workers: list[dict[str, Any]],
+    now: float,
+) -> tuple[list[str], list[str]]:
+    """What is wrong with the pool: problems (they fail ``--check``) and warnings (they do
+    not). Problems: it is stopping; a group is short of workers (in respawn backoff, or one just
+    died); workers cannot reach Redis (their jobs do not run). A warning: the last reload was
+    rejected; the pool runs the config it had (restarting it would not help: the start would
+    refuse the same file)."""
+    problems, warnings = [], []
+    if manager.get("stopping"):
+        problems.append(f"the pool is stopping ({manager['stopping']})")
+    for group in groups:
+        if group["live"] < group["desired"]:
+            why = " (respawn backoff)" if group["backoff_until"] else ""
+            problems.append(
+                f"{','.join(group['queues'])}: {group['live']} of {group['desired']} workers{why}"
+            )
+    cut_off = [w for w in workers if w.get("redis_down_since")]
+    if cut_off:
+        since = min(w["redis_down_since"] for w in cut_off)
+        errors = sorted({w["redis_error"] for w in cut_off if w.get("redis_error")})
+        said = f": {errors[0]}" if errors else ""
+        problems.append(
+            f"Redis unreachable from {len(cut_off)} of {len(workers)} workers for "
+            f"{_duration(now - since)}{said}"
+        )
+    reload = manager.get("last_reload")
+    if isinstance(reload, dict) and not reload.get("ok"):
+        when = time.strftime("%H:%M:%S", time.localtime(reload.get("at", 0)))
+        warnings.append(
+            f"the reload at {when} was rejected, the pool runs the config it had: "
+            f"{reload.get('error')}"
+        )
+    return problems, warnings
 
 
 def pool_redis_url(
@@ -287,7 +263,7 @@ def render(snapshot: dict[str, Any]) -> str:
         lines.append(
             "restarts: " + ", ".join(f"{n} {reason}" for reason, n in restarts.items() if n)
         )
-    lines.append("health: " + ("ok" if snapshot["healthy"] else "; ".join(snapshot["problems"])))
+    lines.append(_health_line(snapshot))
     lines += ["", "GROUP" + " " * 21 + "WORKERS"]
     for group in snapshot["groups"]:
         backoff = ""
@@ -323,6 +299,14 @@ def render(snapshot: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _health_line(snapshot: dict[str, Any]) -> str:
+    problems, warnings = snapshot["problems"], snapshot.get("warnings", [])
+    text = "health: NOT OK: " + "; ".join(problems) if problems else "health: ok"
+    if warnings:
+        text += ("; " if problems else ", but ") + "; ".join(warnings)
+    return text
+
+
 def _duration(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 60:
@@ -340,7 +324,7 @@ def _duration(seconds: float) -> str:
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
-        pid = find_manager(args.pidfile, args.pid)
+        pid = find_pool(args.pidfile, args.pid)
         if args.check:
             return 0 if collect(pid, queues=False)["healthy"] else 1
         if args.watch is None:
@@ -357,7 +341,7 @@ def main(argv: Sequence[str]) -> int:
             sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
             sys.stdout.flush()
             time.sleep(args.watch)
-            find_manager(args.pidfile, args.pid)
+            find_manager(None, pid)
     except NoPool as error:
         if not args.check:
             print(f"qless-pool status: {error}", file=sys.stderr)

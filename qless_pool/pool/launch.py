@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .. import logs, options, proctitle
-from ..client import database_problem
+from ..client import look_at_redis
 from ..config import EX_CONFIG, ConfigError, ConfigSource, Groups, groups_to_json
 from ..hooks import preload
 from ..ops import metrics
@@ -39,7 +39,7 @@ from ..ops.daemon import (
     drop_privileges,
     resolve_identity,
 )
-from ..urls import check_redis_url, redis_url_and_origin
+from ..urls import check_redis_url, mask_secrets, redis_url_and_origin
 from ..worker.reservation import check_allowed_modules, default_allowed_modules
 from .manager import Pool
 
@@ -64,6 +64,7 @@ class Checked:
     source: ConfigSource
     groups: Groups
     identity: Optional[Identity]
+    redis_unreachable: Optional[str] = None  # at start: said, and ridden out by the workers
 
 
 def check(values: dict[str, Any], source: Optional[ConfigSource] = None) -> Checked:
@@ -102,11 +103,13 @@ def check(values: dict[str, Any], source: Optional[ConfigSource] = None) -> Chec
             metrics.require()
         except metrics.MetricsError as error:
             raise LaunchError(error.status, str(error)) from None
+    unreachable = None
     if not values.get("dry_run"):
-        problem = database_problem(url)
-        if problem:
-            raise LaunchError(2, problem)
-    return Checked(values, source, groups, identity)
+        found = look_at_redis(url)
+        if found.refused:
+            raise LaunchError(2, found.refused)
+        unreachable = found.unreachable
+    return Checked(values, source, groups, identity, unreachable)
 
 
 def launch(
@@ -232,9 +235,18 @@ def _run(
                 return fail(1, f"preloading {', '.join(modules)} failed: {error!r}")
         notifier = SystemdNotifier()
 
+        unreachable = ""
+        if checked.redis_unreachable:
+            unreachable = (
+                f"Redis at {mask_secrets(values['redis'])} is unreachable now "
+                f"({checked.redis_unreachable}): the workers wait for it"
+            )
+            log.warning("%s", unreachable)
+            unreachable = "but " + unreachable
+
         def lifecycle(event: str, pool: Pool) -> None:
             if event == "started" and readiness is not None:
-                readiness.started()
+                readiness.started(unreachable)
             notifier(event, pool)
 
         pool = Pool(

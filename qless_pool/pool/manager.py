@@ -132,6 +132,10 @@ class Pool(ManagerSignals, Forking):
         self.started = time.time()
         self.state: Optional[state.PoolState] = None  # for qless-pool status (state.py)
         self.restarts = {"died": 0, "recycled": 0, "reload": 0}
+        #: The last HUP's reload: {"at": epoch, "ok": bool, "error": str or None}.
+        self.last_reload: Optional[dict[str, Any]] = None
+        #: Where the pool was started: qless-pool status finds a pool without a pidfile by it.
+        self.directory = os.getcwd()
         self._wakeup_r = self._wakeup_w = -1
         self._title = ""
         self._worker_count = -1

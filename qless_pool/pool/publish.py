@@ -43,6 +43,7 @@ class StatePublisher:
             pool.stopping,
             tuple(pool.restarts.values()),
             pool.metrics_pid,
+            str(pool.last_reload),
         )
         if snapshot == self._published and self.state.intact():
             return
@@ -62,6 +63,7 @@ class StatePublisher:
             "version": 1,
             "pid": pool.pid,
             "started": pool.started,
+            "directory": pool.directory,
             "appname": pool.appname,
             "config": pool.source.name,
             "environment": pool.source.environment,
@@ -81,6 +83,7 @@ class StatePublisher:
                 for w in pool.workers.values()
             ],
             "restarts": dict(pool.restarts),
+            "last_reload": pool.last_reload,
             "options": pool.effective_options(),
             "drain_pid": pool.drain_pid,
             "metrics_pid": pool.metrics_pid,

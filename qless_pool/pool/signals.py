@@ -20,7 +20,7 @@ import os
 import signal
 import time
 from collections import deque
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from .. import lifeline
 from ..config import ConfigError, ConfigSource, Groups, describe_groups
@@ -61,6 +61,7 @@ class ManagerSignals:
     winched: bool
     backoffs: dict[tuple[str, ...], Backoff]
     restarts: dict[str, int]
+    last_reload: Optional[dict[str, Any]]
     workers: dict[int, WorkerRecord]
     term_behaviour: str
     daemonized: bool
@@ -150,12 +151,12 @@ class ManagerSignals:
             groups = self.source.load()
         except ConfigError as error:
             log.error("HUP: %s; keeping the current config and workers", error)
-            self._emit("reloaded")
+            self._reloaded(str(error))
             return
-        except Exception:  # a bug of ours, or of a config loader: never the manager's end
+        except Exception as error:  # a bug of ours, or of a config loader: never the manager's end
             log.exception("HUP: reading %s failed; keeping the current config and workers",
                           self.source.name)  # fmt: skip
-            self._emit("reloaded")
+            self._reloaded(f"reading {self.source.name} failed: {error!r}")
             return
         for warning in self.source.warnings:
             log.warning("HUP: %s", warning)
@@ -167,6 +168,12 @@ class ManagerSignals:
         self.restarts["reload"] += sum(not w.retiring for w in self.workers.values())
         self.signal_workers(signal.SIGQUIT)
         self.reconcile()
+        self._reloaded(None)
+
+    def _reloaded(self, error: Optional[str]) -> None:
+        """A reload is over: kept for qless-pool status (a rejected one stays said until the
+        next reload succeeds)."""
+        self.last_reload = {"at": time.time(), "ok": error is None, "error": error}
         self._emit("reloaded")
 
     def _warn_if_empty(self, groups: Groups, prefix: str) -> None:

@@ -326,8 +326,11 @@ class Worker(Reserving, SignalHandling):
     # --- a run's end, limits --------------------------------------------------------------------
 
     def _finish_job(self, run: JobRun) -> None:
-        """A job's run has ended: settle it as settling.py says; recycle if a limit says so."""
-        self.jobs_done += 1
+        """A job's run has ended: settle it as settling.py says; recycle if a limit says so.
+        A run the worker cut short (TERM, USR1, a graceful stop's deadline, qless taking the
+        job away) is not a job done: its job is handed back, for another run."""
+        if run.kill_reason is None or run.timed_out:
+            self.jobs_done += 1
         settlement = settlement_for(run, self.name, self.job_timeout)
         if settlement is not None:
             self.settler.add(settlement)
@@ -335,8 +338,9 @@ class Worker(Reserving, SignalHandling):
             self.presence.observe(run.job, settled_outcome(run.report), run.report.seconds)
         why = self.limits.worker_done(self.jobs_done)
         if why and not (self.recycling or self.stopping):
-            self.recycling = why  # stop gracefully, to be replaced (a recycle, not a failure)
-            log.info("worker %s recycling: %s", self.name, why)
+            # Said as it exits, after what it owes for its last job (a complete may wait for
+            # the next turn): stop gracefully, to be replaced (a recycle, not a failure).
+            self.recycling = why
             self._stop_gracefully()
 
     # --- titles and the end ---------------------------------------------------------------------
@@ -353,8 +357,12 @@ class Worker(Reserving, SignalHandling):
 
     def _record(self, state: str, job: Optional[dict[str, Any]] = None, started: float = 0.0,
                 child: Optional[int] = None) -> None:  # fmt: skip
+        down = (0.0, "")
+        if self.outage.since is not None:  # monotonic -> epoch
+            down = (time.time() - (time.monotonic() - self.outage.since), self.outage.error or "")
         self.presence.record(state, job, started, jobs_done=self.jobs_done, child=child,
-                             standby=self._standby_pid(), held=len(self.holding))  # fmt: skip
+                             standby=self._standby_pid(), held=len(self.holding),
+                             redis_down=down)  # fmt: skip
 
     def _shut_down(self, clean: bool) -> None:
         """``clean``: the loop ended as it should (not by an exception): then nothing is left
@@ -380,4 +388,6 @@ class Worker(Reserving, SignalHandling):
         self._restore_signal_handlers()
         if self.will is not None:
             self.will.close(remove=clean)
+        if self.recycling:
+            log.info("worker %s recycling: %s", self.name, self.recycling)
         log.info("worker %s exiting after %d job(s)", self.name, self.jobs_done)

@@ -51,10 +51,11 @@ class Presence:
         child: Optional[int] = None,
         standby: Optional[int] = None,
         held: int = 0,
+        redis_down: tuple[float, str] = (0.0, ""),
     ) -> None:
         """The worker's record for qless-pool status, when anything in it changed."""
         if self.slot is not None:
-            self.slot.record(state, job, started, jobs_done, child, standby, held)
+            self.slot.record(state, job, started, jobs_done, child, standby, held, redis_down)
 
     def observe(self, job: dict[str, Any], outcome: str, seconds: float) -> None:
         """One job's outcome, for the metrics: completed, failed, retried, moved, canceled."""

@@ -1,0 +1,415 @@
+"""The operator's commands: ``qless-pool queues | failed | job | retry | cancel | pause |
+unpause | stop``, over operations.py (and, for ``stop``, the pool's pidfile or state).
+
+Each reads qless's Redis from ``-R URL``, else $QLESS_URL, else $REDIS_URL, else
+redis://localhost:6379/0, prints text (or one JSON document with ``--json``), and answers bad
+input with one line on stderr and an exit status:
+
+    0   done
+    1   not found (a job, a failure group, a queue), or qless refused some of the action, or the
+        action was declined at the prompt, or ``stop`` timed out
+    2   bad usage: an unknown flag, a bad number, a Redis URL that cannot work, a bulk action
+        without ``--yes`` and without a terminal to ask on
+    3   ``stop``: no pool is running
+    69  Redis is unreachable (EX_UNAVAILABLE)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+from ..outage import redis_is_down
+from ..urls import check_redis_url, mask_secrets, redis_url_and_origin
+from .operations import Done, NotFound, Operations, Page
+
+__all__ = ["COMMANDS", "EX_UNAVAILABLE", "main"]
+
+EX_NOT_FOUND = 1
+EX_USAGE = 2
+EX_NO_POOL = 3
+EX_UNAVAILABLE = 69
+#: Characters of a failure message shown in a list (``job JID`` shows it whole).
+MESSAGE_WIDTH = 60
+
+
+class Failed(Exception):
+    """One line for stderr, and the exit status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+# --- the parsers ----------------------------------------------------------------------------------
+
+
+def _parser(name: str, description: str, redis: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"qless-pool {name}", description=description)
+    if redis:
+        parser.add_argument(
+            "-R", "--redis", metavar="URL",
+            help="qless's Redis (default: $QLESS_URL, $REDIS_URL, redis://localhost:6379/0)",
+        )  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    return parser
+
+
+def _whole(low: int, high: int) -> Callable[[str], int]:
+    def read(text: str) -> int:
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"a whole number from {low} to {high:,}: {text!r}")
+        return int(text)
+
+    return read
+
+
+def _bulk_parser(name: str, verb: str) -> argparse.ArgumentParser:
+    parser = _parser(name, f"{verb.capitalize()} jobs by jid, or every failed job of a group.")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("jids", nargs="*", default=[], metavar="JID", help=f"the jobs to {verb}")
+    what.add_argument("--group", metavar="GROUP", help=f"{verb} every failed job of GROUP")
+    parser.add_argument(
+        "-y", "--yes", action="store_true",
+        help="do not ask (a --group action asks on a terminal, and needs --yes without one)",
+    )  # fmt: skip
+    return parser
+
+
+# --- the commands ---------------------------------------------------------------------------------
+
+
+def queues_parser() -> argparse.ArgumentParser:
+    return _parser("queues", "Every queue qless knows, with its jobs by state.")
+
+
+def queues(args: argparse.Namespace, ops: Operations) -> int:
+    found = ops.queues()
+    groups = ops.failure_groups()
+    if args.json:
+        return _print_json({"queues": [asdict(q) for q in found], "failed": groups})
+    columns = ("waiting", "running", "scheduled", "stalled", "depends", "recurring")
+    width = max([len("QUEUE"), *(len(q.name) for q in found)]) + 2
+    lines = [f"{'QUEUE':<{width}}" + "".join(f"{c.upper():>11}" for c in columns)]
+    for counts in found:
+        paused = "  paused" if counts.paused else ""
+        lines.append(
+            f"{counts.name:<{width}}" + "".join(f"{getattr(counts, c):>11,}" for c in columns)
+            + paused
+        )  # fmt: skip
+    if not found:
+        lines = ["no queues yet (a queue appears with its first job)"]
+    failed = sum(groups.values())
+    lines.append(f"failed: {failed:,} in {len(groups)} group(s) (qless-pool failed)")
+    return _print("\n".join(lines))
+
+
+def failed_parser() -> argparse.ArgumentParser:
+    parser = _parser("failed", "The failure groups, or the failed jobs of one, newest first.")
+    parser.add_argument("group", nargs="?", metavar="GROUP", help="the jobs of this group")
+    parser.add_argument("--limit", type=_whole(1, 1000), default=25, metavar="N",
+                        help="jobs to show (default 25)")  # fmt: skip
+    parser.add_argument("--offset", type=_whole(0, 10**9), default=0, metavar="N",
+                        help="skip the first N (default 0)")  # fmt: skip
+    return parser
+
+
+def failed(args: argparse.Namespace, ops: Operations) -> int:
+    if args.group is None:
+        groups = ops.failure_groups()
+        if args.json:
+            return _print_json(groups)
+        if not groups:
+            return _print("no failed jobs")
+        width = max(len(g) for g in groups) + 2
+        lines = [f"{'GROUP':<{width}}{'JOBS':>9}"]
+        lines += [f"{group:<{width}}{count:>9,}" for group, count in groups.items()]
+        lines.append(f"{'':<{width}}{sum(groups.values()):>9,} in all")
+        return _print("\n".join(lines))
+    page = ops.failed(args.group, args.offset, args.limit)
+    if args.json:
+        return _print_json(asdict(page))
+    return _print(_render_failed(args.group, page))
+
+
+def _render_failed(group: str, page: Page) -> str:
+    last = page.offset + len(page.jobs)
+    lines = [f"{group}: {page.total:,} failed job(s); {page.offset + 1} to {last}, newest first"]
+    if not page.jobs:
+        lines[0] = f"{group}: {page.total:,} failed job(s); none from {page.offset + 1} on"
+    for job in page.jobs:
+        failure = job.get("failure") or {}
+        message = " ".join(str(failure.get("message", "")).split())
+        if len(message) > MESSAGE_WIDTH:
+            message = message[: MESSAGE_WIDTH - 3] + "..."
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(failure.get("when", 0)))
+        lines.append(f"{job['jid']}  {when}  {job['klass']} ({job['queue']})  {message}")
+    if last < page.total:
+        lines.append(f"more: --offset {last}")
+    return "\n".join(lines)
+
+
+def job_parser() -> argparse.ArgumentParser:
+    parser = _parser("job", "One job, as qless keeps it.")
+    parser.add_argument("jid", metavar="JID")
+    return parser
+
+
+def job(args: argparse.Namespace, ops: Operations) -> int:
+    found = ops.job(args.jid)
+    if args.json:
+        return _print_json(found)
+    return _print(render_job(found))
+
+
+def render_job(found: dict[str, Any]) -> str:
+    lines = [f"{found['jid']}  {found.get('klass')}"]
+    rows = [
+        ("state", found.get("state")),
+        ("queue", found.get("queue")),
+        ("priority", found.get("priority")),
+        ("tags", ", ".join(found.get("tags") or []) or "-"),
+        ("retries", f"{found.get('remaining')} of {found.get('retries')} left"),
+        ("worker", found.get("worker") or "-"),
+        ("depends on", ", ".join(found.get("dependencies") or []) or "-"),
+        ("needed by", ", ".join(found.get("dependents") or []) or "-"),
+        ("data", json.dumps(found.get("data"))),
+    ]
+    if found.get("interval"):  # a recurring job's template
+        rows.append(("every", f"{found['interval']}s"))
+    lines += [f"  {name + ':':<12}{value}" for name, value in rows]
+    failure = found.get("failure") or {}
+    if failure:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(failure.get("when", 0)))
+        lines.append(
+            f"  {'failed:':<12}{failure.get('group')} at {when} on {failure.get('worker')}"
+        )
+        lines += ["    " + line for line in str(failure.get("message", "")).splitlines()]
+    history = found.get("history") or []
+    if history:
+        lines.append("  history:")
+        for entry in history[-10:]:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.get("when", 0)))
+            extra = entry.get("worker") or entry.get("q") or ""
+            lines.append(f"    {when}  {entry.get('what')}  {extra}".rstrip())
+    return "\n".join(lines)
+
+
+def retry(args: argparse.Namespace, ops: Operations) -> int:
+    return _bulk("retry", "retried", args, ops, Operations.retry, Operations.retry_group)
+
+
+def cancel(args: argparse.Namespace, ops: Operations) -> int:
+    return _bulk("cancel", "canceled", args, ops, Operations.cancel, Operations.cancel_group)
+
+
+def _bulk(
+    name: str,
+    did: str,
+    args: argparse.Namespace,
+    ops: Operations,
+    on_jobs: Callable[[Operations, list[str]], Done],
+    on_group: Callable[[Operations, str], Done],
+) -> int:
+    if args.group is not None:
+        count = ops.failure_groups().get(args.group, 0)
+        if not count:
+            raise Failed(f"no failed jobs in group {args.group!r}", EX_NOT_FOUND)
+        _confirm(f"{name} {count:,} failed job(s) of {args.group}?", args.yes, name)
+        done = on_group(ops, args.group)
+        what = f"of {args.group}"
+    else:
+        done = on_jobs(ops, args.jids)
+        what = ""
+    if args.json:
+        _print_json({"acted": done.acted, "refusals": done.refusals, "refused": done.refused})
+    else:
+        lines = [f"{did} {done.acted:,} job(s) {what}".rstrip()]
+        if done.refusals:
+            lines.append(f"not {did}: {done.refusals:,}")
+            lines += [f"  {jid}: {why}" for jid, why in done.refused.items()]
+            if done.refusals > len(done.refused):
+                lines.append(f"  ... and {done.refusals - len(done.refused):,} more")
+        _print("\n".join(lines))
+    return 1 if done.refusals else 0
+
+
+def _confirm(question: str, yes: bool, name: str) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise Failed(f"{name} --group acts on many jobs: give --yes (no terminal to ask on)",
+                     EX_USAGE)  # fmt: skip
+    try:
+        answer = input(f"{question} [y/N] ")
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() not in ("y", "yes"):
+        raise Failed("nothing done", EX_NOT_FOUND)
+
+
+def pausing_parser(name: str) -> argparse.ArgumentParser:
+    what = "no worker pops from it until unpaused" if name == "pause" else "its jobs run again"
+    parser = _parser(name, f"{name.capitalize()} a queue: {what}.")
+    parser.add_argument("queue", metavar="QUEUE")
+    return parser
+
+
+def pause(args: argparse.Namespace, ops: Operations) -> int:
+    ops.pause(args.queue)
+    return (
+        _print_json({"queue": args.queue, "paused": True})
+        if args.json
+        else _print(f"paused {args.queue}")
+    )
+
+
+def unpause(args: argparse.Namespace, ops: Operations) -> int:
+    ops.unpause(args.queue)
+    return (
+        _print_json({"queue": args.queue, "paused": False})
+        if args.json
+        else _print(f"unpaused {args.queue}")
+    )
+
+
+def stop_parser() -> argparse.ArgumentParser:
+    parser = _parser("stop", "Stop a running pool and wait until it is gone.", redis=False)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("-p", "--pidfile", metavar="FILE",
+                       help="the pool's pidfile (default: tmp/pids/qless-pool.pid, else the pool "
+                       "started in this directory)")  # fmt: skip
+    where.add_argument("--pid", type=_whole(1, 2**22), metavar="PID", help="the manager's pid")
+    parser.add_argument("--now", action="store_true",
+                        help="stop the running jobs too (they are handed back to qless); "
+                        "default: every worker finishes its job first")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="give up waiting after SECONDS (default 60)")  # fmt: skip
+    return parser
+
+
+def stop(args: argparse.Namespace, ops: Optional[Operations]) -> int:
+    from .finding import NoPool, PoolProcesses, find_pool
+
+    if not 0 < args.timeout < 10**7:
+        raise Failed(f"--timeout: more than 0 seconds: {args.timeout}", EX_USAGE)
+    try:
+        pid = find_pool(args.pidfile, args.pid)
+    except NoPool as error:
+        raise Failed(str(error), EX_NO_POOL) from None
+    processes = PoolProcesses(pid)  # the manager and its workers, each with its start time
+    sent = time.monotonic()
+    try:
+        os.kill(pid, signal.SIGQUIT)  # every worker finishes its job; the manager waits
+        if args.now:
+            # TERM while a QUIT waits stops the workers now, whatever --term-* says (INT would
+            # only stop the waiting): sent once the QUIT is taken, as two signals sent at once
+            # may arrive in either order.
+            _wait_until_stopping(pid)
+            os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass  # gone already: nothing left to wait for
+    left = processes.alive()
+    while left and time.monotonic() - sent < args.timeout:
+        time.sleep(0.05)
+        left = processes.alive()
+    took = time.monotonic() - sent
+    if left:
+        raise Failed(
+            f"pool {pid} is still running after {args.timeout:g}s: {len(left)} process(es) "
+            f"({', '.join(map(str, left))}); their jobs may be long (qless-pool stop --now)",
+            EX_NOT_FOUND,
+        )
+    if args.json:
+        return _print_json({"pid": pid, "stopped": True, "seconds": round(took, 3)})
+    how = "now" if args.now else "after its jobs"
+    return _print(f"stopped pool {pid} {how} in {took:.1f}s")
+
+
+def _wait_until_stopping(pid: int, longest: float = 2.0) -> None:
+    """Until the pool's state says it is stopping (or ``longest`` seconds, if it says nothing)."""
+    from .state import pool_directory, read_manager
+
+    directory = pool_directory(pid, os.stat(f"/proc/{pid}").st_uid)
+    deadline = time.monotonic() + longest
+    while time.monotonic() < deadline:
+        if (read_manager(directory) or {}).get("stopping"):
+            return
+        time.sleep(0.02)
+
+
+@dataclass(frozen=True)
+class Command:
+    parser: Callable[[], argparse.ArgumentParser]
+    run: Callable[[argparse.Namespace, Any], int]
+    redis: bool = True  # it reads qless's Redis
+
+
+COMMANDS: dict[str, Command] = {
+    "queues": Command(queues_parser, queues),
+    "failed": Command(failed_parser, failed),
+    "job": Command(job_parser, job),
+    "retry": Command(lambda: _bulk_parser("retry", "retry"), retry),
+    "cancel": Command(lambda: _bulk_parser("cancel", "cancel"), cancel),
+    "pause": Command(lambda: pausing_parser("pause"), pause),
+    "unpause": Command(lambda: pausing_parser("unpause"), unpause),
+    "stop": Command(stop_parser, stop, redis=False),
+}
+
+
+def main(name: str, argv: Sequence[str]) -> int:
+    """Run the command ``name``; every failure is one line on stderr and an exit status."""
+    command = COMMANDS[name]
+    args = command.parser().parse_args(argv)  # a usage error exits 2, as argparse does
+    url = None
+    try:
+        ops = None
+        if command.redis:
+            url, ops = _operations(args.redis)
+        return command.run(args, ops)
+    except Failed as failure:
+        return _fail(name, str(failure), failure.status)
+    except NotFound as error:
+        return _fail(name, str(error), EX_NOT_FOUND)
+    except Exception as error:
+        if url is not None and redis_is_down(error):
+            message = f"Redis at {mask_secrets(url)} is unreachable: {mask_secrets(str(error))}"
+            return _fail(name, message, EX_UNAVAILABLE)
+        raise
+
+
+def _fail(name: str, message: str, status: int) -> int:
+    print(f"qless-pool {name}: {message}", file=sys.stderr)
+    return status
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _operations(given: Optional[str]) -> tuple[str, Operations]:
+    """The URL to use (-R, $QLESS_URL, $REDIS_URL, the default) and operations over it."""
+    from ..client import control_client
+
+    url, origin = redis_url_and_origin(given)
+    try:
+        check_redis_url(url)
+    except ValueError as error:
+        raise Failed(f"bad Redis URL (from {origin}): {error}", EX_USAGE) from None
+    return url, Operations(control_client(url, "ops"))
+
+
+def _print(text: str) -> int:
+    print(text)
+    return 0
+
+
+def _print_json(value: Any) -> int:
+    print(json.dumps(value, indent=2, sort_keys=True))
+    return 0
