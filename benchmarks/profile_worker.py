@@ -158,9 +158,9 @@ def instrument_timeline(directory: str) -> str:
         finally:
             note("child", job["jid"], started, time.monotonic())
 
-    def _finish_job(self, job, *args, **kwargs):
-        note("reaped", job["jid"], time.monotonic())
-        return finish_job(self, job, *args, **kwargs)
+    def _finish_job(self, run, *args, **kwargs):  # run: a worker/outcome.py JobRun
+        note("reaped", run.job["jid"], time.monotonic())
+        return finish_job(self, run, *args, **kwargs)
 
     jobchild.Children.start = _start
     module.Worker._finish_job = _finish_job

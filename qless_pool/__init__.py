@@ -1,7 +1,7 @@
 """qless-pool: a pool manager for qless job workers.
 
 One YAML file maps queue lists to worker counts; one manager process loads the application once,
-forks a worker parent per slot, keeps the counts right and obeys Unix signals. See README.md.
+forks a worker parent per slot, keeps the counts right and obeys Unix signals. See README.md and docs/
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ one after the other. Where it makes no sense (``daemon`` for ``qless_pool.run()`
 Where its value goes: ``config`` (the file and its groups), ``pool`` (the manager: Pool),
 ``worker`` (every worker parent: Worker), or ``launch`` (what the launcher does before the
 manager runs: log files, pidfile, privileges, the application). The parser of the command
-(cli.py), the Invoke tasks (tasks.py), ``run()`` (pool/launch.py) and the README's option table
+(cli.py), the Invoke tasks (tasks.py), ``run()`` (pool/launch.py) and the option reference (docs/options.md)
 (:func:`markdown_table`) are all made from :data:`OPTIONS`. gunicorn's config.py is the model,
 smaller.
 """
@@ -330,7 +330,7 @@ def going_to(target: str, values: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-# --- the README's table ---------------------------------------------------------------------------
+# --- the option reference (docs/options.md) ------------------------------------------------------
 
 
 def default_text(opt: Option) -> str:
@@ -355,7 +355,7 @@ def _flags(opt: Option) -> str:
 
 
 def markdown_table(options: Iterable[Option] = OPTIONS) -> str:
-    """The README's option table (tests/test_options.py checks that the README has it)."""
+    """The table of docs/options.md (tests/test_docs.py checks that it has it)."""
     short = {COMMAND: "command", POOL: "qless.pool", WORK: "qless.work", RUN: "run()"}
     rows = [
         "| setting | `qless-pool` | takes | default | where | meaning |",
@@ -374,5 +374,5 @@ def sections() -> Sequence[str]:
     return list(dict.fromkeys(opt.section for opt in OPTIONS))
 
 
-if __name__ == "__main__":  # python -m qless_pool.options: the README's option table
+if __name__ == "__main__":  # python -m qless_pool.options: the table of docs/options.md
     print(markdown_table())

@@ -76,7 +76,7 @@ def settings(c: Any) -> dict[str, Any]:
     known = {opt.name for opt in _SETTINGS}
     for name in [*configured, *(v[len(ENVIRONMENT_PREFIX) :].lower() for v in _environ())]:
         if name not in known:
-            raise Exit(f"qless_pool.{name}: no such setting (the options: README.md)", code=2)
+            raise Exit(f"qless_pool.{name}: no such setting (the options: docs/options.md)", code=2)
     found: dict[str, Any] = {}
     for opt in _SETTINGS:
         raw = _environ().get(opt.setting)

@@ -88,3 +88,28 @@ def test_invoke_bench_tiny_runs_every_scenario_and_writes_the_results(tmp_path):
     # A run that is not the full one leaves the committed docs alone, and nothing running.
     assert (doc.read_bytes() if doc.exists() else None) == doc_before
     assert left_running == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["profile_worker.py", "qless-pool-inproc"],
+        ["profile_worker.py", "qless-py-worker"],
+        ["profile_worker.py", "qless-pool-fork", "--timeline"],
+        ["profile_worker.py", "qless-pool-fork", "--child-profile"],
+        ["profile_worker.py", "qless-pool-fork", "--cpu"],
+        ["cow_pages.py", "--ballast-mb", "5", "--children", "1"],
+    ],
+    ids=lambda args: " ".join(args),
+)
+def test_the_profiling_tools_of_benchmarks_md_run(args):
+    """docs/BENCHMARKS.md's profiling commands, with 50 jobs: they run and print a report."""
+    extra = ["--jobs", "50"] if args[0] == "profile_worker.py" else []
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / args[0]), *args[1:], *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=170,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert completed.stdout.strip()

@@ -12,6 +12,7 @@ import time
 
 import pytest
 from commands import SCRIPT, one_line, qless_pool
+from processes import wait_for
 from workers import put
 
 from qless_pool.client import pipelined
@@ -28,13 +29,13 @@ def as_json(result) -> object:
     return json.loads(result.stdout)
 
 
-def failed_jobs(client, queue: str, group: str, count: int) -> list[str]:
+def failed_jobs(client, queue: str, group: str, count: int, klass="testjobs.Noop") -> list[str]:
     """``count`` jobs failed in ``group``, in round trips of 1,000; their jids in the order
     they failed (qless lists a group newest first)."""
     jids = []
     for start in range(0, count, 1000):
         n = min(1000, count - start)
-        puts = [["put", queue, f"{group}-{start + i:06d}", "testjobs.Noop",
+        puts = [["put", queue, f"{group}-{start + i:06d}", klass,
                  json.dumps({"n": start + i}), 0] for i in range(n)]  # fmt: skip
         pipelined(client, puts)
         popped = json.loads(client("pop", queue, "test-worker", n))
@@ -111,6 +112,21 @@ def test_20000_failed_jobs_a_page_from_the_middle_a_closed_pipe_and_a_bulk_retry
     assert json.loads(client("failed")) == {"bar-Other": 3}
     job = client.jobs["foo-Broken-000123"]
     assert (job.state, job.data, job.retries_left) == ("waiting", {"n": 123}, 5)
+
+
+def test_a_group_retried_under_a_live_pool_is_retried_once_though_its_jobs_fail_again(
+    project, redis_url, client, start_pool
+):
+    # They fail again, into the same group, while the retry goes on: none is retried twice.
+    failed_jobs(client, "foo", "foo-ValueError", 300, klass="testjobs.Fail")
+    pool = start_pool(config="foo: 2\n", expect={"foo": 2})
+    result = run(project, redis_url, "retry", "--group", "foo-ValueError", "--yes")
+    assert result.stdout.strip() == "retried 300 job(s) of foo-ValueError"
+    wait_for(
+        lambda: json.loads(client("failed")).get("foo-ValueError") == 300,
+        message="all failed again",
+    )
+    assert pool.process.poll() is None
 
 
 def test_job_shows_one_job_and_refuses_an_unknown_one(project, redis_url, client):

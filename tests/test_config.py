@@ -1,4 +1,4 @@
-"""The config loader: every rule of README.md's "The config file", table by table."""
+"""The config loader: every rule of docs/configuration.md, table by table."""
 
 from __future__ import annotations
 

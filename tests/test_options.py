@@ -404,7 +404,10 @@ def test_a_setting_that_is_no_option_is_one_line(project, redis_url):
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2
-    assert result.stderr.strip() == "qless_pool.max_job: no such setting (the options: README.md)"
+    assert (
+        result.stderr.strip()
+        == "qless_pool.max_job: no such setting (the options: docs/options.md)"
+    )
 
 
 # --- the declaration, whole -----------------------------------------------------------------------
@@ -442,17 +445,3 @@ def test_every_option_has_its_flags_settings_and_keywords():
     # The choices the declaration offers are the ones the code has.
     assert options.choices("reserver") == tuple(RESERVERS)
     assert options.choices("term") == TERM_BEHAVIOURS
-
-
-def test_the_readme_has_the_option_table_the_declaration_makes():
-    readme = (ROOT / "README.md").read_text()
-    table = re.search(
-        r"<!-- options: made by python -m qless_pool.options -->\n(.*?)\n<!-- /options -->",
-        readme,
-        re.S,
-    )
-    assert table, "README.md lacks the option table's markers"
-    assert table.group(1) == options.markdown_table(), (
-        "README.md's option table differs from the declaration: "
-        "python -m qless_pool.options > the table"
-    )

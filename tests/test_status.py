@@ -365,6 +365,11 @@ def test_metrics_after_real_jobs(start_pool, client):
         raise AssertionError(f"{error}; last scrape: {workers}") from None
     # The Exit job was handed back once, then failed out of retries.
     assert samples['qless_pool_jobs_total{outcome="failed",queue="bar"}'] == 3
+    # qless's failed jobs by group, as qless counts them.
+    groups = json.loads(client("failed"))
+    assert sum(groups.values()) == 3
+    failed = {k: v for k, v in samples.items() if k.startswith("qless_pool_failed_jobs{")}
+    assert failed == {f'qless_pool_failed_jobs{{group="{g}"}}': n for g, n in groups.items()}
     assert samples['qless_pool_jobs_total{outcome="retried",queue="bar"}'] == 1
     assert samples['qless_pool_job_duration_seconds_count{queue="foo"}'] == 10
     assert samples['qless_pool_job_duration_seconds_bucket{le="+Inf",queue="foo"}'] == 10

@@ -4,7 +4,7 @@ A *group* is a queue list in priority order with the number of workers that serv
 
     {("foo",): 1, ("bar",): 2, ("foo", "bar", "baz"): 4}
 
-The file's rules (README.md, "The config file", says them for users):
+The file's rules (docs/configuration.md says them for users):
 
 - Keys are comma-separated queue lists; whitespace around each name is dropped.
 - A root key with a whole-number value is a default for every environment.

@@ -146,7 +146,9 @@ def _render_failed(group: str, page: Page) -> str:
         lines[0] = f"{group}: {page.total:,} failed job(s); none from {page.offset + 1} on"
     for job in page.jobs:
         failure = job.get("failure") or {}
-        message = " ".join(str(failure.get("message", "")).split())
+        # The last line says the most: of a traceback, the exception itself.
+        said = [line.strip() for line in str(failure.get("message", "")).splitlines()]
+        message = next((line for line in reversed(said) if line), "")
         if len(message) > MESSAGE_WIDTH:
             message = message[: MESSAGE_WIDTH - 3] + "..."
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(failure.get("when", 0)))

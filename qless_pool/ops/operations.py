@@ -88,6 +88,8 @@ class Done:
 
 
 class Operations:
+    """Over one qless client (``qless_pool.connect(url)``)."""
+
     def __init__(self, client: qless.Client):
         self.client = client
 
@@ -197,16 +199,16 @@ class Operations:
     # --- the batches ------------------------------------------------------------------------
 
     def _whole_group(self, group: str, act: Any) -> Done:
-        done = Done()
-        skip = 0  # the jobs refused stay in the group, ahead of the rest: read past them
-        while True:
-            _, jids = self._failed_jids(group, skip, BATCH)
-            if not jids:
-                break
-            act([jid for jid in jids if jid not in done.refused_jids], done)
-            skip += sum(1 for jid in jids if jid in done.refused_jids)
-        if not done.acted and not done.refusals:
+        """Act on the jobs failed in ``group`` when the action began, a batch at a time. A job
+        that fails again meanwhile (a live pool runs the retried ones at once) is not acted on
+        twice, and one failed after the start is left for the next action."""
+        total, _ = self._failed_jids(group, 0, 1)
+        _, jids = self._failed_jids(group, 0, total) if total else (0, [])  # as it is now
+        if not jids:
             raise NotFound(f"no failed jobs in group {group!r}")
+        done = Done()
+        for batch in _batches(list(dict.fromkeys(jids))):
+            act(batch, done)
         return done
 
     def _retry_batch(self, jids: Sequence[str], done: Done) -> None:

@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         "directory)",
     )
     where.add_argument("--pid", type=int, metavar="PID", help="the manager's pid")
-    parser.add_argument("--json", action="store_true", help="one JSON object (see README)")
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON object (see docs/operations.md)"
+    )
     parser.add_argument(
         "--watch",
         nargs="?",

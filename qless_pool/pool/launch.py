@@ -145,7 +145,7 @@ def run(
     ``qless_pool.run("config/qless-pool.yml", "production", preload=["myapp"])``. ``config`` is
     a path, a dict in the file's shape, or a callable taking the environment name and
     returning one (config/__init__.py). The keywords are the options (options.py, or the
-    README's option table), by their setting names; ``log_level=None`` leaves logging as the
+    option reference, docs/options.md), by their setting names; ``log_level=None`` leaves logging as the
     caller set it up. A bad option raises OptionError, a bad config ConfigError, both before
     the application is loaded; what the command would refuse with an exit status (a bad Redis
     URL, a pidfile held) raises LaunchError.
