@@ -13,7 +13,7 @@ import time
 import pytest
 from commands import SCRIPT, one_line, qless_pool
 from processes import wait_for
-from workers import put
+from workers import history_events, put
 
 from qless_pool.client import pipelined
 
@@ -163,12 +163,13 @@ def test_retry_puts_failed_jobs_back_as_they_were_and_refuses_the_rest(project, 
     [job] = client.queues["foo"].pop(1)
     job.fail("foo-Flaky", "twice")
     waiting = put(client, "bar", "Noop")
-    result = run(project, redis_url, "retry", jid, waiting, "nope")
+    result = run(project, redis_url, "retry", jid, waiting, "nope", jid)  # jid named twice
     assert result.returncode == 1
-    assert result.stdout.splitlines() == [
-        "retried 1 job(s)", "not retried: 2", f"  {waiting}: not failed (waiting)",
-        "  nope: no such job",
+    assert result.stdout == "retried 1 job(s)\n"
+    assert result.stderr.splitlines() == [
+        "not retried: 2", f"  {waiting}: not failed (waiting)", "  nope: no such job",
     ]  # fmt: skip
+    assert history_events(client, jid).count("put") == 2  # the first put, and the retry: once
     again = client.jobs[jid]
     assert (again.state, again.queue_name, again.data) == ("waiting", "foo", {"x": 2})
     assert (again.priority, again.tags, again.retries_left) == (5, ["keep"], 2)
@@ -213,9 +214,9 @@ def test_a_group_action_asks_on_a_terminal_and_needs_yes_without_one(project, re
             os.close(controller)
             os.close(terminal)
         assert process.returncode == status, err
-        assert out.startswith(b"retry 3 failed job(s) of foo-Ask? [y/N] ")
+        assert err.startswith(b"retry 3 failed job(s) of foo-Ask? [y/N] ")  # not in the answer
         assert json.loads(client("failed")).get("foo-Ask", 0) == left
-    assert out.endswith(b"retried 3 job(s) of foo-Ask\n")
+    assert out == b"retried 3 job(s) of foo-Ask\n"
 
 
 def test_pause_and_unpause_a_queue_qless_knows(project, redis_url, client):
@@ -299,3 +300,110 @@ def test_the_url_comes_from_the_environment_as_for_the_pool(project, redis_url, 
     for variable in ("QLESS_URL", "REDIS_URL"):
         result = qless_pool(project, "queues", "--json", env={variable: redis_url})
         assert [q["name"] for q in as_json(result)["queues"]] == ["from-env"]
+
+
+def test_a_server_that_is_not_redis_and_an_argument_that_is_not_utf8_are_one_line(
+    project, tmp_path
+):
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+
+    def answer_like_http():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(1024)
+            conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+            conn.close()
+
+    threading.Thread(target=answer_like_http, daemon=True).start()
+    try:
+        url = f"redis://:pw@127.0.0.1:{listener.getsockname()[1]}/0"
+        result = qless_pool(project, "queues", "-R", url)
+        assert result.returncode == 69
+        line = one_line(result)
+        assert line.startswith(f"qless-pool queues: Redis at {url.replace('pw', '***')} did not")
+    finally:
+        listener.close()
+    odd = qless_pool(project, "job", "\udcff", "-R", DEAD)  # as Python reads a byte 0xff
+    assert odd.returncode == 2
+    assert one_line(odd) == "qless-pool job: an argument is not UTF-8 text: '\\udcff'"
+
+
+def test_a_password_with_a_space_is_masked(project):
+    result = qless_pool(project, "queues", "-R", "redis://:S3cret PW@127.0.0.1:1/0")
+    assert result.returncode == 69
+    assert "S3cret" not in result.stderr
+    assert one_line(result).startswith("qless-pool queues: Redis at redis://:***@127.0.0.1:1/0 ")
+
+
+def test_a_recurring_job_is_shown_and_cancel_stops_it(project, redis_url, client):
+    client.queues["foo"].recur("testjobs.Noop", {}, interval=60, jid="every-minute")
+    shown = run(project, redis_url, "job", "every-minute")
+    assert "  retries:    5 a job" in shown.stdout.splitlines()
+    refused = run(project, redis_url, "retry", "every-minute")
+    assert refused.returncode == 1
+    assert "every-minute: a recurring job, not failed (cancel stops it recurring)" in refused.stderr
+    canceled = run(project, redis_url, "cancel", "every-minute")
+    assert (canceled.returncode, canceled.stdout) == (0, "canceled 1 job(s)\n")
+    assert client("recur.get", "every-minute") is None
+
+
+def test_a_failure_message_cannot_drive_the_terminal(project, redis_url, client):
+    jid = put(client, "foo", "Noop")
+    [job] = client.queues["foo"].pop(1)
+    job.fail("foo-Ansi", "red \x1b[31malert\x1b[0m")
+    shown = run(project, redis_url, "job", jid).stdout
+    assert "\x1b" not in shown and "    red \\x1b[31malert\\x1b[0m" in shown.splitlines()
+    assert "\x1b" not in run(project, redis_url, "failed", "foo-Ansi").stdout
+
+
+def test_a_bulk_action_cut_short_by_redis_says_what_it_did(project, start_pool):
+    import signal as signals
+
+    from redis_server import RedisServer
+
+    from qless_pool.client import connect
+
+    server = RedisServer().start()
+    try:
+        client = connect(server.url(), "test-producer")
+        failed_jobs(client, "foo", "foo-Cut", 20_000)
+        process = subprocess.Popen(
+            [SCRIPT, "retry", "--group", "foo-Cut", "--yes", "-R", server.url()],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=project,
+        )  # fmt: skip
+        wait_for(lambda: json.loads(client("failed")).get("foo-Cut", 0) < 19_000,
+                 message="the retry under way")  # fmt: skip
+        os.kill(server.process.pid, signals.SIGSTOP)
+        try:
+            out, err = process.communicate(timeout=30)
+        finally:
+            os.kill(server.process.pid, signals.SIGCONT)
+        assert process.returncode == 69
+        done = int(out.split()[1].replace(",", ""))
+        assert 1000 <= done < 20_000
+        assert (
+            out == f"done {done:,} job(s) of 20,000 (and up to 500 more, sent as Redis went away)\n"
+        )
+        assert err.rstrip().endswith(
+            f"at most {20_000 - done:,} job(s) not done: run it again (only the jobs still failed "
+            "are acted on)"
+        )
+        # Of the batch in flight, Redis ran some before it was stopped, maybe all once continued.
+        assert 20_000 - done - 500 <= json.loads(client("failed"))["foo-Cut"] <= 20_000 - done
+        again = subprocess.run(
+            [SCRIPT, "retry", "--group", "foo-Cut", "--yes", "-R", server.url()],
+            capture_output=True, text=True, cwd=project, timeout=60,
+        )  # fmt: skip
+        assert again.returncode == 0, again.stderr
+        assert json.loads(client("failed")) == {}
+        assert client.queues["foo"].counts["waiting"] == 20_000
+    finally:
+        server.remove()

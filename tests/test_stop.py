@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 
+import pytest
 from commands import SCRIPT, one_line, qless_pool
 from processes import alive, wait_for
 from redis_server import RedisServer
@@ -50,7 +51,8 @@ def test_two_pools_started_in_one_directory_ask_for_a_pid(start_pool):
     second = start_pool(config="foo: 1\n")
     wait_for(lambda: len(second.workers()) == 1, message="the second pool's worker")
     result = command(first, "status")
-    assert result.returncode == 3
+    assert result.returncode == 2  # not 3, "no pool": a monitor must not start another
+    assert command(first, "status", "--check").returncode == 2
     pids = sorted([first.pid, second.pid])
     assert one_line(result) == (
         f"qless-pool status: 2 pools were started in {first.directory} "
@@ -107,10 +109,34 @@ def test_a_rejected_reload_is_a_warning_that_does_not_fail_the_check(start_pool)
     wait_for(lambda: status_json(pool)["warnings"] == [], message="the warning to go")
 
 
+def test_a_stopped_manager_is_not_healthy_and_stop_says_why_it_waits(start_pool):
+    pool = start_pool(config="foo: 1\n", expect={"foo": 1})
+    pool.send(signal.SIGSTOP)
+    try:
+        assert command(pool, "status", "--check").returncode == 1
+        [problem] = status_json(pool)["problems"]
+        assert problem == "the manager is stopped (SIGSTOP or a debugger): send it CONT"
+        result = command(pool, "stop", "--timeout", "0.3")
+        assert result.returncode == 1
+        assert f"stopped by SIGSTOP or a debugger: {pool.pid} (send them CONT)" in result.stderr
+    finally:
+        pool.send(signal.SIGCONT)
+    wait_for(lambda: not alive(pool.pid), message="the QUIT sent to take effect once continued")
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "x"])
+def test_status_watch_takes_a_sane_interval(start_pool, value):
+    pool = start_pool(config="foo: 1\n", expect={"foo": 1})
+    result = command(pool, "status", "--watch", value)
+    assert result.returncode == 2
+    assert f"argument --watch: seconds from 0.1 to 3,600: '{value}'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_status_into_a_closed_pipe_is_no_traceback(start_pool):
     pool = start_pool(config="foo: 30\n", expect={"foo": 30})
     reader = subprocess.Popen(
-        [SCRIPT, "status", "--watch", "0.05"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [SCRIPT, "status", "--watch", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         cwd=pool.directory,
     )  # fmt: skip
     reader.stdout.readline()

@@ -26,8 +26,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+import redis
+
 from ..outage import redis_is_down
-from ..urls import check_redis_url, mask_secrets, redis_url_and_origin
+from ..urls import check_redis_url, mask_argument, mask_secrets, redis_url_and_origin
 from .operations import Done, NotFound, Operations, Page
 
 __all__ = ["COMMANDS", "EX_UNAVAILABLE", "main"]
@@ -122,6 +124,8 @@ def failed_parser() -> argparse.ArgumentParser:
 
 
 def failed(args: argparse.Namespace, ops: Operations) -> int:
+    if args.group is None and (args.limit != 25 or args.offset != 0):
+        raise Failed("--limit and --offset page the jobs of a GROUP: name one", EX_USAGE)
     if args.group is None:
         groups = ops.failure_groups()
         if args.json:
@@ -152,7 +156,9 @@ def _render_failed(group: str, page: Page) -> str:
         if len(message) > MESSAGE_WIDTH:
             message = message[: MESSAGE_WIDTH - 3] + "..."
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(failure.get("when", 0)))
-        lines.append(f"{job['jid']}  {when}  {job['klass']} ({job['queue']})  {message}")
+        lines.append(
+            f"{job['jid']}  {when}  {job['klass']} ({job['queue']})  {_printable(message)}"
+        )
     if last < page.total:
         lines.append(f"more: --offset {last}")
     return "\n".join(lines)
@@ -178,7 +184,12 @@ def render_job(found: dict[str, Any]) -> str:
         ("queue", found.get("queue")),
         ("priority", found.get("priority")),
         ("tags", ", ".join(found.get("tags") or []) or "-"),
-        ("retries", f"{found.get('remaining')} of {found.get('retries')} left"),
+        (
+            "retries",
+            f"{found['remaining']} of {found.get('retries')} left"
+            if found.get("remaining") is not None
+            else f"{found.get('retries')} a job",
+        ),
         ("worker", found.get("worker") or "-"),
         ("depends on", ", ".join(found.get("dependencies") or []) or "-"),
         ("needed by", ", ".join(found.get("dependents") or []) or "-"),
@@ -186,14 +197,15 @@ def render_job(found: dict[str, Any]) -> str:
     ]
     if found.get("interval"):  # a recurring job's template
         rows.append(("every", f"{found['interval']}s"))
-    lines += [f"  {name + ':':<12}{value}" for name, value in rows]
+    lines += [f"  {name + ':':<12}{_printable(str(value))}" for name, value in rows]
     failure = found.get("failure") or {}
     if failure:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(failure.get("when", 0)))
         lines.append(
             f"  {'failed:':<12}{failure.get('group')} at {when} on {failure.get('worker')}"
         )
-        lines += ["    " + line for line in str(failure.get("message", "")).splitlines()]
+        message = str(failure.get("message", ""))
+        lines += ["    " + _printable(line) for line in message.splitlines()]
     history = found.get("history") or []
     if history:
         lines.append("  history:")
@@ -230,17 +242,22 @@ def _bulk(
     else:
         done = on_jobs(ops, args.jids)
         what = ""
-    if args.json:
+    _say_done(done, did, what, args.json)
+    return 1 if done.refusals else 0
+
+
+def _say_done(done: Done, did: str, what: str, as_json: bool) -> None:
+    """What a bulk action did on stdout; the jobs it could not act on, and why, on stderr."""
+    if as_json:
         _print_json({"acted": done.acted, "refusals": done.refusals, "refused": done.refused})
     else:
-        lines = [f"{did} {done.acted:,} job(s) {what}".rstrip()]
-        if done.refusals:
-            lines.append(f"not {did}: {done.refusals:,}")
-            lines += [f"  {jid}: {why}" for jid, why in done.refused.items()]
-            if done.refusals > len(done.refused):
-                lines.append(f"  ... and {done.refusals - len(done.refused):,} more")
-        _print("\n".join(lines))
-    return 1 if done.refusals else 0
+        _print(f"{did} {done.acted:,} job(s) {what}".rstrip())
+    if done.refusals:
+        lines = [f"not {did}: {done.refusals:,}"]
+        lines += [f"  {jid}: {_printable(why)}" for jid, why in done.refused.items()]
+        if done.refusals > len(done.refused):
+            lines.append(f"  ... and {done.refusals - len(done.refused):,} more")
+        print("\n".join(lines), file=sys.stderr)
 
 
 def _confirm(question: str, yes: bool, name: str) -> None:
@@ -249,10 +266,10 @@ def _confirm(question: str, yes: bool, name: str) -> None:
     if not sys.stdin.isatty():
         raise Failed(f"{name} --group acts on many jobs: give --yes (no terminal to ask on)",
                      EX_USAGE)  # fmt: skip
-    try:
-        answer = input(f"{question} [y/N] ")
-    except EOFError:
-        answer = ""
+    # Asked on stderr: stdout is the command's answer (--json, a redirect).
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    answer = sys.stdin.readline()
     if answer.strip().lower() not in ("y", "yes"):
         raise Failed("nothing done", EX_NOT_FOUND)
 
@@ -266,20 +283,18 @@ def pausing_parser(name: str) -> argparse.ArgumentParser:
 
 def pause(args: argparse.Namespace, ops: Operations) -> int:
     ops.pause(args.queue)
-    return (
-        _print_json({"queue": args.queue, "paused": True})
-        if args.json
-        else _print(f"paused {args.queue}")
-    )
+    return _paused(args, True)
 
 
 def unpause(args: argparse.Namespace, ops: Operations) -> int:
     ops.unpause(args.queue)
-    return (
-        _print_json({"queue": args.queue, "paused": False})
-        if args.json
-        else _print(f"unpaused {args.queue}")
-    )
+    return _paused(args, False)
+
+
+def _paused(args: argparse.Namespace, paused: bool) -> int:
+    if args.json:
+        return _print_json({"queue": args.queue, "paused": paused})
+    return _print(f"{'paused' if paused else 'unpaused'} {args.queue}")
 
 
 def stop_parser() -> argparse.ArgumentParser:
@@ -298,12 +313,14 @@ def stop_parser() -> argparse.ArgumentParser:
 
 
 def stop(args: argparse.Namespace, ops: Optional[Operations]) -> int:
-    from .finding import NoPool, PoolProcesses, find_pool
+    from .finding import ManyPools, NoPool, PoolProcesses, find_pool
 
     if not 0 < args.timeout < 10**7:
         raise Failed(f"--timeout: more than 0 seconds: {args.timeout}", EX_USAGE)
     try:
         pid = find_pool(args.pidfile, args.pid)
+    except ManyPools as error:
+        raise Failed(str(error), EX_USAGE) from None
     except NoPool as error:
         raise Failed(str(error), EX_NO_POOL) from None
     processes = PoolProcesses(pid)  # the manager and its workers, each with its start time
@@ -324,9 +341,15 @@ def stop(args: argparse.Namespace, ops: Optional[Operations]) -> int:
         left = processes.alive()
     took = time.monotonic() - sent
     if left:
+        stopped = [p for p in left if processes.stopped(p)]
+        why = (
+            f"stopped by SIGSTOP or a debugger: {', '.join(map(str, stopped))} (send them CONT)"
+            if stopped
+            else "their jobs may be long (qless-pool stop --now)"
+        )
         raise Failed(
             f"pool {pid} is still running after {args.timeout:g}s: {len(left)} process(es) "
-            f"({', '.join(map(str, left))}); their jobs may be long (qless-pool stop --now)",
+            f"({', '.join(map(str, left))}); {why}",
             EX_NOT_FOUND,
         )
     if args.json:
@@ -368,6 +391,13 @@ COMMANDS: dict[str, Command] = {
 
 def main(name: str, argv: Sequence[str]) -> int:
     """Run the command ``name``; every failure is one line on stderr and an exit status."""
+    from .operations import Interrupted
+
+    for argument in argv:
+        try:
+            argument.encode()
+        except UnicodeEncodeError:
+            return _fail(name, f"an argument is not UTF-8 text: {argument!r}", EX_USAGE)
     command = COMMANDS[name]
     args = command.parser().parse_args(argv)  # a usage error exits 2, as argparse does
     url = None
@@ -379,12 +409,36 @@ def main(name: str, argv: Sequence[str]) -> int:
     except Failed as failure:
         return _fail(name, str(failure), failure.status)
     except NotFound as error:
-        return _fail(name, str(error), EX_NOT_FOUND)
+        return _fail(name, _printable(str(error)), EX_NOT_FOUND)
+    except Interrupted as cut:  # a bulk action Redis cut short: what it did, then why
+        assert url is not None
+        flight = f"of {cut.total:,} (and up to {cut.in_flight:,} more, sent as Redis went away)"
+        _say_done(cut.done, "done", flight, getattr(args, "json", False))
+        left = cut.total - cut.done.acted - cut.done.refusals
+        message = (
+            f"{_unreachable(url, cut.error)}; at most {left:,} job(s) not done: run it again "
+            "(only the jobs still failed are acted on)"
+        )
+        return _fail(name, message, EX_UNAVAILABLE)
     except Exception as error:
-        if url is not None and redis_is_down(error):
-            message = f"Redis at {mask_secrets(url)} is unreachable: {mask_secrets(str(error))}"
-            return _fail(name, message, EX_UNAVAILABLE)
-        raise
+        if url is None or not (isinstance(error, redis.RedisError) or redis_is_down(error)):
+            raise  # (a closed stdout's BrokenPipeError too: __main__ ends quietly on it)
+        return _fail(name, _unreachable(url, error), EX_UNAVAILABLE)
+
+
+def _unreachable(url: str, error: BaseException) -> str:
+    """Redis at URL is unreachable, or did not answer as Redis; the password masked (also one
+    with a space, which no URL pattern finds in a message)."""
+    shown = mask_argument(url)
+    said = mask_secrets(str(error).replace(url, shown))
+    if isinstance(error, (redis.exceptions.InvalidResponse, redis.exceptions.ResponseError)):
+        return f"Redis at {shown} did not answer as Redis: {said}"
+    return f"Redis at {shown} is unreachable: {said}"
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters (a terminal's escape sequences) shown escaped."""
+    return "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in text)
 
 
 def _fail(name: str, message: str, status: int) -> int:

@@ -14,6 +14,7 @@ from .daemon import DEFAULT_PIDFILE
 from .state import read_manager, runtime_root
 
 __all__ = [
+    "ManyPools",
     "NoPool",
     "PoolProcesses",
     "find_manager",
@@ -25,6 +26,10 @@ __all__ = [
 
 class NoPool(Exception):
     """No pool is running where we were told to look."""
+
+
+class ManyPools(NoPool):
+    """More than one pool was started here: which one is for the caller to say (--pid)."""
 
 
 #: A pid is at most 7 digits (pid_max is at most 4194304) and a newline: more is not a pidfile.
@@ -100,7 +105,7 @@ def find_pool(pidfile: Optional[str], pid: Optional[int]) -> int:
         return started_here[0]
     if started_here:
         pids = ", ".join(map(str, started_here))
-        raise NoPool(f"{len(started_here)} pools were started in {here} ({pids}): give --pid")
+        raise ManyPools(f"{len(started_here)} pools were started in {here} ({pids}): give --pid")
     if os.path.lexists(DEFAULT_PIDFILE):
         raise found
     raise NoPool(
@@ -141,6 +146,15 @@ class PoolProcesses:
 
     def alive(self) -> list[int]:
         return [p for p, began in self.started.items() if began and _start_time(p) == began]
+
+    @staticmethod
+    def stopped(pid: int) -> bool:
+        """Stopped (SIGSTOP, a debugger): it cannot act on a signal until it is continued."""
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as file:
+                return file.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+        except (OSError, IndexError):
+            return False
 
 
 def _start_time(pid: int) -> Optional[int]:

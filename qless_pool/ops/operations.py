@@ -16,6 +16,7 @@ group. Groups are retried or canceled in batches of ``BATCH`` jobs, each read wi
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "BATCH",
     "JOB_STATES",
     "Done",
+    "Interrupted",
     "NotFound",
     "Operations",
     "Page",
@@ -45,6 +47,16 @@ REFUSALS_KEPT = 20
 
 class NotFound(LookupError):
     """No such job, failure group or queue in qless."""
+
+
+class Interrupted(Exception):
+    """A bulk action cut short (Redis went away): ``done`` says what it did before, of
+    ``total``; ``in_flight`` jobs were sent and may or may not have been acted on (Redis may
+    run commands it received after the client gave up); ``error`` is why."""
+
+    def __init__(self, done: Done, total: int, in_flight: int, error: BaseException):
+        super().__init__(str(error))
+        self.done, self.total, self.in_flight, self.error = done, total, in_flight, error
 
 
 @dataclass(frozen=True)
@@ -157,18 +169,14 @@ class Operations:
     # --- acting on jobs ---------------------------------------------------------------------
 
     def retry(self, jids: Iterable[str]) -> Done:
-        """Put each failed job back in its queue; a job that is not failed is refused."""
-        done = Done()
-        for batch in _batches(list(jids)):
-            self._retry_batch(batch, done)
-        return done
+        """Put each failed job back in its queue; a job that is not failed is refused. A jid
+        named twice is acted on once."""
+        return self._in_batches(list(dict.fromkeys(jids)), self._retry_batch)
 
     def cancel(self, jids: Iterable[str]) -> Done:
-        """Cancel each job, whatever its state (qless refuses one that others depend on)."""
-        done = Done()
-        for batch in _batches(list(jids)):
-            self._cancel_batch(batch, done)
-        return done
+        """Cancel each job, whatever its state (qless refuses one that others depend on); a
+        recurring job stops recurring."""
+        return self._in_batches(list(dict.fromkeys(jids)), self._cancel_batch)
 
     def retry_group(self, group: str) -> Done:
         """Retry every failed job of ``group``, a batch at a time (NotFound if it has none)."""
@@ -206,9 +214,17 @@ class Operations:
         _, jids = self._failed_jids(group, 0, total) if total else (0, [])  # as it is now
         if not jids:
             raise NotFound(f"no failed jobs in group {group!r}")
+        return self._in_batches(list(dict.fromkeys(jids)), act)
+
+    def _in_batches(self, jids: list[str], act: Any) -> Done:
         done = Done()
-        for batch in _batches(list(dict.fromkeys(jids))):
-            act(batch, done)
+        for batch in _batches(jids):
+            try:
+                act(batch, done)
+            except Exception as error:
+                if done.acted or done.refusals:  # what was done must be said
+                    raise Interrupted(done, len(jids), len(batch), error) from error
+                raise
         return done
 
     def _retry_batch(self, jids: Sequence[str], done: Done) -> None:
@@ -217,7 +233,7 @@ class Operations:
         for jid in jids:
             job = records.get(jid)
             if job is None:
-                done.refuse(jid, "no such job")
+                done.refuse(jid, self._missing(jid))
             elif job["state"] != "failed":
                 done.refuse(jid, f"not failed ({job['state']})")
             else:
@@ -233,7 +249,12 @@ class Operations:
         records = self._by_jid(jids)
         known = [jid for jid in jids if jid in records]
         for jid in jids:
-            if jid not in records:
+            if jid in records:
+                continue
+            if self.client("recur.get", jid):  # a recurring job: it stops recurring
+                self.client("unrecur", jid)
+                done.acted += 1
+            else:
                 done.refuse(jid, "no such job")
         if not known:
             return
@@ -248,6 +269,12 @@ class Operations:
                 done.refuse(jid, _refusal(answer))
             else:
                 done.acted += 1
+
+    def _missing(self, jid: str) -> str:
+        """Why a jid has no job record: a recurring job's, or none at all."""
+        if self.client("recur.get", jid):
+            return "a recurring job, not failed (cancel stops it recurring)"
+        return "no such job"
 
     def _by_jid(self, jids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """jid -> its record as qless keeps it (``data`` still JSON text), for those that exist."""
@@ -295,6 +322,7 @@ def _decoded(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _refusal(error: QlessException) -> str:
-    """qless's refusal without the script's location (``... script: <sha>, on @user_script:9``)."""
-    text = str(error)
-    return text.split(" script: ", 1)[0]
+    """qless's refusal without the script's places (``user_script:219: Cancel(): ...``,
+    ``... script: <sha>, on @user_script:9``)."""
+    text = str(error).split(" script: ", 1)[0]
+    return re.sub(r"^(?:@?user_script:\d+: )+", "", text)

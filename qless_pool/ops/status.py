@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from ..urls import DEFAULT_REDIS_URL, URL_VARIABLES, mask_secrets
 from .daemon import DEFAULT_PIDFILE
-from .finding import NoPool, find_manager, find_pool
+from .finding import ManyPools, NoPool, find_manager, find_pool
 from .state import (
     configured_queues,
     pool_directory,
@@ -38,12 +38,23 @@ from .state import (
 
 __all__ = ["EX_NO_POOL", "collect", "main", "render"]
 
+EX_USAGE = 2
 EX_NO_POOL = 3
 QUEUE_COLUMNS = ("waiting", "running", "scheduled", "stalled", "depends", "recurring")
 
 
 class NoState(Exception):
     """The manager is running, but the state it keeps cannot be read."""
+
+
+def _watch_interval(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0.1 <= seconds <= 3600:  # (NaN is no number of seconds either)
+        raise argparse.ArgumentTypeError(f"seconds from 0.1 to 3,600: {text!r}")
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--watch",
         nargs="?",
         const=2.0,
-        type=float,
+        type=_watch_interval,
         metavar="SECONDS",
         help="refresh in place every SECONDS (default 2) until Ctrl-C",
     )
@@ -175,6 +186,8 @@ def health(
     rejected; the pool runs the config it had (restarting it would not help: the start would
     refuse the same file)."""
     problems, warnings = [], []
+    if _process_state(manager.get("pid")) == "T":
+        problems.append("the manager is stopped (SIGSTOP or a debugger): send it CONT")
     if manager.get("stopping"):
         problems.append(f"the pool is stopping ({manager['stopping']})")
     for group in groups:
@@ -200,6 +213,15 @@ def health(
             f"{reload.get('error')}"
         )
     return problems, warnings
+
+
+def _process_state(pid: Any) -> Optional[str]:
+    """A process's state letter from /proc (R, S, T ...), None if it cannot be read."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as file:
+            return file.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, ValueError, TypeError, IndexError):
+        return None
 
 
 def pool_redis_url(
@@ -347,7 +369,8 @@ def main(argv: Sequence[str]) -> int:
     except NoPool as error:
         if not args.check:
             print(f"qless-pool status: {error}", file=sys.stderr)
-        return EX_NO_POOL
+        # Several pools here is not "no pool": a monitor must not start another on it.
+        return EX_USAGE if isinstance(error, ManyPools) else EX_NO_POOL
     except NoState as error:  # a pool, in an unknown state: not healthy
         if not args.check:
             print(f"qless-pool status: {error}", file=sys.stderr)
