@@ -23,7 +23,8 @@ def test_the_standby_waits_titled_ready_and_runs_the_next_job(start_worker, clie
     # The standby took the job: its title is now the job child's, and it is the one running it.
     assert wait_for(lambda: PROCESSING.match(title(standby))).group(1) == "bar"
     assert worker.job_child() == standby
-    assert runs(redis_conn)[0]["pid"] == standby
+    # The title is set before the job function runs and records itself: wait for the record.
+    assert wait_for(lambda: runs(redis_conn), message="the job's record")[0]["pid"] == standby
     # And the next standby is forked while it runs.
     assert wait_for(worker.standby) not in (standby, None)
 

@@ -377,7 +377,7 @@ def test_no_fork_per_job_runs_jobs_in_the_worker(start_worker, client, redis_con
     jid = put(client, "foo", "Sleep", {"seconds": 30})
     wait_for(lambda: PROCESSING.match(worker.title()), message="the worker's Processing title")
     assert worker.job_child() is None
-    assert runs(redis_conn)[0]["pid"] == worker.pid
+    assert wait_for(lambda: runs(redis_conn), message="the job's record")[0]["pid"] == worker.pid
     worker.send(signal.SIGTERM)  # interrupts the job, hands it back, exits
     assert worker.process.wait(timeout=10) == 0
     assert (state(client, jid), client.jobs[jid].retries_left) == ("waiting", 4)
