@@ -169,10 +169,14 @@ def _run(
     # At once: the command line (which may hold a password) is no longer what ps shows.
     proctitle.set_title(proctitle.manager(appname, []))
     log_files: Optional[LogFiles] = None
+    pidfile: Optional[Pidfile] = None
 
     def fail(status: int, message: str) -> int:
         """One line for the operator: on the launching terminal (a daemon's start pipe), and
-        in the log file if one is open."""
+        in the log file if one is open. The pidfile goes first: once the command has its
+        answer, nothing of the failed start is left."""
+        if pidfile is not None:
+            pidfile.release()
         if readiness is None:
             print(f"qless-pool: {message}", file=sys.stderr)
         else:
