@@ -19,10 +19,11 @@ DESCRIPTION = (
     "worker per slot of the config file and keeps the counts right."
 )
 EPILOG = (
-    "Signals to the manager: HUP reload, QUIT graceful stop, INT stop, TERM (see --term-*), "
-    "WINCH stop workers (daemon only), USR1/USR2/CONT passed to the workers. "
-    "The commands (qless-pool COMMAND --help): status, stop, queues, failed, job, retry, "
-    "cancel, pause, unpause."
+    "Signals to the manager: HUP reload the config, QUIT graceful stop, INT stop, TERM (see "
+    "--term-*), WINCH stop workers (daemon only), USR1/USR2/CONT passed to the workers, URG "
+    "reload new code (qless-pool reload). "
+    "The commands (qless-pool COMMAND --help): status, stop, reload, queues, failed, job, "
+    "retry, cancel, pause, unpause."
 )
 
 

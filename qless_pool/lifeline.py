@@ -31,6 +31,7 @@ __all__ = [
     "HAVE_PDEATHSIG",
     "alive",
     "become_subreaper",
+    "children",
     "die_with_parent",
     "exit_child",
     "kill_group",
@@ -195,3 +196,19 @@ def exit_child(status: int) -> NoReturn:
         except Exception:  # exiting regardless
             pass
     os._exit(status)
+
+
+def children(pid: int) -> list[int]:
+    """The live children of ``pid`` (by /proc: any process, not only this one's)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as file:
+                fields = file.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found

@@ -5,6 +5,7 @@ the pipe before forking any worker; each worker writes to it, the manager reads 
 (it wakes the manager at once, like a signal). Each note is one ``write`` of fewer than PIPE_BUF
 bytes, so notes from many workers never interleave::
 
+    <pid> up           Redis answered it: it reserves jobs (a reload's hand-over waits for it)
     <pid> began        it started its first job: dying from now on is not a failed start
 
 A note is best effort: a worker never blocks on the pipe (it is far from full: a worker writes
@@ -25,8 +26,9 @@ import mmap
 import os
 from typing import Optional
 
-__all__ = ["BEGAN", "NoteTaker", "Notes", "PauseFlag"]
+__all__ = ["BEGAN", "UP", "NoteTaker", "Notes", "PauseFlag"]
 
+UP = "up"
 BEGAN = "began"
 
 

@@ -16,6 +16,7 @@ import yaml
 from processes import alive, children, wait_for
 
 from qless_pool.cli import build_parser
+from qless_pool.ops.commands import reload_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -63,7 +64,12 @@ def test_systemd_unit_settings_fit_a_graceful_stop():
     service = unit["Service"]
     assert service["Type"] == "notify"
     assert "qless-py" not in unit["Unit"]["Documentation"]  # qless-pool's own
-    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    # A reload loads new code (qless-pool reload); the new manager names itself MAINPID.
+    words = shlex.split(service["ExecReload"])
+    assert words[0].endswith("/qless-pool") and words[1] == "reload"
+    reload = reload_parser().parse_args([w.replace("$MAINPID", "123") for w in words[2:]])
+    assert reload.pid == 123
+    assert service["NotifyAccess"] == "all"
     assert service["KillMode"] == "mixed"  # TERM to the manager only
     args = qless_pool_args(service["ExecStart"])
     assert "--term-graceful-wait" in args

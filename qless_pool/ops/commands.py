@@ -1,5 +1,6 @@
 """The operator's commands: ``qless-pool queues | failed | job | retry | cancel | pause |
-unpause | stop``, over operations.py (and, for ``stop``, the pool's pidfile or state).
+unpause | stop | reload``, over operations.py (and, for ``stop`` and ``reload``, the pool's
+pidfile or state).
 
 Each reads qless's Redis from ``-R URL``, else $QLESS_URL, else $REDIS_URL, else
 redis://localhost:6379/0, prints text (or one JSON document with ``--json``), and answers bad
@@ -7,10 +8,11 @@ input with one line on stderr and an exit status:
 
     0   done
     1   not found (a job, a failure group, a queue), or qless refused some of the action, or the
-        action was declined at the prompt, or ``stop`` timed out
+        action was declined at the prompt, or ``stop`` timed out, or ``reload`` failed (the
+        new code did not start; the running pool serves on) or was refused
     2   bad usage: an unknown flag, a bad number, a Redis URL that cannot work, a bulk action
         without ``--yes`` and without a terminal to ask on
-    3   ``stop``: no pool is running
+    3   ``stop``, ``reload``: no pool is running
     69  Redis is unreachable (EX_UNAVAILABLE)
 """
 
@@ -370,6 +372,107 @@ def _wait_until_stopping(pid: int, longest: float = 2.0) -> None:
         time.sleep(0.02)
 
 
+def reload_parser() -> argparse.ArgumentParser:
+    parser = _parser(
+        "reload",
+        "Run new code without a stop: the pool's manager starts a new one (the same command "
+        "line, from the same directory), which reads the config and loads the application "
+        "afresh and takes the workers over one by one. Exits 0 once the new manager serves "
+        "every slot, 1 if the new code failed (the running pool serves on), 3 if no pool runs.",
+        redis=False,
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("-p", "--pidfile", metavar="FILE",
+                       help="the pool's pidfile (default: tmp/pids/qless-pool.pid, else the pool "
+                       "started in this directory)")  # fmt: skip
+    where.add_argument("--pid", type=_whole(1, 2**22), metavar="PID", help="the manager's pid")
+    parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="how long the new manager has to load and serve every slot "
+                        "(default 60); after it the reload fails")  # fmt: skip
+    parser.add_argument("--wait", action="store_true",
+                        help="wait too until the old manager has exited (its workers finish "
+                        "their running jobs first)")  # fmt: skip
+    return parser
+
+
+def reload(args: argparse.Namespace, ops: Optional[Operations]) -> int:
+    from ..pool.reload import RELOAD_SIGNAL, write_request
+    from .finding import ManyPools, NoPool, find_pool, running
+    from .state import pool_directory, read_manager
+
+    if not 0 < args.timeout < 10**6:
+        raise Failed(f"--timeout: more than 0 seconds: {args.timeout}", EX_USAGE)
+    try:
+        pid = find_pool(args.pidfile, args.pid)
+        directory = pool_directory(pid, os.stat(f"/proc/{pid}").st_uid)
+    except ManyPools as error:
+        raise Failed(str(error), EX_USAGE) from None
+    except NoPool as error:
+        raise Failed(str(error), EX_NO_POOL) from None
+    except OSError:
+        raise Failed(f"pool {pid} has exited", EX_NO_POOL) from None
+    sent = time.monotonic()
+    try:
+        request = write_request(directory, args.timeout)
+        os.kill(pid, RELOAD_SIGNAL)
+    except ProcessLookupError:
+        raise Failed(f"pool {pid} has exited", EX_NO_POOL) from None
+    except OSError as error:
+        raise Failed(f"cannot ask pool {pid} to reload: {error}", EX_NOT_FOUND) from None
+    # The manager keeps the timeout itself; this side waits a little longer for its verdict.
+    deadline = sent + args.timeout + 10
+    report: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        manager = read_manager(directory)
+        found = [r for r in (manager or {}).get("reloads", []) if r.get("id") == request]
+        report = found[-1] if found else report
+        if report.get("phase") in ("handed-over", "failed", "refused"):
+            break
+        if manager is None:
+            # The old manager may be gone already (its workers were idle): the new one says
+            # which reload made it.
+            gone = not running(pid)
+            report = _taken_over(report, request)
+            if report.get("phase") == "handed-over":
+                break
+            if gone:
+                raise Failed(f"pool {pid} exited during the reload", EX_NOT_FOUND)
+        time.sleep(0.05)
+    phase = report.get("phase")
+    if phase in ("failed", "refused"):
+        raise Failed(f"reload {phase}: {report.get('error')}", EX_NOT_FOUND)
+    if phase != "handed-over":
+        raise Failed(f"pool {pid} did not answer the reload within {args.timeout:g}s", EX_NOT_FOUND)
+    new = report["new_pid"]
+    took = time.monotonic() - sent
+    if args.wait:
+        # Its state goes when its last worker has (a keeper stays on, without it).
+        while os.path.exists(directory) and running(pid):
+            time.sleep(0.05)
+    if args.json:
+        return _print_json({"old_pid": pid, "new_pid": new, "seconds": round(took, 3),
+                            "old_exited": bool(args.wait)})  # fmt: skip
+    waited = f"; the old manager has exited ({time.monotonic() - sent:.1f}s)" if args.wait else ""
+    return _print(f"reloaded: pool {pid} handed over to manager {new} in {took:.1f}s{waited}")
+
+
+def _taken_over(report: dict[str, Any], request: str) -> dict[str, Any]:
+    """The reload ``report`` as the new manager it names tells it (handed-over, if the new
+    manager serves for this request)."""
+    from .state import pool_directory, read_manager
+
+    new = report.get("new_pid")
+    if not isinstance(new, int):
+        return report
+    try:
+        manager = read_manager(pool_directory(new, os.stat(f"/proc/{new}").st_uid))
+    except OSError:
+        return report
+    if ((manager or {}).get("took_over") or {}).get("request") == request:
+        return {**report, "phase": "handed-over"}
+    return report
+
+
 @dataclass(frozen=True)
 class Command:
     parser: Callable[[], argparse.ArgumentParser]
@@ -386,6 +489,7 @@ COMMANDS: dict[str, Command] = {
     "pause": Command(lambda: pausing_parser("pause"), pause),
     "unpause": Command(lambda: pausing_parser("unpause"), unpause),
     "stop": Command(stop_parser, stop, redis=False),
+    "reload": Command(reload_parser, reload, redis=False),
 }
 
 

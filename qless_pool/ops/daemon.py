@@ -7,6 +7,7 @@ exits with that status: a start that fails never looks like a success.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import grp
@@ -136,11 +137,38 @@ class Pidfile:
         os.fsync(fd)
         self.fd, self.owner = fd, os.getpid()
 
+    def take_over(self) -> None:
+        """Name this process in the file a reload's old manager holds (pool/reload.py): a new
+        file, locked before it has a name, renamed over the path, so that a reader sees one pid
+        or the other and a start finds it locked all along."""
+        directory, name = os.path.split(self.path)
+        temporary = os.path.join(directory, f".{name}.{os.getpid()}")
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.fsync(fd)
+            os.replace(temporary, self.path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd, self.owner = fd, os.getpid()
+        log.info("pidfile %s names this manager now", self.path)
+
     def release(self) -> None:
-        """Remove the file, if this process wrote it and it still names this process."""
+        """Remove the file, if this process wrote it and it still names this process (a reload's
+        new manager has renamed its own over it: that one stays)."""
         if self.fd < 0:
             return
-        if os.getpid() == self.owner and _read_pid(self.fd) == self.owner:
+        if (
+            os.getpid() == self.owner
+            and _read_pid(self.fd) == self.owner
+            and _same_file(self.path, self.fd)
+        ):
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
@@ -149,6 +177,14 @@ class Pidfile:
                 os.ftruncate(self.fd, 0)
         os.close(self.fd)
         self.fd, self.owner = -1, None
+
+
+def _same_file(path: str, fd: int) -> bool:
+    try:
+        named, held = os.stat(path, follow_symlinks=False), os.fstat(fd)
+    except OSError:
+        return False
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _read_pid(fd: int) -> Optional[int]:

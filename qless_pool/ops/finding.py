@@ -10,8 +10,9 @@ import os
 import stat
 from typing import Optional
 
+from .. import lifeline
 from .daemon import DEFAULT_PIDFILE
-from .state import read_manager, runtime_root
+from .state import pool_directory, read_manager, runtime_root
 
 __all__ = [
     "ManyPools",
@@ -84,8 +85,32 @@ def find_manager(pidfile: Optional[str], pid: Optional[int]) -> int:
             title = file.read(4096).decode(errors="replace")
     except OSError:
         raise NoPool(f"no process {pid}: no pool is running (stale pidfile?)") from None
+    if title.startswith("qless-pool-keeper"):
+        # A manager that handed over in the foreground keeps the terminal (pool/reload.py):
+        # the pool is its child's.
+        for child in lifeline.children(pid):
+            try:
+                return find_manager(None, child)
+            except NoPool:
+                continue
+        raise NoPool(f"process {pid} keeps no pool manager now (its manager has exited)")
     if not title.startswith("qless-pool-manager"):
         raise NoPool(f"process {pid} is not a qless-pool manager ({title.split(chr(0))[0]!r})")
+    return _handed_over_to(pid)
+
+
+def _handed_over_to(pid: int) -> int:
+    """The manager a reload handed ``pid``'s pool to (pool/reload.py), if any, else ``pid``: an
+    old manager finishing its last jobs is not the pool any more."""
+    for _ in range(16):  # a chain of reloads, each of them still finishing
+        try:
+            directory = pool_directory(pid, os.stat(f"/proc/{pid}").st_uid)
+        except OSError:
+            return pid
+        successor = (read_manager(directory) or {}).get("handed_over_to")
+        if not isinstance(successor, int) or not lifeline.alive(successor):
+            return pid
+        pid = successor
     return pid
 
 
@@ -127,6 +152,8 @@ def pools_started_in(directory: str) -> list[int]:
         if not entry.isdigit():
             continue
         manager = read_manager(os.path.join(base, entry))
+        if (manager or {}).get("handed_over_to"):
+            continue  # finishing its last jobs: the pool is its successor's (found here too)
         started_in = (manager or {}).get("directory")
         if not isinstance(started_in, str) or os.path.realpath(started_in) != wanted:
             continue
@@ -142,7 +169,7 @@ class PoolProcesses:
     that a pid the kernel reuses is not taken for one of them."""
 
     def __init__(self, pid: int):
-        self.started = {p: _start_time(p) for p in [pid, *_children(pid)]}
+        self.started = {p: _start_time(p) for p in [pid, *lifeline.children(pid)]}
 
     def alive(self) -> list[int]:
         return [p for p, began in self.started.items() if began and _start_time(p) == began]
@@ -157,6 +184,11 @@ class PoolProcesses:
             return False
 
 
+def running(pid: int) -> bool:
+    """Is ``pid`` a live process (not gone, not a zombie waiting for its parent)?"""
+    return _start_time(pid) is not None
+
+
 def _start_time(pid: int) -> Optional[int]:
     """A process's start time (clock ticks after boot), None if it is gone or a zombie."""
     try:
@@ -167,18 +199,3 @@ def _start_time(pid: int) -> Optional[int]:
     if fields[0] in (b"Z", b"X"):
         return None
     return int(fields[19])
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as file:
-                fields = file.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return found

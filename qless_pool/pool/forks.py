@@ -73,7 +73,7 @@ class Forking:
             self._drain_watcher_exited(status)
         elif pid == self.metrics_pid:
             self.metrics_pid = None
-            if not self.stopping:
+            if not self.stopping and self.metrics_listener is not None:  # not handed over
                 log.error("the metrics helper exited (%s); restarting it",
                           lifeline.describe_status(status))  # fmt: skip
                 self.metrics_restart_at = time.monotonic() + FIRST_BACKOFF

@@ -10,11 +10,18 @@ all end here, with the options read the same way (options.py)::
     drop        --user/--group: from here on the application runs unprivileged
     load        --preload (Invoke's qless.setup has loaded it already)
     run         Pool(...).run(), until a signal (or --drain) ends it
+
+A manager started by a reload (pool/reload.py, the same command line re-executed) takes the same
+path, as a *successor*: it does not daemonize, bind or take the pidfile (its predecessor holds
+them; it takes the pidfile over once it serves every slot), and a failure on the way is said to
+the old manager, which serves on. A manager that handed over in the foreground stays as the
+keeper of its successor (reload.keep).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -42,6 +49,7 @@ from ..ops.daemon import (
 from ..urls import check_redis_url, mask_secrets, redis_url_and_origin
 from ..worker.reservation import check_allowed_modules, default_allowed_modules
 from .manager import Pool
+from .reload import Successor, keep
 
 __all__ = ["LaunchError", "check", "launch", "run"]
 
@@ -119,18 +127,22 @@ def launch(
     stderr and the exit status. ``preloaded``: the application is loaded in this process
     already (Invoke's ``qless.setup``), so ``--preload`` and ``--include`` are not applied
     again. Returns the exit status."""
+    successor = Successor.from_environment()
+    environ = dict(os.environ)
     try:
         checked = check(values, source)
     except LaunchError as error:
         print(f"qless-pool: {error}", file=sys.stderr)
+        if successor is not None:
+            successor.failed(str(error))
         return error.status
     if values.get("dry_run"):
         print(groups_to_json(checked.groups))
         return 0
     # Everything that can be checked before detaching has been: from here on, a daemon reports
     # its start (or why it failed) through `readiness`, and the command exits with that.
-    readiness = daemonize() if values.get("daemon") else None
-    return _run(checked, readiness, preloaded, configure_logging=True)
+    readiness = daemonize() if values.get("daemon") and successor is None else None
+    return _run(checked, readiness, preloaded, True, successor, environ)
 
 
 def run(
@@ -150,20 +162,35 @@ def run(
     the application is loaded; what the command would refuse with an exit status (a bad Redis
     URL, a pidfile held) raises LaunchError.
     """
-    values = options.read_values(
-        {**given, **({"log_level": log_level} if log_level is not None else {})},
-        options.RUN,
-        where="qless_pool.run(): ",
-    )
-    source = ConfigSource(config, environment, max_workers=values["max_workers"])
-    source.load()  # ConfigError, before anything else
-    checked = check(values, source)
-    return _run(checked, None, preloaded=False, configure_logging=log_level is not None)
+    successor = Successor.from_environment()
+    environ = dict(os.environ)
+    try:
+        values = options.read_values(
+            {**given, **({"log_level": log_level} if log_level is not None else {})},
+            options.RUN,
+            where="qless_pool.run(): ",
+        )
+        source = ConfigSource(config, environment, max_workers=values["max_workers"])
+        source.load()  # ConfigError, before anything else
+        checked = check(values, source)
+    except Exception as error:
+        if successor is not None:
+            successor.failed(str(error))
+        raise
+    return _run(checked, None, False, log_level is not None, successor, environ)
 
 
 def _run(
-    checked: Checked, readiness: Optional[Readiness], preloaded: bool, configure_logging: bool
+    checked: Checked,
+    readiness: Optional[Readiness],
+    preloaded: bool,
+    configure_logging: bool,
+    successor: Optional[Successor] = None,
+    environ: Optional[dict[str, str]] = None,
 ) -> int:
+    """Open, drop, load and run (the module's docstring). ``successor``: this manager was
+    started by a reload; ``environ``: the environment as the pool was started (a reload starts
+    the new manager with it)."""
     values = checked.values
     appname = values["appname"] or os.path.basename(os.getcwd())
     # At once: the command line (which may hold a password) is no longer what ps shows.
@@ -177,6 +204,8 @@ def _run(
         answer, nothing of the failed start is left."""
         if pidfile is not None:
             pidfile.release()
+        if successor is not None:
+            successor.failed(message)
         if readiness is None:
             print(f"qless-pool: {message}", file=sys.stderr)
         else:
@@ -205,14 +234,16 @@ def _run(
     pidfile_path = (DEFAULT_PIDFILE if daemon else None) if given_pidfile is None else given_pidfile
     pidfile = Pidfile(pidfile_path) if pidfile_path else None
     try:
-        if pidfile is not None:
+        if pidfile is not None and successor is None:  # a successor takes it over once serving
             pidfile.acquire()
         if values.get("lock"):
             PoolLock(values["lock"]).acquire()
     except DaemonError as error:
         return fail(error.status, str(error))
     listener = None
-    if values.get("metrics_port"):  # bound before dropping privileges: a port below 1024 too
+    if successor is not None and successor.metrics_fd is not None:
+        listener = socket.socket(fileno=successor.metrics_fd)  # the old manager's, handed over
+    elif values.get("metrics_port"):  # bound before dropping privileges: a port below 1024 too
         try:
             listener = metrics.bind(values["metrics_address"], values["metrics_port"])
         except metrics.MetricsError as error:
@@ -251,7 +282,8 @@ def _run(
         def lifecycle(event: str, pool: Pool) -> None:
             if event == "started" and readiness is not None:
                 readiness.started(unreachable)
-            notifier(event, pool)
+            if not pool.handed_over:  # from then on, systemd hears the new manager only
+                notifier(event, pool)
 
         pool = Pool(
             checked.source,
@@ -260,9 +292,19 @@ def _run(
             daemonized=daemon,
             reopen_logs=log_files.reopen if log_files else None,
             lifecycle=lifecycle,
-            close_in_workers=[pidfile.fd] if pidfile else [],
+            close_in_workers=[pidfile.fd] if pidfile and pidfile.fd >= 0 else [],
             metrics_listener=listener,
+            successor=successor,
         )
+        pool.start_environ = environ
+        if successor is not None and pidfile is not None:
+            taken = pidfile
+
+            def take_pidfile() -> None:
+                taken.take_over()
+                pool.close_in_workers = (taken.fd,)
+
+            pool.on_serving.append(take_pidfile)
         pool.groups = checked.groups
         pool.launch_options = {
             **{opt.name: values.get(opt.name) for opt in options.OPTIONS if opt.goes_to == "launch"
@@ -273,7 +315,12 @@ def _run(
             "stderr": log_files.stderr if log_files else None,
         }  # fmt: skip
         pool.launch_options.pop("dry_run", None)
-        return pool.run()
+        status = pool.run()
+        if pool.handed_over and pool.keeps and pool.handover is not None:
+            if pidfile is not None:
+                pidfile.release()  # the new manager's now: left as it is
+            return keep(pool.handover.new_pid, appname)
+        return status
     finally:
         if pidfile is not None:
             pidfile.release()

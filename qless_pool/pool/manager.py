@@ -38,6 +38,7 @@ from ..worker.limits import RECYCLED
 from ..worker.reservation import default_allowed_modules
 from .forks import Forking
 from .publish import StatePublisher, effective_options
+from .reload import HandOver, Reloading, Successor, logical_directory
 from .signals import ManagerSignals
 from .table import Backoff, WorkerRecord, clean_exit, next_spawn_time, note_exit, plan
 
@@ -52,7 +53,7 @@ TERM_BEHAVIOURS = options.choices("term")
 TICK = 1.0
 
 
-class Pool(ManagerSignals, Forking):
+class Pool(ManagerSignals, Forking, Reloading):
     """The pool manager. ``Pool(config).run()`` returns the exit status.
 
     config              a ConfigSource, or what it accepts: a path, a dict, a callable
@@ -68,6 +69,7 @@ class Pool(ManagerSignals, Forking):
     close_in_workers    file descriptors a worker closes right after the fork (the pidfile's)
     metrics_listener    a bound socket to serve Prometheus /metrics on, from a helper process
                         (metrics.py; $PROMETHEUS_MULTIPROC_DIR must be set before preloading)
+    successor           this manager was started by a reload (reload.py): the hand-over
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class Pool(ManagerSignals, Forking):
         close_in_workers: Sequence[int] = (),
         drain: bool = False,
         metrics_listener: Optional[Any] = None,
+        successor: Optional[Successor] = None,
     ):
         if term_behaviour not in TERM_BEHAVIOURS:
             raise ValueError(f"term_behaviour must be one of {', '.join(TERM_BEHAVIOURS)}")
@@ -136,6 +139,14 @@ class Pool(ManagerSignals, Forking):
         self.last_reload: Optional[dict[str, Any]] = None
         #: Where the pool was started: qless-pool status finds a pool without a pidfile by it.
         self.directory = os.getcwd()
+        # A reload (reload.py): the new manager starts as this one was, from the directory as
+        # given; the launcher sets the environment it started with (None: this process's).
+        self.start_directory = logical_directory()
+        self.start_environ: Optional[dict[str, str]] = None
+        self.handover: Optional[HandOver] = None  # the reload this manager runs, or ran last
+        self.successor = successor  # the reload that started this manager
+        self.reloads: deque[dict[str, Any]] = deque(maxlen=5)  # their outcomes, for manager.json
+        self.on_serving: list[Callable[[], None]] = []  # a successor takes over the pidfile
         self._wakeup_r = self._wakeup_w = -1
         self._title = ""
         self._worker_count = -1
@@ -161,6 +172,9 @@ class Pool(ManagerSignals, Forking):
         self._open_state()
         self.notes = notes.Notes()
         self._install_signal_handlers()
+        if self.successor is not None:  # preloaded: the old manager may stop taking workers
+            self.pause.set(self.successor.paused)
+            self.successor.channel.send("ready")
         # A job child whose worker was killed comes to us, so that what it left is killed too.
         subreaper = lifeline.become_subreaper()
         groups = self.groups or {}
@@ -181,7 +195,8 @@ class Pool(ManagerSignals, Forking):
         self._keep_metrics_helper()
         self.reconcile()
         self._update_title()
-        self._emit("ready")
+        if self.successor is None:
+            self._emit("ready")  # a successor is ready once it serves every slot (reload.py)
         try:
             while True:
                 self._sleep()
@@ -190,19 +205,24 @@ class Pool(ManagerSignals, Forking):
                     self.handle_signal(self.signals.popleft())
                 if self.reload_due is not None and time.monotonic() >= self.reload_due:
                     self.reload()
-                if self.stopping == "now" or (
+                self._check_hand_over(time.monotonic())
+                if (
+                    self.stopping == "now"
                     # The drain watcher's exit status is the run's verdict: wait for it too.
-                    self.stopping == "wait" and not self.workers and self.drain_pid is None
+                    or (self.stopping == "wait" and not self.workers and self.drain_pid is None)
+                    or (self.handed_over and not self.workers)
                 ):
                     break
                 if self.stopping is None:
                     self.reconcile()
                     self._keep_metrics_helper()
+                    self._tell_predecessor()
+                    self._tell_successor()
                 self._update_title()
         finally:
             self._restore_signal_handlers()
             self.notes.close()
-            if subreaper:
+            if subreaper and not (self.handed_over and self.keeps):  # the keeper stays one
                 lifeline.become_subreaper(False)
             if self.state is not None:
                 self.state.remove()
@@ -217,13 +237,19 @@ class Pool(ManagerSignals, Forking):
             wake = min(wake, self._next_spawn_time(now))
         if self.reload_due is not None:
             wake = min(wake, self.reload_due)
+        if self.handover is not None and self.handover.running:
+            wake = min(wake, self.handover.deadline)
         poller = select.poll()  # not select(): a preloaded app may hold fds above 1024
         poller.register(self._wakeup_r, select.POLLIN)
         assert self.notes is not None
         poller.register(self.notes.read_fd, select.POLLIN)
+        for channel in self._channels():
+            poller.register(channel.fileno(), select.POLLIN)
         if poller.poll(max(0.0, wake - now) * 1000):
             self._read_signals()
             self._read_notes()
+            self._read_channel()
+            self._read_predecessor()
 
     # --- signals --------------------------------------------------------------------------------
 
@@ -233,6 +259,8 @@ class Pool(ManagerSignals, Forking):
             record = self.workers.get(pid)
             if record is not None and note == notes.BEGAN:
                 self.workers[pid] = replace(record, began=True)
+            elif record is not None and note == notes.UP:
+                self.workers[pid] = replace(record, up=True)
 
     # --- the worker table -----------------------------------------------------------------------
 
@@ -252,7 +280,7 @@ class Pool(ManagerSignals, Forking):
             if reaped is None:
                 return
             pid, status = reaped
-            if self._helper_exited(pid, status):
+            if self._helper_exited(pid, status) or self._successor_exited(pid, status):
                 continue
             record = self.workers.pop(pid, None)
             if record is None:
@@ -292,7 +320,9 @@ class Pool(ManagerSignals, Forking):
             )  # fmt: skip
 
     def desired(self) -> Groups:
-        return {} if self.winched or self.groups is None else self.groups
+        """The counts reconcile keeps: the config's; none after WINCH; during a reload, what
+        the hand-over allows (reload.py)."""
+        return self.reload_desired({} if self.winched or self.groups is None else self.groups)
 
     def _next_spawn_time(self, now: float) -> float:
         """When reconcile can next start a missing worker (a tick away if none is missing)."""

@@ -44,6 +44,8 @@ class StatePublisher:
             tuple(pool.restarts.values()),
             pool.metrics_pid,
             str(pool.last_reload),
+            str(list(pool.reloads)),
+            pool.successor.serving if pool.successor is not None else None,
         )
         if snapshot == self._published and self.state.intact():
             return
@@ -87,6 +89,21 @@ class StatePublisher:
             "options": pool.effective_options(),
             "drain_pid": pool.drain_pid,
             "metrics_pid": pool.metrics_pid,
+            # qless-pool reload (pool/reload.py): the last reloads, by their request ids; the
+            # manager this pool was handed over to (it only finishes its jobs now); a manager
+            # still taking over from its predecessor.
+            "reloads": list(pool.reloads),
+            "handed_over_to": pool.handover.new_pid if pool.handed_over and pool.handover else None,
+            "taking_over_from": (
+                pool.successor.predecessor
+                if pool.successor is not None and not pool.successor.serving
+                else None
+            ),
+            "took_over": (
+                {"from": pool.successor.predecessor, "request": pool.successor.request}
+                if pool.successor is not None and pool.successor.serving
+                else None
+            ),
         }
         try:
             if not self.state.intact():

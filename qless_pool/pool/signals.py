@@ -6,6 +6,8 @@
     INT     QUIT every worker, exit at once
     TERM    as --term-immediate (INT every worker), --term-graceful or --term-graceful-wait say
     WINCH   (a daemon only) QUIT every worker, stay up with none until HUP
+    URG     reload: hand the pool over to a new manager running the new code (reload.py;
+            during a hand-over each signal is for both pools, as reload.py says)
     USR1, USR2, CONT   passed on to every worker; the pause is the pool's (notes.PauseFlag)
     TTIN, TTOU         ignored
 
@@ -20,7 +22,7 @@ import os
 import signal
 import time
 from collections import deque
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .. import lifeline
 from ..config import ConfigError, ConfigSource, Groups, describe_groups
@@ -29,12 +31,21 @@ from ..notes import PauseFlag
 from ..worker import HANDLED_SIGNALS
 from .table import Backoff, WorkerRecord
 
-__all__ = ["IGNORED_SIGNALS", "MANAGER_ONLY_SIGNALS", "MANAGER_SIGNALS", "ManagerSignals"]
+__all__ = [
+    "IGNORED_SIGNALS",
+    "MANAGER_ONLY_SIGNALS",
+    "MANAGER_SIGNALS",
+    "RELOAD_SIGNAL",
+    "ManagerSignals",
+]
 
 log = logger.getChild("manager")
 
+#: The signal behind ``qless-pool reload`` (reload.py): one the seed's contract does not assign,
+#: and whose default action (ignore) leaves a process that does not expect it alone.
+RELOAD_SIGNAL = signal.SIGURG
 #: Signals only the manager handles; the rest are the worker's too.
-MANAGER_ONLY_SIGNALS = (signal.SIGHUP, signal.SIGWINCH)
+MANAGER_ONLY_SIGNALS = (signal.SIGHUP, signal.SIGWINCH, RELOAD_SIGNAL)
 MANAGER_SIGNALS = (*MANAGER_ONLY_SIGNALS, *HANDLED_SIGNALS)
 #: Signals that would stop the manager (their default action), for no reason of its own: a
 #: background process group reading or writing the terminal. Ignored (the workers too).
@@ -119,7 +130,13 @@ class ManagerSignals:
                 elif signum != signal.SIGCHLD:  # reaping is done on every turn anyway
                     self.signals.append(signum)
 
+    if TYPE_CHECKING:  # reload.Reloading's, later in the manager's bases
+
+        def during_hand_over(self, signum: int) -> bool: ...
+
     def handle_signal(self, signum: int) -> None:
+        if self.during_hand_over(signum):
+            return
         name = signal.Signals(signum).name
         getattr(self, f"handle_{name.lower()}")()
 

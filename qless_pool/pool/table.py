@@ -50,6 +50,7 @@ class WorkerRecord:
     started_at: float  # monotonic
     retiring: bool = False  # told to QUIT (or stop): no longer counts toward its group
     began: bool = False  # it started a job: dying is not a failed start
+    up: bool = False  # it reserves (Redis answered it): a reload counts it as serving
 
 
 @dataclass

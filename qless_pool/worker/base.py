@@ -51,7 +51,7 @@ from ..client import (
     redis_is_down,
 )
 from ..logs import logger, set_role
-from ..notes import NoteTaker, PauseFlag
+from ..notes import UP, NoteTaker, PauseFlag
 from .events import Subscriptions
 from .limits import RECYCLED, Limits
 from .outcome import JobRun
@@ -189,6 +189,7 @@ class Worker(Reserving, SignalHandling):
         self.presence = Presence()
         self.next_poll = 0.0
         self.jobs_done = 0
+        self.up = False  # Redis answered: said to the manager once (notes.py)
         self.began = False  # a job: said to the manager once
         self.recycling: Optional[str] = None  # why this worker stops to be replaced
         self.stop_deadline: Optional[float] = None  # monotonic: --graceful-timeout
@@ -258,6 +259,10 @@ class Worker(Reserving, SignalHandling):
                     raise
                 self.subscriptions.close()
                 self.outage.failed(time.monotonic(), error)
+            else:
+                if not self.up:
+                    self.up = True
+                    self.notes.say(UP)
         self._update_title()
         self._wait()
 

@@ -1,0 +1,678 @@
+"""Reload: new code without a stop (``qless-pool reload``, which sends SIGURG), as a rolling
+hand-over from the running manager to a new one it starts (a base of manager.Pool)::
+
+    the old manager                              the new manager (its child, re-executed)
+    URG: fork, and exec the same command line    reads the config file, preloads the
+         and environment, from the working       application afresh; takes over the inherited
+         directory as given ($PWD)               metrics socket; never daemonizes
+                                        <----    ready
+    takes no new worker of its own               spawns one worker per group (the surge)
+                                        <----    up {group: n}    n of its workers reserve
+    desired(group) - n: reconcile QUITs one      spawns the next worker of the group, ...
+    old worker per new one up (its running
+    job finishes first)
+                                        <----    serving          every slot is up: it takes
+    QUITs the rest; exits after their jobs       the pidfile (renamed over it), tells systemd
+    (or stays, as the keeper: see below)         MAINPID= and READY=1
+
+Capacity never falls below the configured counts (an old worker goes only after a new one of
+its group is up) and exceeds them by one worker per group at most. The two talk over a
+socketpair (SOCK_SEQPACKET: one JSON message per packet) the new manager inherits across exec;
+neither talks to Redis. The old manager gives up after ``timeout`` seconds without "serving"
+(or at an error, or when the new manager exits): it kills a new manager still preloading, QUITs
+one that has workers, and takes its own workers back to the configured counts. A reload's
+outcome is kept in manager.json (``reloads``), where ``qless-pool reload`` reads it.
+
+*The keeper.* A manager whose parent waits for it (a terminal, ``invoke qless.pool`` or
+``qless_pool.run()`` in the foreground, PID 1 of a container) must not exit when it hands
+over: its parent would take the pool for stopped while the new one runs on unseen. Once its own
+workers are gone it stays as the keeper: it forwards every signal it gets to the current
+manager (its child, or a child's successor adopted as subreaper) and exits with its status. A
+daemon or a systemd service (``$NOTIFY_SOCKET``: ``NotifyAccess=all`` lets systemd follow
+``MAINPID=``) exits instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from .. import lifeline, proctitle
+from ..logs import logger
+from .signals import MANAGER_SIGNALS, RELOAD_SIGNAL
+from .table import WorkerRecord, active_by_group
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "RELOAD_SIGNAL",
+    "REQUEST_FILE",
+    "SUCCESSOR_VARIABLE",
+    "Channel",
+    "HandOver",
+    "Reloading",
+    "Successor",
+    "keep",
+    "logical_directory",
+    "read_request",
+    "write_request",
+]
+
+log = logger.getChild("manager")
+
+#: The new manager finds the hand-over (its end of the channel, ...) here, as JSON.
+SUCCESSOR_VARIABLE = "QLESS_POOL_SUCCESSOR"
+#: ``qless-pool reload`` leaves its request (an id, the timeout) in the pool's state directory.
+REQUEST_FILE = "reload-request"
+DEFAULT_TIMEOUT = 60.0
+#: The reloads kept in manager.json for ``qless-pool reload`` to find its own by id.
+KEPT_REPORTS = 5
+
+Queues = tuple[str, ...]
+
+
+# --- the request ----------------------------------------------------------------------------------
+
+
+def write_request(directory: str, timeout: float) -> str:
+    """Leave a reload request in the pool's state ``directory``; returns its id."""
+    request_id = uuid.uuid4().hex
+    path = os.path.join(directory, REQUEST_FILE)
+    temporary = f"{path}.{os.getpid()}"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as file:
+        json.dump({"id": request_id, "timeout": timeout}, file)
+    os.replace(temporary, path)
+    return request_id
+
+
+def read_request(directory: Optional[str]) -> tuple[Optional[str], float]:
+    """The request ``qless-pool reload`` left (and remove it): its id and timeout. A bare
+    SIGURG has none: no id, the default timeout."""
+    if directory is None:
+        return None, DEFAULT_TIMEOUT
+    path = os.path.join(directory, REQUEST_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd) as file:
+            request = json.loads(file.read(4096))
+        os.unlink(path)
+    except (OSError, ValueError):
+        return None, DEFAULT_TIMEOUT
+    if not isinstance(request, dict):
+        return None, DEFAULT_TIMEOUT
+    request_id = request.get("id") if isinstance(request.get("id"), str) else None
+    timeout = request.get("timeout")
+    if not isinstance(timeout, (int, float)) or not 0 < timeout < 10**6:
+        timeout = DEFAULT_TIMEOUT
+    return request_id, float(timeout)
+
+
+def logical_directory() -> str:
+    """The working directory as the operator gave it: ``$PWD`` when it names the same directory
+    (``/srv/app/current``, a symlink a deploy repoints), else the resolved one."""
+    here = os.getcwd()
+    given = os.environ.get("PWD", "")
+    with contextlib.suppress(OSError):
+        if given and os.path.isabs(given) and os.path.samefile(given, here):
+            return given
+    return here
+
+
+# --- the channel ----------------------------------------------------------------------------------
+
+
+class Channel:
+    """One end of the socketpair between the two managers: a JSON message per packet."""
+
+    def __init__(self, sock: socket.socket):
+        sock.setblocking(False)
+        self.socket = sock
+        self.closed = False
+
+    @classmethod
+    def pair(cls) -> tuple[Channel, socket.socket]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        return cls(ours), theirs
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def send(self, kind: str, **fields: Any) -> bool:
+        """Best effort: False if the other end is gone."""
+        try:
+            self.socket.send(json.dumps({"kind": kind, **fields}).encode())
+        except OSError:
+            return False
+        return True
+
+    def receive(self) -> list[dict[str, Any]]:
+        """What has come; sets ``closed`` once the other end is gone."""
+        messages = []
+        while not self.closed:
+            try:
+                packet = self.socket.recv(65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                packet = b""
+            if not packet:
+                self.closed = True
+                break
+            with contextlib.suppress(ValueError):
+                message = json.loads(packet)
+                if isinstance(message, dict):
+                    messages.append(message)
+        return messages
+
+    def gone(self) -> bool:
+        """Is the other end gone (as the last receive() found)?"""
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+        self.socket.close()
+
+
+# --- the two sides --------------------------------------------------------------------------------
+
+
+@dataclass
+class HandOver:
+    """The old manager's side of one reload."""
+
+    id: Optional[str]
+    new_pid: int
+    channel: Channel
+    timeout: float
+    deadline: float  # monotonic
+    phase: str = "starting"  # -> handing-over (ready) -> handed-over | failed
+    #: The new pool's workers that are up, by group: the old pool keeps that many fewer.
+    up: dict[Queues, int] = field(default_factory=dict)
+    active_said: dict[Queues, int] = field(default_factory=dict)  # last told the new manager
+    report: dict[str, Any] = field(default_factory=dict)  # in manager.json's "reloads"
+
+    @property
+    def running(self) -> bool:
+        return self.phase in ("starting", "handing-over")
+
+
+@dataclass
+class Successor:
+    """The new manager's side: what its predecessor handed it (SUCCESSOR_VARIABLE)."""
+
+    channel: Channel
+    predecessor: int
+    kept: bool  # a keeper is above it: it exits after a hand-over of its own
+    paused: bool
+    metrics_fd: Optional[int] = None
+    request: Optional[str] = None  # the id of qless-pool reload's request
+    serving: bool = False
+    up_said: dict[Queues, int] = field(default_factory=dict)  # last told the old manager
+    #: The old pool's workers that take jobs, by group (as it last said): the new pool starts
+    #: at most one more than the configured count minus those.
+    old_active: dict[Queues, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_environment(cls) -> Optional[Successor]:
+        """The hand-over this process was started for (taken out of the environment, so that
+        the workers and a later reload do not see it), or None."""
+        raw = os.environ.pop(SUCCESSOR_VARIABLE, None)
+        if raw is None:
+            return None
+        given = json.loads(raw)
+        channel = Channel(socket.socket(fileno=int(given["channel"])))
+        os.set_inheritable(channel.fileno(), False)
+        metrics_fd = given.get("metrics_fd")
+        if metrics_fd is not None:
+            os.set_inheritable(metrics_fd, False)
+        return cls(
+            channel, int(given["predecessor"]), bool(given["kept"]), bool(given["paused"]),
+            metrics_fd, given.get("request"), old_active=_groups(given.get("active"), "active"),
+        )  # fmt: skip
+
+    def failed(self, message: str) -> None:
+        """The new code cannot serve: said to the old manager, which runs on."""
+        self.channel.send("error", message=message)
+
+
+class Reloading:
+    """Both managers' parts of a reload (see the module's docstring)."""
+
+    # The manager's, read and set here.
+    pid: int
+    appname: str
+    workers: dict[int, WorkerRecord]
+    stopping: Optional[str]
+    drain: bool
+    winched: bool
+    daemonized: bool
+    metrics_listener: Optional[Any]
+    metrics_pid: Optional[int]
+    pause: Any
+    state: Any
+    groups: Any
+    single_process_group: bool
+    #: The environment and working directory the pool was started with (pool/launch.py sets
+    #: them; run() alone: the process's): the new manager starts with the same.
+    start_environ: Optional[dict[str, str]]
+    start_directory: str
+    #: Is this manager's parent waiting for it (a terminal, PID 1's container)? Then it stays
+    #: as the keeper after a hand-over. None: decide (``keeps``).
+    handover: Optional[HandOver]
+    successor: Optional[Successor]
+    reloads: deque[dict[str, Any]]
+    #: Called on the new manager when it serves every slot: the pidfile is taken over here.
+    on_serving: list[Callable[[], None]]
+    publisher: Any
+
+    if TYPE_CHECKING:  # the manager's other bases'
+
+        def _emit(self, event: str) -> None: ...
+
+        def _fork(self, body: Callable[[], int], keep: Any = ()) -> int: ...
+
+        def reconcile(self) -> None: ...
+
+        def _cancel_reload(self, why: str) -> None: ...
+
+    # --- the old manager ----------------------------------------------------------------------
+
+    @property
+    def keeps(self) -> bool:
+        """Does this manager stay as the keeper after handing over (the module's docstring)?"""
+        if self.successor is not None and self.successor.kept:
+            return False  # the keeper above it forwards to its successor
+        notify = (self.start_environ or {}).get("NOTIFY_SOCKET")
+        return os.getpid() == 1 or not (self.daemonized or notify)
+
+    @property
+    def handed_over(self) -> bool:
+        return self.handover is not None and self.handover.phase == "handed-over"
+
+    def handle_sigurg(self) -> None:
+        request_id, timeout = read_request(self.state.directory if self.state else None)
+        why_not = None
+        if self.handover is not None and self.handover.running:
+            why_not = f"a reload is in progress (new manager {self.handover.new_pid})"
+        elif self.handed_over:
+            assert self.handover is not None
+            why_not = f"this pool has handed over to manager {self.handover.new_pid}"
+        elif self.stopping:
+            why_not = "the pool is stopping"
+        elif self.winched:
+            why_not = "the pool has no workers since WINCH (send HUP first)"
+        elif self.drain:
+            why_not = "a --drain pool stops once its queues are empty: it does not reload"
+        elif self.successor is not None and not self.successor.serving:
+            why_not = "this manager is still taking over from the one before it"
+        if why_not:
+            log.warning("reload refused: %s", why_not)
+            self._report({"id": request_id, "phase": "refused", "error": why_not})
+            return
+        self._cancel_reload("a reload")  # the new manager reads the config afresh anyway
+        self._start_successor(request_id, timeout)
+
+    def _report(self, report: dict[str, Any]) -> dict[str, Any]:
+        report = {"at": time.time(), "new_pid": None, "error": None, **report}
+        self.reloads.append(report)
+        return report
+
+    def _start_successor(self, request_id: Optional[str], timeout: float) -> None:
+        log.info("reload: starting a new manager from %s (timeout %gs)", self.start_directory,
+                 timeout)  # fmt: skip
+        channel, theirs = Channel.pair()
+        passed = [theirs.fileno()]
+        listener = self.metrics_listener.fileno() if self.metrics_listener is not None else None
+        if listener is not None:
+            passed.append(listener)
+        handed = {
+            "channel": theirs.fileno(),
+            "metrics_fd": listener,
+            "predecessor": os.getpid(),
+            "kept": self.keeps or (self.successor is not None and self.successor.kept),
+            "paused": self.pause.get(),
+            "request": request_id,
+            "active": _counts(self._active(), "active"),
+        }
+        environ = dict(self.start_environ if self.start_environ is not None else os.environ)
+        environ[SUCCESSOR_VARIABLE] = json.dumps(handed)
+        environ["PWD"] = self.start_directory
+        try:
+            pid = self._fork(lambda: _exec_successor(environ, self.start_directory, passed),
+                             keep=passed)  # fmt: skip
+        except OSError as error:
+            channel.close()
+            theirs.close()
+            log.error("reload: cannot fork the new manager: %s", error)
+            self._report({"id": request_id, "phase": "failed", "error": f"fork: {error}"})
+            return
+        theirs.close()
+        self._emit("reloading")
+        report = self._report({"id": request_id, "phase": "starting", "new_pid": pid})
+        self.handover = HandOver(
+            request_id, pid, channel, timeout, time.monotonic() + timeout, report=report
+        )
+
+    def _read_channel(self) -> None:
+        """What the new manager said (the old manager's loop, on every wake)."""
+        handover = self.handover
+        if handover is None or not handover.running:
+            return
+        for message in handover.channel.receive():
+            kind = message.get("kind")
+            if kind == "ready":
+                handover.phase = handover.report["phase"] = "handing-over"
+                log.info("reload: new manager %d is ready; handing the slots over one by one",
+                         handover.new_pid)  # fmt: skip
+            elif kind == "up":
+                handover.up = _groups(message.get("groups"))
+            elif kind == "serving":
+                self._handed_over()
+                return
+            elif kind == "error":
+                self._hand_over_failed(str(message.get("message")), kill=False)
+                return
+
+    def _handed_over(self) -> None:
+        handover = self.handover
+        assert handover is not None
+        handover.phase = handover.report["phase"] = "handed-over"
+        handover.report["took"] = round(time.time() - handover.report["at"], 3)
+        handover.channel.close()
+        log.info(
+            "reload: new manager %d serves every slot; stopping the %d old worker(s) after their "
+            "jobs%s", handover.new_pid, len(self.workers),
+            ", then keeping the terminal" if self.keeps else ", then exiting",
+        )  # fmt: skip
+        # Its metrics helper and socket, and drain watcher, are the new manager's now.
+        if self.metrics_pid is not None:
+            lifeline.send(self.metrics_pid, signal.SIGTERM)
+        if self.metrics_listener is not None:
+            self.metrics_listener.close()
+            self.metrics_listener = None
+        self.reconcile()  # desired() is empty now: every old worker is QUIT
+
+    def _hand_over_failed(self, error: str, kill: bool = True) -> None:
+        """The new manager cannot take over: stop it, and serve on as before."""
+        handover = self.handover
+        assert handover is not None
+        was = handover.phase
+        handover.phase = handover.report["phase"] = "failed"
+        handover.report["error"] = error
+        handover.up = {}
+        handover.channel.close()
+        log.error("reload failed: %s; the running pool serves on", error)
+        if kill and lifeline.alive(handover.new_pid):
+            if (
+                was == "starting"
+            ):  # preloading (perhaps for ever): nothing of it is worth waiting for
+                with contextlib.suppress(OSError):
+                    os.killpg(handover.new_pid, signal.SIGKILL)
+                lifeline.send(handover.new_pid, signal.SIGKILL)
+            else:  # its workers finish their jobs
+                lifeline.send(handover.new_pid, signal.SIGQUIT)
+        self._emit("reloaded")
+        if not self.stopping:
+            self.reconcile()
+
+    def _check_hand_over(self, now: float) -> None:
+        handover = self.handover
+        if handover is not None and handover.running and now >= handover.deadline:
+            what = "ready" if handover.phase == "starting" else "serving every slot"
+            self._hand_over_failed(
+                f"the new manager {handover.new_pid} was not {what} within {handover.timeout:g}s"
+            )
+
+    def _successor_exited(self, pid: int, status: int) -> bool:
+        """Was ``pid`` the new manager (True)? One that exits before serving fails the reload."""
+        if self.handover is None or pid != self.handover.new_pid:
+            return False
+        if self.handover.running:
+            self._hand_over_failed(
+                f"the new manager {pid} {lifeline.describe_status(status)} before it served "
+                "(see the pool's log)",
+                kill=False,
+            )
+        return True
+
+    def handover_wake(self, now: float) -> Optional[float]:
+        """When the loop must look at the hand-over again (its deadline), if one runs."""
+        if self.handover is not None and self.handover.running:
+            return self.handover.deadline
+        return None
+
+    def during_hand_over(self, signum: int) -> bool:
+        """A signal during a hand-over is for both pools; after it, this manager only finishes
+        its workers' jobs (a keeper passes every signal on). True: nothing more to do here.
+
+        =================  =====================================  ===========================
+        signal             during the hand-over                   after it (old jobs finish)
+        =================  =====================================  ===========================
+        QUIT, INT, TERM    both pools stop (passed on, and here)  here; passed on by a keeper
+        USR1, USR2, CONT   both pools (passed on, and here)       here; passed on by a keeper
+        HUP, WINCH         ignored (the new manager reads the     passed on by a keeper
+                           config afresh)
+        URG                refused: one reload at a time          passed on by a keeper
+        =================  =====================================  ===========================
+        """
+        handover = self.handover
+        if handover is None or handover.phase == "failed":
+            return False
+        name = signal.Signals(signum).name
+        ignored = signum in (signal.SIGHUP, signal.SIGWINCH)
+        if handover.running:
+            if ignored:
+                log.info("%s ignored: a reload is in progress (the new manager reads the config "
+                         "afresh)", name)  # fmt: skip
+                return True
+            if signum != RELOAD_SIGNAL:
+                lifeline.send(handover.new_pid, signum)
+            return False
+        if self.keeps:
+            lifeline.send(handover.new_pid, signum)
+            return ignored or signum == RELOAD_SIGNAL
+        if ignored:
+            log.info("%s ignored: this manager handed the pool over to %d (send it there)", name,
+                     handover.new_pid)  # fmt: skip
+            return True
+        return False
+
+    def reload_desired(self, desired: dict[Queues, int]) -> dict[Queues, int]:
+        """The counts reconcile keeps while a reload runs, per group: the old pool one worker
+        fewer for each new one up; the new pool at most one more than the configured count
+        minus the old pool's (the surge), so that a new worker starts only once the old pool
+        has let one go for the one before it."""
+        if self.handover is not None:
+            if self.handover.phase == "handed-over":
+                return {}
+            if self.handover.running:
+                up = self.handover.up
+                return {q: max(0, n - up.get(q, 0)) for q, n in desired.items()}
+        if self.successor is not None and not self.successor.serving:
+            old = self.successor.old_active
+            return {q: min(n, max(0, n + 1 - old.get(q, 0))) for q, n in desired.items()}
+        return desired
+
+    def _active(self) -> dict[Queues, int]:
+        return {q: len(group) for q, group in active_by_group(self.workers.values()).items()}
+
+    def _tell_successor(self) -> None:
+        """How many of its workers take jobs, by group (when that changed): the new manager
+        starts its next worker of a group once the old pool has let one go."""
+        handover = self.handover
+        if handover is None or handover.phase != "handing-over":
+            return
+        active = self._active()
+        if active != handover.active_said:
+            handover.active_said = active
+            handover.channel.send("active", groups=_counts(active, "active"))
+
+    # --- the new manager ----------------------------------------------------------------------
+
+    def _channels(self) -> list[Channel]:
+        """The channels the loop waits on, besides its signals and notes."""
+        found = []
+        if self.handover is not None and self.handover.running:
+            found.append(self.handover.channel)
+        if self.successor is not None and not self.successor.channel.closed:
+            found.append(self.successor.channel)
+        return found
+
+    def _tell_predecessor(self) -> None:
+        """How many workers of each group are up (when that changed): the old manager keeps
+        that many fewer; once every slot is up, take over."""
+        successor = self.successor
+        if successor is None or successor.serving:
+            return
+        up = _up_by_group(self.workers.values())
+        if up != successor.up_said:
+            successor.up_said = up
+            successor.channel.send("up", groups=_counts(up))
+        self._serve_if_every_slot_up()
+
+    def _serve_if_every_slot_up(self) -> None:
+        successor = self.successor
+        if successor is None or successor.serving or self.groups is None:
+            return
+        up = _up_by_group(self.workers.values())
+        if any(up.get(q, 0) < n for q, n in self.groups.items()):
+            return
+        successor.serving = True
+        if self.publisher is not None:  # said before the old manager can exit: reload reads it
+            self.publisher.publish(self)
+        successor.channel.send("serving")
+        log.info("serving every slot: manager %d hands over to this one", successor.predecessor)
+        for take_over in self.on_serving:
+            try:
+                take_over()
+            except Exception:  # the pool serves: what could not be taken over is said
+                log.exception("taking over from manager %d", successor.predecessor)
+        self._emit("ready")
+
+    def _read_predecessor(self) -> None:
+        """The old manager's end: it says nothing; it closes when it gives up or dies."""
+        successor = self.successor
+        if successor is None or successor.channel.closed:
+            return
+        for message in successor.channel.receive():
+            if message.get("kind") == "active":
+                successor.old_active = _groups(message.get("groups"), "active")
+        if successor.channel.gone() and not successor.serving and not self.stopping:
+            log.error("the old manager %d is gone before this one served: stopping",
+                      successor.predecessor)  # fmt: skip
+            os.kill(os.getpid(), signal.SIGQUIT)
+
+
+def _counts(counts: dict[Queues, int], key: str = "up") -> list[dict[str, Any]]:
+    """Counts by group, as the channel carries them (JSON has no tuple keys)."""
+    return [{"queues": list(queues), key: count} for queues, count in counts.items()]
+
+
+def _groups(items: Any, key: str = "up") -> dict[Queues, int]:
+    """The counts _counts() made, back."""
+    if not isinstance(items, list):
+        return {}
+    found = {}
+    for item in items:
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            found[tuple(map(str, item["queues"]))] = int(item[key])
+    return found
+
+
+def _up_by_group(workers: Any) -> dict[Queues, int]:
+    return {q: sum(w.up for w in group) for q, group in active_by_group(workers).items()}
+
+
+def _exec_successor(environ: dict[str, str], directory: str, passed: list[int]) -> int:
+    """In the forked child: become the new manager (same command line, environment and
+    working directory, followed anew)."""
+    for fd in passed:
+        os.set_inheritable(fd, True)
+    # Inherited across exec, a blocked mask would hold the new manager's signals.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [*MANAGER_SIGNALS, RELOAD_SIGNAL])
+    try:
+        os.chdir(directory)
+        os.execve(sys.executable, sys.orig_argv, environ)
+    except OSError as error:
+        message = f"cannot start {' '.join(sys.orig_argv[:3])} in {directory}: {error}"
+        with contextlib.suppress(OSError):
+            os.write(2, f"qless-pool: reload: {message}\n".encode())
+        with contextlib.suppress(OSError):
+            socket.socket(fileno=passed[0]).send(
+                json.dumps({"kind": "error", "message": message}).encode()
+            )
+    return 127
+
+
+# --- the keeper -----------------------------------------------------------------------------------
+
+
+def keep(manager: int, appname: str) -> int:
+    """Stay in the process the terminal (or container) knows: forward every signal to the
+    current manager and exit with its status, following it across later reloads (the new
+    manager comes to us as subreaper when the one before it exits)."""
+    app = f"[{appname}]" if appname else ""
+    lifeline.become_subreaper()
+    read_fd, write_fd = os.pipe()
+    for fd in (read_fd, write_fd):
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    forwarded = [*MANAGER_SIGNALS, RELOAD_SIGNAL]
+    for signum in (*forwarded, signal.SIGCHLD):
+        signal.signal(signum, lifeline.wake_only)
+    log.info("keeping this process for manager %d: signals sent here are passed on", manager)
+    try:
+        while True:
+            proctitle.set_title(f"qless-pool-keeper{app}: manager {manager}")
+            poller = select.poll()
+            poller.register(read_fd, select.POLLIN)
+            if poller.poll(1000):
+                with contextlib.suppress(BlockingIOError):
+                    for number in os.read(read_fd, 4096):
+                        if number != signal.SIGCHLD:
+                            lifeline.send(manager, number)
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    pid, status = 0, 0
+                    if not lifeline.alive(manager):
+                        return 0
+                if not pid:
+                    break
+                if pid != manager:
+                    continue
+                successor = _manager_among_children()
+                if successor is None:
+                    log.info("manager %d exited (%s)", pid, lifeline.describe_status(status))
+                    return _exit_code(status)
+                log.info("manager %d handed over to %d", manager, successor)
+                manager = successor
+    finally:
+        signal.set_wakeup_fd(-1)
+        for fd in (read_fd, write_fd):
+            os.close(fd)
+
+
+def _manager_among_children() -> Optional[int]:
+    """A child of this process titled as a pool manager (one adopted as subreaper)."""
+    for pid in lifeline.children(os.getpid()):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as file:
+            if file.read(64).startswith(b"qless-pool-manager"):
+                return pid
+    return None
+
+
+def _exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code

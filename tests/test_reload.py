@@ -1,0 +1,409 @@
+"""qless-pool reload: new code without a stop. The old manager re-executes its command line;
+the new one imports the application afresh and takes the slots over one by one; the old one's
+workers finish their jobs and it exits (or, in the foreground, stays as the keeper)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from commands import SCRIPT, one_line
+from pools import MANAGER, free_port, scrape
+from processes import alive, children, title, wait_for
+from workers import FORKED, WAITING, wait_state
+
+# The application: its version and import time are read from files beside it when it is
+# imported, so a test "deploys" by writing them. Each job records who ran it, and when.
+RELOAD_APP = """\
+import json, os, time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def setting(name, default=""):
+    try:
+        with open(os.path.join(HERE, name)) as file:
+            return file.read().strip()
+    except FileNotFoundError:
+        return default
+
+
+VERSION = setting("version.txt", "v1")
+if VERSION == "broken":
+    import relapp_dependency_that_is_not_installed  # noqa
+time.sleep(float(setting("import-seconds.txt", "0")))
+if VERSION == "hang":
+    time.sleep(3600)
+
+
+class Record:
+    @staticmethod
+    def process(job):
+        started = time.time()
+        job.client.redis.rpush("test:reload", json.dumps({
+            "jid": job.jid, "version": VERSION, "put": job.data.get("put"), "started": started,
+            "pid": os.getpid(), "ppid": os.getppid(),
+        }))
+        time.sleep(job.data.get("seconds", 0))
+"""
+
+APP_ARGS = ("-m", "relapp", "--allow-module", "relapp")
+
+
+def deploy(directory, version: str, import_seconds: float = 0.0) -> None:
+    (directory / "relapp.py").write_text(RELOAD_APP)
+    (directory / "version.txt").write_text(version)
+    (directory / "import-seconds.txt").write_text(str(import_seconds))
+
+
+def records(redis_conn) -> list[dict]:
+    return [json.loads(item) for item in redis_conn.lrange("test:reload", 0, -1)]
+
+
+def reload(directory, *args, timeout=90) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [SCRIPT, "reload", *args], capture_output=True, text=True, timeout=timeout, cwd=directory
+    )
+
+
+def start_reload(directory, *args) -> subprocess.Popen:
+    return subprocess.Popen(
+        [SCRIPT, "reload", *args], cwd=directory, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def pidfile_pid(path) -> int:
+    return int(path.read_text())
+
+
+def managers_under(pid: int) -> list[int]:
+    return [child for child in children(pid) if MANAGER.match(title(child))]
+
+
+def start_daemon(start_pool, tmp_path, *args, config="foo: 2\n") -> int:
+    """A daemonized pool (the common production case); returns its manager's pid."""
+    launcher = start_pool("-d", "-p", "pool.pid", *APP_ARGS, *args, config=config)
+    assert launcher.process.wait(timeout=30) == 0, launcher.log_text()
+    manager = pidfile_pid(tmp_path / "pool.pid")
+    wait_for(lambda: len([c for c in children(manager) if "qless-0" in title(c)]) == 2,
+             message="the daemon's workers")  # fmt: skip
+    return manager
+
+
+class Stream:
+    """A steady stream of short jobs, one every ``every`` seconds, each with its put time."""
+
+    def __init__(self, client, every: float = 0.05):
+        self.client, self.every = client, every
+        self.jids: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.jids.append(put_job(self.client))
+            self.stop.wait(self.every)
+
+    def __enter__(self) -> Stream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+def put_job(client, **data) -> str:
+    return client.queues["foo"].put("relapp.Record", {"put": time.time(), **data})
+
+
+# --- the rolling hand-over ------------------------------------------------------------------------
+
+
+def test_a_reload_runs_new_code_without_a_gap_in_service(start_pool, tmp_path, client, redis_conn):
+    deploy(tmp_path, "v1", import_seconds=2.0)
+    old = start_daemon(start_pool, tmp_path)
+    old_workers = set(children(old))
+    with Stream(client) as stream:
+        time.sleep(0.5)  # a stream before the reload
+        deploy(tmp_path, "v2", import_seconds=2.0)
+        result = reload(tmp_path)
+        assert result.returncode == 0, result.stderr
+        new = pidfile_pid(tmp_path / "pool.pid")
+        assert new != old
+        assert (
+            result.stdout
+            == f"reloaded: pool {old} handed over to manager {new} in "
+            + (result.stdout.split(" in ")[1])
+        )
+        reloaded_at = time.time()
+        time.sleep(0.5)  # and after it
+    for jid in stream.jids:
+        wait_state(client, jid, "complete", timeout=30)
+    ran = records(redis_conn)
+    assert sorted(r["jid"] for r in ran) == sorted(stream.jids)  # each ran once, none failed
+    waits = [r["started"] - r["put"] for r in ran]
+    # A stop and start would leave the queue without a worker for the 2 s import.
+    assert max(waits) < 1.5, max(waits)
+    after = [r for r in ran if r["put"] > reloaded_at]
+    assert after and {r["version"] for r in after} == {"v2"}
+    assert {r["version"] for r in ran} == {"v1", "v2"}
+    wait_for(lambda: not alive(old), timeout=30, message="the old manager to exit")
+    assert not old_workers & set(children(new))
+    assert len([c for c in children(new) if "qless-0" in title(c)]) == 2
+
+
+def test_the_old_workers_finish_their_running_jobs_and_capacity_never_drops(
+    start_pool, tmp_path, client, redis_conn
+):
+    deploy(tmp_path, "v1", import_seconds=0.5)
+    old = start_daemon(start_pool, tmp_path)
+    busy = put_job(client, seconds=3)
+    wait_for(lambda: records(redis_conn), message="the long job to start")
+    reloading = start_reload(tmp_path, "--wait")
+    managers = {old}
+    takers, serving = [], []  # sampled during the reload
+
+    def taking_jobs(manager: int) -> int:
+        """The manager's workers that take jobs (not those told to QUIT), by its title."""
+        match = MANAGER.match(title(manager))
+        return len(match.group(2).split(", ")) if match and match.group(2) else 0
+
+    def reserving(manager: int) -> int:
+        return sum(
+            1 for c in children(manager) if WAITING.match(title(c)) or FORKED.match(title(c))
+        )
+
+    while reloading.poll() is None:
+        managers.update(managers_under(old))  # the new one, remembered once the old has gone
+        new = sorted(managers - {old})
+        # The old pool only lets workers go, the new one only adds: looked at in this order,
+        # the sums are bounds of what both were at one moment.
+        takers.append(sum(map(taking_jobs, new)) + taking_jobs(old))
+        serving.append(taking_jobs(old) + sum(map(reserving, new)))
+        time.sleep(0.005)
+    assert reloading.returncode == 0, reloading.stderr.read()
+    assert "the old manager has exited" in reloading.stdout.read()
+    wait_state(client, busy, "complete")  # not killed by the hand-over
+    [run] = [r for r in records(redis_conn) if r["jid"] == busy]
+    assert run["version"] == "v1"
+    assert not alive(old)
+    assert min(serving) >= 2  # never below the configured count
+    assert max(takers) <= 3  # the surge: one per group
+
+
+# --- new code that cannot serve -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("version", "timeout", "said"),
+    [
+        ("broken", "60", "reload failed: preloading relapp failed: ModuleNotFoundError"),
+        ("hang", "3", "was not ready within 3s"),
+    ],
+)
+def test_new_code_that_fails_leaves_the_running_pool_serving(
+    start_pool, tmp_path, client, redis_conn, version, timeout, said
+):
+    deploy(tmp_path, "v1")
+    old = start_daemon(start_pool, tmp_path)
+    workers = sorted(c for c in children(old) if "qless-0" in title(c))
+    deploy(tmp_path, version)
+    result = reload(tmp_path, "--timeout", timeout)
+    assert result.returncode == 1
+    assert said in one_line(result)
+    assert pidfile_pid(tmp_path / "pool.pid") == old
+    # The new manager is gone (a hanging one killed), and left nothing behind.
+    wait_for(lambda: not managers_under(old), message="the new manager to be gone")
+    assert sorted(c for c in children(old) if "qless-0" in title(c)) == workers
+    jid = put_job(client)
+    wait_state(client, jid, "complete")
+    assert records(redis_conn)[-1]["version"] == "v1"
+    # A good release after a bad one goes through.
+    deploy(tmp_path, "v2")
+    assert reload(tmp_path).returncode == 0
+
+
+def test_a_reload_with_no_pool_exits_3(tmp_path):
+    result = reload(tmp_path)
+    assert result.returncode == 3
+    assert "no pool is running here" in one_line(result)
+
+
+# --- signals during a hand-over -------------------------------------------------------------------
+
+
+def test_term_during_a_hand_over_stops_both_pools_and_leaves_nothing(start_pool, tmp_path, client):
+    deploy(tmp_path, "v1")
+    old = start_daemon(start_pool, tmp_path)
+    deploy(tmp_path, "v2", import_seconds=2.0)
+    reloading = start_reload(tmp_path)
+    [new] = wait_for(lambda: managers_under(old), message="the new manager")
+    os.kill(old, signal.SIGTERM)
+    assert reloading.wait(timeout=30) == 1
+    wait_for(lambda: not alive(old) and not alive(new), timeout=20, message="both managers gone")
+    wait_for(lambda: not _processes_in(tmp_path), timeout=20, message="no process left")
+    assert not (tmp_path / "pool.pid").exists()
+
+
+def test_a_second_reload_during_a_hand_over_is_refused_and_hup_ignored(start_pool, tmp_path):
+    deploy(tmp_path, "v1")
+    old = start_daemon(start_pool, tmp_path)
+    deploy(tmp_path, "v2", import_seconds=2.0)
+    first = start_reload(tmp_path)
+    wait_for(lambda: managers_under(old), message="the new manager")
+    second = reload(tmp_path, "--pid", str(old))
+    assert second.returncode == 1
+    assert "reload refused: a reload is in progress (new manager" in one_line(second)
+    os.kill(old, signal.SIGHUP)
+    assert first.wait(timeout=30) == 0, first.stderr.read()
+    log = (tmp_path / "log/qless-pool.stderr.log").read_text()
+    assert "HUP ignored: a reload is in progress" in log
+
+
+def test_a_reload_is_refused_in_drain_mode(start_pool, tmp_path, client):
+    deploy(tmp_path, "v1")
+    put_job(client, seconds=30)
+    pool = start_pool(*APP_ARGS, "--drain", config="foo: 1\n")
+    wait_for(lambda: pool.workers(), message="the worker")
+    result = reload(tmp_path, "--pid", str(pool.pid))
+    assert result.returncode == 1
+    assert "a --drain pool stops once its queues are empty" in one_line(result)
+
+
+# --- the pool's files and its supervisor ----------------------------------------------------------
+
+
+def test_the_pidfile_and_the_lock_pass_without_a_window(start_pool, tmp_path, client):
+    deploy(tmp_path, "v1")
+    lock = tmp_path / "pool.lock"
+    old = start_daemon(start_pool, tmp_path, "-l", str(lock))
+    deploy(tmp_path, "v2", import_seconds=1.0)
+    reloading = start_reload(tmp_path, "--wait")
+    seen_pids, lock_free = set(), 0
+    while reloading.poll() is None:
+        # What a reader (or a deploy script's `flock -n -x`) sees at every moment.
+        text = (tmp_path / "pool.pid").read_text()
+        assert text.strip().isdigit(), repr(text)
+        seen_pids.add(int(text))
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_free += 1
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
+    assert reloading.returncode == 0, reloading.stderr.read()
+    new = pidfile_pid(tmp_path / "pool.pid")
+    assert seen_pids <= {old, new}
+    assert lock_free == 0
+    assert not alive(old)
+    # The new manager holds both: a second start is refused.
+    second = subprocess.run([SCRIPT, "-d", "-p", "pool.pid", "-R", "unix:///nowhere.sock"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert second.returncode != 0
+    assert f"names a running qless-pool (pid {new})" in second.stderr or "is held" in second.stderr
+    stop = subprocess.run([SCRIPT, "stop", "-p", "pool.pid"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert stop.returncode == 0, stop.stderr
+    assert not (tmp_path / "pool.pid").exists()
+
+
+def test_systemd_hears_the_new_main_pid(start_pool, tmp_path):
+    deploy(tmp_path, "v1")
+    address = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(20)
+    try:
+        pool = start_pool(*APP_ARGS, config="foo: 2\n", env={"NOTIFY_SOCKET": address})
+        messages = []
+
+        def heard(text: str) -> bool:
+            while not any(text in m for m in messages):
+                messages.append(listener.recv(4096).decode())
+            return True
+
+        heard("READY=1")
+        deploy(tmp_path, "v2")
+        result = reload(tmp_path, "--pid", str(pool.pid), "--wait", "--json")
+        assert result.returncode == 0, result.stderr
+        new = json.loads(result.stdout)["new_pid"]
+        heard(f"MAINPID={new}")
+        [ready] = [m for m in messages if f"MAINPID={new}" in m]
+        assert "READY=1" in ready
+        assert any("RELOADING=1" in m for m in messages)
+        # Under systemd the old manager exits (systemd follows MAINPID): no keeper.
+        assert pool.process.wait(timeout=20) == 0
+        assert not any("STOPPING=1" in m for m in messages)
+        assert alive(new)
+    finally:
+        listener.close()
+
+
+def test_metrics_are_served_across_a_reload(start_pool, tmp_path, client):
+    deploy(tmp_path, "v1")
+    port = free_port()
+    old = start_daemon(start_pool, tmp_path, "--metrics-port", str(port))
+    wait_for(lambda: scrape(port).get('qless_pool_workers{state="waiting"}') == 2,
+             message="the old pool's metrics")  # fmt: skip
+    deploy(tmp_path, "v2")
+    assert reload(tmp_path, "--wait").returncode == 0
+    assert not alive(old)
+    jid = put_job(client)
+    wait_state(client, jid, "complete")
+    wait_for(lambda: scrape(port).get('qless_pool_jobs_total{outcome="completed",queue="foo"}'),
+             message="the new pool's metrics")  # fmt: skip
+
+
+# --- the foreground: the keeper -------------------------------------------------------------------
+
+
+def test_in_the_foreground_the_old_process_keeps_the_terminal(
+    start_pool, tmp_path, client, redis_conn
+):
+    deploy(tmp_path, "v1")
+    pool = start_pool(*APP_ARGS, config="foo: 2\n")
+    wait_for(lambda: len(pool.workers()) == 2, message="the workers")
+    for version in ("v2", "v3"):  # a reload of a reloaded pool too
+        deploy(tmp_path, version)
+        result = reload(tmp_path, "--wait")
+        assert result.returncode == 0, result.stderr
+        [manager] = wait_for(lambda: managers_under(pool.pid), message="the current manager")
+        # The process the terminal waits for stays, and says whom it keeps.
+        assert title(pool.pid) == f"qless-pool-keeper[testapp]: manager {manager}"
+        jid = put_job(client)
+        wait_state(client, jid, "complete")
+        assert records(redis_conn)[-1]["version"] == version
+    # status finds the pool by the directory, and by the keeper's pid.
+    for args in ([], ["--pid", str(pool.pid)]):
+        found = subprocess.run([SCRIPT, "status", "--json", *args], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert json.loads(found.stdout)["manager"]["pid"] == manager, found.stderr
+    # A signal to the keeper is the pool's: TERM stops it, and the keeper exits with it.
+    pool.send(signal.SIGTERM)
+    assert pool.process.wait(timeout=20) == 0
+    wait_for(lambda: not _processes_in(tmp_path), timeout=20, message="no process left")
+
+
+def _processes_in(directory) -> list[int]:
+    root = os.path.realpath(directory)
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cwd = os.readlink(f"/proc/{entry}/cwd")
+            except OSError:
+                continue
+            if (cwd == root or cwd.startswith(root + "/")) and alive(int(entry)):
+                found.append(int(entry))
+    return found
