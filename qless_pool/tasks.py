@@ -328,6 +328,34 @@ def _work(c: Any, flags: Mapping[str, Any]) -> None:
     worker.work()
 
 
+def _reload(
+    c: Any, pid: Any = None, pidfile: Any = None, timeout: Any = None, wait: bool = False
+) -> None:
+    """Run new code without a stop (qless-pool reload): the running pool's manager starts a new
+    one, which loads the application afresh and takes the workers over one by one."""
+    from .ops.commands import main as command
+
+    argv = [*(["--timeout", str(timeout)] if timeout else []), *(["--wait"] if wait else [])]
+    if pid:
+        argv += ["--pid", str(pid)]
+    else:
+        pidfile = pidfile or settings(c).get("pidfile")
+        if pidfile:
+            argv += ["--pidfile", str(pidfile)]
+    status = command("reload", argv)
+    if status:
+        raise Exit(code=status)
+
+
+RELOAD_HELP = {
+    "pid": "the manager's pid",
+    "pidfile": "the pool's pidfile (default: the qless_pool.pidfile setting, else "
+    "tmp/pids/qless-pool.pid, else the pool started in this directory)",
+    "timeout": "how long the new manager has to load and serve every slot (default 60)",
+    "wait": "wait too until the old manager has exited",
+}
+
+
 def collection(setup: Iterable[Task[Any]] = (), pool_setup: Iterable[Task[Any]] = ()) -> Collection:
     """A fresh ``qless`` collection whose ``qless.setup`` runs the ``setup`` tasks first and
     whose ``qless.pool.setup`` runs the ``pool_setup`` tasks first (after ``qless.setup``).
@@ -350,6 +378,9 @@ def collection(setup: Iterable[Task[Any]] = (), pool_setup: Iterable[Task[Any]] 
     pool.add_task(pool_task, name="run", default=True)
     pool.add_task(pool_setup_task, name="setup")
     pool.add_task(check_pool_task, name="check")
+    # Long flags only: -p is --pidfile to qless-pool, and Invoke would make it --pid.
+    reload_task: Task[Any] = Task(_reload, name="reload", help=RELOAD_HELP, auto_shortflags=False)
+    pool.add_task(reload_task, name="reload")
     qless = Collection("qless")
     qless.add_task(check_task)
     qless.add_task(setup_task)

@@ -14,7 +14,9 @@ the worker process with --in-process):
 - random job children (with a child per job) and random worker parents are SIGKILLed;
 - a HUP storm (20 in a second) with USR2 and CONT between the HUPs (CONT last), then USR2,
   a second later CONT;
-- Redis (append-only file, fsync always) is shut down and started again.
+- Redis (append-only file, fsync always) is shut down and started again;
+- three ``qless-pool reload`` (new code without a stop), each handing the pool over to a new
+  manager while the kills go on; the process started first stays as the keeper.
 
 While it runs, the manager never has more live workers than the config asks for, and a worker
 it retires (HUP) that has no job to finish exits at once; after each CONT no worker stays
@@ -48,13 +50,14 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-from processes import alive, children, descendants, title, wait_for  # noqa: E402
+from processes import alive, children, descendants, successor_of, title, wait_for  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 
 from qless_pool.client import connect  # noqa: E402
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "qless-pool")
 CONFIG = '"q1": 2\n"q2,q1": 2\n"q3,q2": 1\n'
+QUEUE_GROUPS = ("q1", "q2,q1", "q3,q2")
 WORKERS = 5
 QUEUES = ("q1", "q2", "q3")
 JOB_TIMEOUT = 2
@@ -82,6 +85,7 @@ class Report:
     hups: int = 0
     pauses: int = 0
     redis_restarts: int = 0
+    reloads: int = 0
     runs: int = 0
     duplicates: Counter = field(default_factory=Counter)  # cause -> extra runs
     problems: list[str] = field(default_factory=list)  # each one is a failure of the run
@@ -112,6 +116,7 @@ class Report:
                 f"{self.most_parents} ({self.most_finishing}) for {WORKERS} slots",
             ),
             ("Redis restarts (AOF)", str(self.redis_restarts)),
+            ("reloads (qless-pool reload)", str(self.reloads)),
             ("lost (running with no owner, or vanished)", str(self.lost)),
             ("duplicate runs", dup),
             ("unexplained", str(len(self.problems))),
@@ -139,6 +144,7 @@ class Chaos:
         self.pool: subprocess.Popen | None = None
         self.log = directory / "pool.log"
         self.idle_retiring: dict[int, float] = {}  # pid -> first seen retiring with no job
+        self.reloading: subprocess.Popen | None = None
 
     # --- the run --------------------------------------------------------------------------------
 
@@ -159,6 +165,9 @@ class Chaos:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                 self.pool.wait()
+            if self.reloading is not None and self.reloading.poll() is None:
+                self.reloading.kill()
+                self.reloading.wait()
             self.redis.remove()
         return self.report
 
@@ -174,15 +183,34 @@ class Chaos:
             )  # fmt: skip
         wait_for(lambda: len(self.workers()) == WORKERS, 30, message="the workers")
 
-    def workers(self) -> list[int]:
+    def managers(self) -> list[int]:
+        """The pool's managers: the process started (until its first reload hands over: then
+        it keeps the terminal, and the manager is its child), and during a hand-over the new
+        one too."""
         assert self.pool is not None
-        return [pid for pid in children(self.pool.pid) if WORKER_TITLE.match(title(pid))]
+        if MANAGER_TITLE.match(title(self.pool.pid)):
+            found = [self.pool.pid]
+        else:  # the keeper forks nothing but its manager
+            found = [pid for pid in children(self.pool.pid) if MANAGER_TITLE.match(title(pid))]
+        for manager in list(found):
+            new = successor_of(manager)
+            if new is not None and new not in found:
+                found.append(new)
+        return found
 
-    def job_children(self) -> list[int]:
-        assert self.pool is not None
+    def workers(self) -> list[int]:
         return [
             pid
-            for worker in children(self.pool.pid)
+            for manager in self.managers()
+            for pid in children(manager)
+            if WORKER_TITLE.match(title(pid))
+        ]
+
+    def job_children(self) -> list[int]:
+        return [
+            pid
+            for manager in self.managers()
+            for worker in children(manager)
             for pid in children(worker)
             if JOB_TITLE.match(title(pid))
         ]
@@ -191,14 +219,16 @@ class Chaos:
         assert self.pool is not None
         start = time.monotonic()
         put_until = start + self.seconds * 0.7
-        events = {0.30: self.hup_storm, 0.45: self.pause, 0.65: self.restart_redis}
+        events = {0.15: self.reload, 0.30: self.hup_storm, 0.45: self.pause, 0.55: self.reload,
+                  0.65: self.restart_redis, 0.80: self.reload}  # fmt: skip
         next_child_kill = start + 0.5
         next_worker_kill = start + 1.5
         while (now := time.monotonic()) < start + self.seconds:
             due = int(self.jobs * min(1.0, (now - start) / (put_until - start)))
             self.put_jobs(due - len(self.kinds))
             for at, event in list(events.items()):
-                if now >= start + at * self.seconds:
+                # One at a time: a HUP or a second reload during a hand-over is not acted on.
+                if now >= start + at * self.seconds and self.reload_done():
                     del events[at]
                     event()
             self.watch_workers(now)
@@ -210,6 +240,8 @@ class Chaos:
                 next_worker_kill = now + self.random.uniform(2.0, 4.0)
             time.sleep(0.05)
         self.put_jobs(self.jobs - len(self.kinds))
+        while not self.reload_done():
+            time.sleep(0.05)
 
     def put_jobs(self, count: int) -> None:
         for _ in range(max(0, count)):
@@ -237,14 +269,17 @@ class Chaos:
 
     def watch_workers(self, now: float) -> None:
         """The manager's title lists its workers, and the retiring ones apart: it never has more
-        live workers than the config's 5, and a retiring worker with no job exits at once."""
-        assert self.pool is not None
-        match = MANAGER_TITLE.match(title(self.pool.pid))
-        if not match:
-            return
-        live = [int(pid) for pid in match.group(1).split(", ") if pid]
-        retiring = [int(pid) for pid in (match.group(3) or "").split(", ") if pid]
-        if len(live) > WORKERS:
+        live workers than the config's 5 (during a reload's hand-over, the two managers one
+        more), and a retiring worker with no job exits at once."""
+        live, retiring = [], []
+        for manager in self.managers():
+            match = MANAGER_TITLE.match(title(manager))
+            if match:
+                live += [int(pid) for pid in match.group(1).split(", ") if pid]
+                retiring += [int(pid) for pid in (match.group(3) or "").split(", ") if pid]
+        most = WORKERS + (len(QUEUE_GROUPS) if self.reloading is not None else 0)
+        live = [pid for pid in live if alive(pid)]
+        if len(live) > most:
             self.report.problems.append(f"{len(live)} live workers for {WORKERS} slots: {live}")
         parents = [pid for pid in [*live, *retiring] if alive(pid)]
         finishing = [pid for pid in retiring if alive(pid) and not WAITING_TITLE.match(title(pid))]
@@ -290,6 +325,29 @@ class Chaos:
             time.sleep(0.05)
         self.logged("INFO: HUP: reloading ", reloads, "the burst's reload")
         self.none_paused("the HUP storm")
+
+    def reload(self) -> None:
+        """qless-pool reload, to the process started (a keeper passes it on); its outcome is
+        looked at once it has exited (reload_done)."""
+        assert self.pool is not None
+        self.reloading = subprocess.Popen(
+            [SCRIPT, "reload", "--pid", str(self.pool.pid), "--timeout", "30"],
+            cwd=self.directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    def reload_done(self) -> bool:
+        """No reload is running (one that has ended is counted, or its failure said)."""
+        if self.reloading is None:
+            return True
+        if self.reloading.poll() is None:
+            return False
+        output = self.reloading.communicate()[0].strip()
+        if self.reloading.returncode == 0:
+            self.report.reloads += 1
+        else:
+            self.report.problems.append(f"reload failed ({self.reloading.returncode}): {output}")
+        self.reloading = None
+        return True
 
     def pause(self) -> None:
         assert self.pool is not None

@@ -178,3 +178,16 @@ def in_child(fn, setup=None):
     if "error" in answer:
         raise RuntimeError(answer["error"])
     return answer["value"]
+
+
+def successor_of(manager: int) -> int | None:
+    """The manager a reload of ``manager`` started (its state says so: a freshly forked worker
+    bears its manager's title for a moment, so a title cannot tell), if that one is alive."""
+    from qless_pool.ops.state import pool_directory, read_manager
+
+    state = read_manager(pool_directory(manager, os.getuid())) or {}
+    reloads = [r for r in state.get("reloads", []) if r.get("phase") != "refused"]
+    if not reloads or reloads[-1].get("phase") == "failed":
+        return None
+    new = reloads[-1].get("new_pid")
+    return new if isinstance(new, int) and alive(new) else None

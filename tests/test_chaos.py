@@ -22,3 +22,4 @@ def test_chaos_loses_nothing_and_explains_every_duplicate(request, fork_per_job)
     # The chaos did happen.
     assert report.workers_killed and (report.children_killed or not fork_per_job)
     assert report.hups == 20 and report.pauses == 6 and report.redis_restarts == 1
+    assert report.reloads == 3

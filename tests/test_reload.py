@@ -14,10 +14,18 @@ import threading
 import time
 
 import pytest
-from commands import SCRIPT, one_line
+from commands import INVOKE, SCRIPT, one_line
 from pools import MANAGER, free_port, scrape
-from processes import alive, children, title, wait_for
-from workers import FORKED, WAITING, wait_state
+from processes import (
+    alive,
+    children,
+    kill_processes_in,
+    reap_orphans,
+    successor_of,
+    title,
+    wait_for,
+)
+from workers import FORKED, TESTS, WAITING, python_path, wait_state
 
 # The application: its version and import time are read from files beside it when it is
 # imported, so a test "deploys" by writing them. Each job records who ran it, and when.
@@ -85,6 +93,10 @@ def pidfile_pid(path) -> int:
 
 
 def managers_under(pid: int) -> list[int]:
+    """The manager a reload of ``pid`` started, or (``pid`` a keeper) the one it keeps."""
+    if MANAGER.match(title(pid)):
+        new = successor_of(pid)
+        return [new] if new is not None else []
     return [child for child in children(pid) if MANAGER.match(title(child))]
 
 
@@ -407,3 +419,44 @@ def _processes_in(directory) -> list[int]:
             if (cwd == root or cwd.startswith(root + "/")) and alive(int(entry)):
                 found.append(int(entry))
     return found
+
+
+# --- under Invoke ---------------------------------------------------------------------------------
+
+
+def test_invoke_qless_pool_reloads_with_its_setup_tasks_run_afresh(invoke_project, redis_url):
+    project = invoke_project
+    (project / "invoke.yaml").write_text("qless_pool:\n  preload: [chainapp]\n  interval: 0.2\n")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("INVOKE_", "QLESS_"))},
+        "CHAIN_LOG": str(project / "chain.log"),
+        "QLESS_URL": redis_url,
+        "PYTHONPATH": python_path(TESTS, project),
+    }
+    process = subprocess.Popen(
+        [INVOKE, "qless.pool"], cwd=project, env=env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: len(_workers_of(process.pid)) == 2, message="the pool's workers")
+        result = subprocess.run([INVOKE, "qless.pool.reload", "--wait"], cwd=project, env=env,
+                                capture_output=True, text=True, timeout=90)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        [manager] = managers_under(process.pid)
+        assert title(process.pid) == f"qless-pool-keeper[{project.name}]: manager {manager}"
+        # The new manager ran the user's setup tasks and preloaded the application itself.
+        steps = [line.split()[:2] for line in (project / "chain.log").read_text().splitlines()]
+        assert ["environment", str(manager)] in steps and ["preload", str(manager)] in steps
+        wait_for(lambda: len(_workers_of(manager)) == 2, message="the new pool's workers")
+        process.send_signal(signal.SIGQUIT)  # the keeper passes it on; both end
+        _, stderr = process.communicate(timeout=30)
+        assert process.returncode == 0, stderr
+    finally:
+        process.kill()
+        process.wait()
+        kill_processes_in(project)  # a new manager and its workers, if the test failed
+        reap_orphans()
+
+
+def _workers_of(manager: int) -> list[int]:
+    return [c for c in children(manager) if WAITING.match(title(c)) or FORKED.match(title(c))]
