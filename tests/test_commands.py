@@ -119,11 +119,13 @@ def test_a_group_retried_under_a_live_pool_is_retried_once_though_its_jobs_fail_
 ):
     # They fail again, into the same group, while the retry goes on: none is retried twice.
     failed_jobs(client, "foo", "foo-ValueError", 300, klass="testjobs.Fail")
-    pool = start_pool(config="foo: 2\n", expect={"foo": 2})
+    # In process: 300 failures (each with its traceback logged) are quick even on a busy CI.
+    pool = start_pool("--no-fork-per-job", config="foo: 2\n", expect={"foo": 2})
     result = run(project, redis_url, "retry", "--group", "foo-ValueError", "--yes")
     assert result.stdout.strip() == "retried 300 job(s) of foo-ValueError"
     wait_for(
         lambda: json.loads(client("failed")).get("foo-ValueError") == 300,
+        timeout=40,
         message="all failed again",
     )
     assert pool.process.poll() is None
