@@ -98,6 +98,16 @@ def summarize_results(results: dict[str, Any]) -> dict[str, Any]:
                     "old_gone_ms": _distribution([x["old_gone_ms"] for x in chosen]),
                 }
             summary["hup"][name] = entry
+    if "reload" in scenarios:
+        summary["reload"] = {}
+        for (method,), group in by(scenarios["reload"]["runs"], "method").items():
+            good = [r for r in group if ok(r)]
+            if good:
+                summary["reload"][method] = {
+                    key: _distribution([r[key] for r in good])
+                    for key in ("serving_s", "max_wait_ms", "p50_wait_ms", "idle_pss_mb",
+                                "peak_pss_mb")
+                }  # fmt: skip
     if "idle" in scenarios:
         summary["idle"] = {run["contender"]: run for run in scenarios["idle"]["runs"] if ok(run)}
     if "fork" in scenarios:
@@ -568,6 +578,48 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], plots: Sequence[s
         parts.append(
             table(
                 ["contender", "workers", "new workers waiting", "old workers gone", "reloads"], rows
+            )
+        )
+
+    if summary.get("reload"):
+        params = scenarios["reload"]["params"]
+        parts.append(
+            f"\n### 6b. New code: reload, or stop and start\n\nA pool of {params['workers']} "
+            f"workers (a child per job) on a steady stream of jobs (one every "
+            f"{params['gap_ms']:g} ms), with an application whose import costs "
+            f"{params['import_cost_s']:g} s, gets new code: by `qless-pool reload`, and by a "
+            "stop (QUIT, wait) and a start. Seconds until the new code serves every slot, the "
+            "longest and the median wait from put to start of the stream's jobs, and the PSS of "
+            "every process of the pool, idle and at its peak; median (min-max) over "
+            f"{params['rounds']} round(s).\n"
+        )
+
+        def spread(entry: dict[str, Any], digits: int = 0) -> str:
+            low, high = _num(entry["min"], digits), _num(entry["max"], digits)
+            middle = _num(entry["median"], digits)
+            return middle if low == high else f"{middle} ({low}-{high})"
+
+        parts.append(
+            table(
+                [
+                    "new code by",
+                    "s to serving",
+                    "longest wait ms",
+                    "median wait ms",
+                    "PSS idle MB",
+                    "PSS peak MB",
+                ],
+                [
+                    [
+                        method,
+                        spread(e["serving_s"], 2),
+                        spread(e["max_wait_ms"]),
+                        spread(e["p50_wait_ms"], 1),
+                        spread(e["idle_pss_mb"]),
+                        spread(e["peak_pss_mb"]),
+                    ]
+                    for method, e in summary["reload"].items()
+                ],
             )
         )
 

@@ -37,7 +37,9 @@ from harness import (
     redis_server_binary,
 )
 
-SCENARIOS = ["throughput", "pickup", "startup", "memory", "respawn", "hup", "idle", "fork"]
+SCENARIOS = [
+    "throughput", "pickup", "startup", "memory", "respawn", "hup", "reload", "idle", "fork"
+]  # fmt: skip
 
 #: Who runs in each scenario unless --contenders says otherwise.
 DEFAULT_CONTENDERS = {
@@ -78,6 +80,7 @@ DEFAULT_CONTENDERS = {
     ],
     "respawn": ["qless-pool-fork", "qless-py-worker", "reqless-py-worker", "rq-fork"],
     "hup": ["qless-pool-fork", "qless-pool-inproc"],
+    "reload": ["qless-pool-fork"],
     "idle": [
         "qless-pool-fork",
         "qless-pool-inproc",
@@ -123,6 +126,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hup_counts": (4, 8),
         "hup_reps": 6,
         "hup_rounds": 2,
+        # qless-pool reload beside a stop and a start, on a stream of a job every 20 ms.
+        "reload_workers": 4,
+        "reload_import_cost": 2.0,
+        "reload_gap_ms": 20.0,
+        "reload_rounds": 2,
         "idle_workers": 8,
         "idle_seconds": 60.0,
         "fork_iterations": 1000,
@@ -154,6 +162,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hup_counts": (2, 4),
         "hup_reps": 2,
         "hup_rounds": 1,
+        "reload_workers": 4,
+        "reload_import_cost": 1.0,
+        "reload_gap_ms": 20.0,
+        "reload_rounds": 1,
         "idle_workers": 8,
         "idle_seconds": 5.0,
         "fork_iterations": 300,
@@ -186,6 +198,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hup_counts": (1, 2),
         "hup_reps": 1,
         "hup_rounds": 1,
+        "reload_workers": 2,
+        "reload_import_cost": 0.05,
+        "reload_gap_ms": 50.0,
+        "reload_rounds": 1,
         "idle_workers": 2,
         "idle_seconds": 1.0,
         "fork_iterations": 20,
@@ -202,6 +218,8 @@ def applicable(scenario: str, name: str) -> bool:
         return False
     if scenario == "hup":
         return name.startswith("qless-pool") and name != "qless-pool-independent"
+    if scenario == "reload":
+        return name in ("qless-pool-fork", "qless-pool-inproc")
     return contender.ready is not None
 
 
@@ -339,6 +357,11 @@ def run_scenario(
         )
     if scenario == "hup":
         return scenarios.hup(ctx, names, p["hup_counts"], p["hup_reps"], p["hup_rounds"])
+    if scenario == "reload":
+        return scenarios.reload(
+            ctx, names, p["reload_workers"], p["reload_import_cost"], p["reload_gap_ms"],
+            p["reload_rounds"],
+        )  # fmt: skip
     if scenario == "idle":
         return scenarios.idle_cpu(ctx, names, p["idle_workers"], p["idle_seconds"], redis_binary)
     if scenario == "fork":

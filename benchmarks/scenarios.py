@@ -780,3 +780,115 @@ def _fork_floor_run(ctx: Context, iterations: int, directory: str) -> dict[str, 
         f"command {result['with_command_ms']['median']:.3f} ms (median of {iterations})"
     )
     return result
+
+
+# --- 9. reload: new code without a stop ------------------------------------------------------------
+
+
+RELOAD_METHODS = ("reload", "stop-and-start")
+
+
+def reload(
+    ctx: Context, names: Sequence[str], workers: int, import_cost: float, gap_ms: float,
+    rounds: int,
+) -> dict[str, Any]:  # fmt: skip
+    """A pool of ``workers`` on a steady stream of jobs (one every ``gap_ms``), with an
+    application whose import costs ``import_cost`` seconds of CPU, gets new code: by
+    ``qless-pool reload``, and by the anchor every user has, a stop (QUIT, wait) and a start.
+    Measured: the time until the new code serves every slot, the longest wait from put to start
+    of the jobs put meanwhile, and the memory peak (the PSS of every process of the pool)."""
+    runs = []
+    for round_index in range(rounds):
+        for name in names:
+            for method in rotated(RELOAD_METHODS, round_index):
+                directory = ctx.processes.new_directory(f"reload-{method}-{name}")
+                result = attempt(ctx, directory, functools.partial(
+                    _reload_run, ctx, CONTENDERS[name], method, workers, import_cost, gap_ms,
+                    directory,
+                ))  # fmt: skip
+                runs.append({"round": round_index + 1, "contender": name, "method": method,
+                             **result})  # fmt: skip
+                if "serving_s" in result:
+                    log(
+                        f"  reload      round {round_index + 1}/{rounds}  {method:<15} "
+                        f"{result['serving_s']:6.2f} s to serving, longest wait "
+                        f"{result['max_wait_ms']:7.1f} ms, peak PSS {result['peak_pss_mb']:6.1f} MB"
+                    )
+    return {
+        "params": {"workers": workers, "import_cost_s": import_cost, "gap_ms": gap_ms,
+                   "rounds": rounds},
+        "runs": runs,
+    }  # fmt: skip
+
+
+def _reload_run(
+    ctx: Context, contender: Contender, method: str, workers: int, import_cost: float,
+    gap_ms: float, directory: str,
+) -> dict[str, Any]:  # fmt: skip
+    import threading
+
+    ctx.redis.flush()
+    producer = Producer(contender.family, ctx.redis.url())
+    connection = ctx.redis.connection()
+    launch = Launch(workers, ctx.redis.url(), directory, preload=["benchheavy", "benchjobs"],
+                    env={"BENCH_IMPORT_COST": str(import_cost)})  # fmt: skip
+    stop = threading.Event()
+    put = [0]
+
+    def produce() -> None:
+        while not stop.wait(gap_ms / 1000):
+            producer.put("noop", 1, stamped=True)
+            put[0] += 1
+
+    with running(ctx, contender, launch) as run:
+        run.wait_ready(workers, 120)
+        idle_pss = _pss(run.top)
+        peak = [idle_pss]
+
+        def watch_memory() -> None:
+            while not stop.wait(0.1):
+                peak[0] = max(peak[0], _pss(run.top))
+
+        threads = [threading.Thread(target=produce), threading.Thread(target=watch_memory)]
+        for thread in threads:
+            thread.start()
+        try:
+            time.sleep(1.0)  # the stream, before
+            started = time.perf_counter()
+            if method == "reload":
+                command = [sys.executable, "-m", "qless_pool", "reload", "--pid", str(run.top[0])]
+                done = subprocess.run(command, cwd=directory, capture_output=True, text=True,
+                                      timeout=300)  # fmt: skip
+                if done.returncode:
+                    raise RuntimeError(f"qless-pool reload: {done.stderr.strip()}")
+            else:
+                os.kill(run.top[0], signal.SIGQUIT)
+                run.processes[0].wait(timeout=120)
+                again = ctx.processes.launch(contender.commands(launch)[0], directory,
+                                             contender.environment(launch))  # fmt: skip
+                run.processes.append(again)
+                run.top = [again.pid]
+                run.wait_ready(workers, 120, 0.01)
+            serving = time.perf_counter() - started
+            time.sleep(1.0)  # and after
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        wait_until(lambda: connection.llen(benchjobs.STARTS) >= put[0], 60, 0.01,
+                   f"{put[0]} jobs to start")  # fmt: skip
+    waits = sorted((r[0] - r[3]) * 1000 for r in benchjobs.read_starts(connection))
+    return {
+        "serving_s": serving,
+        "jobs": len(waits),
+        "max_wait_ms": waits[-1],
+        "p50_wait_ms": percentile(waits, 0.5),
+        "p99_wait_ms": percentile(waits, 0.99),
+        "idle_pss_mb": idle_pss,
+        "peak_pss_mb": peak[0],
+    }
+
+
+def _pss(tops: Sequence[int]) -> float:
+    """The PSS of every process of the pool, in MB."""
+    return sum(smaps_rollup(pid).get("Pss", 0) for pid in descendants(tops)) / MB
