@@ -239,6 +239,10 @@ def test_new_code_that_fails_leaves_the_running_pool_serving(
     jid = put_job(client)
     wait_state(client, jid, "complete")
     assert records(redis_conn)[-1]["version"] == "v1"
+    status = subprocess.run([SCRIPT, "status", "-p", "pool.pid"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert status.returncode == 0  # a warning: the pool serves
+    assert "failed, the pool runs the code it had: " in status.stdout
     # A good release after a bad one goes through.
     deploy(tmp_path, "v2")
     assert reload(tmp_path).returncode == 0
@@ -460,3 +464,129 @@ def test_invoke_qless_pool_reloads_with_its_setup_tasks_run_afresh(invoke_projec
 
 def _workers_of(manager: int) -> list[int]:
     return [c for c in children(manager) if WAITING.match(title(c)) or FORKED.match(title(c))]
+
+
+# --- releases in directories ----------------------------------------------------------------------
+
+
+def test_a_current_symlink_repointed_by_a_deploy_is_followed(
+    tmp_path, redis_url, client, redis_conn
+):
+    releases = tmp_path / "releases"
+    for number, version, count in ((1, "v1", 1), (2, "v2", 3)):
+        (releases / str(number)).mkdir(parents=True)
+        deploy(releases / str(number), version)
+        (releases / str(number) / "qless-pool.yml").write_text(f"foo: {count}\n")
+    current = tmp_path / "current"
+    current.symlink_to(releases / "1")
+    env = {**os.environ, "PWD": str(current)}  # as a shell started in it says
+    with open(tmp_path / "pool.log", "w") as log:
+        pool = subprocess.Popen(
+            [SCRIPT, "-R", redis_url, "-i", "0.2", *APP_ARGS], cwd=current, env=env,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: len(_workers_of(pool.pid)) == 1, message="release 1's worker")
+        current.unlink()
+        current.symlink_to(releases / "2")  # the deploy
+        result = subprocess.run([SCRIPT, "reload", "--pid", str(pool.pid)], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=90)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        [manager] = managers_under(pool.pid)
+        assert os.readlink(f"/proc/{manager}/cwd") == str(releases / "2")
+        wait_for(lambda: len(_workers_of(manager)) == 3, message="release 2's config: 3 workers")
+        jid = put_job(client)
+        wait_state(client, jid, "complete")
+        assert records(redis_conn)[-1]["version"] == "v2"
+    finally:
+        pool.kill()
+        pool.wait()
+        kill_processes_in(tmp_path)
+        reap_orphans()
+
+
+def test_a_release_with_a_bad_config_is_refused_and_said(start_pool, tmp_path, client):
+    deploy(tmp_path, "v1")
+    old = start_daemon(start_pool, tmp_path)
+    (tmp_path / "qless-pool.yml").write_text("foo: many\n")
+    result = reload(tmp_path)
+    assert result.returncode == 1
+    assert one_line(result).startswith(
+        "qless-pool reload: reload failed: config error: qless-pool.yml: key 'foo': the worker "
+        "count must be a whole number"
+    )
+    assert pidfile_pid(tmp_path / "pool.pid") == old
+    jid = put_job(client)
+    wait_state(client, jid, "complete")
+
+
+def test_new_workers_that_never_come_up_fail_the_reload_and_leave_nothing(
+    start_pool, tmp_path, client, redis_conn
+):
+    deploy(tmp_path, "v1")
+    old = start_daemon(start_pool, tmp_path)
+    workers = sorted(c for c in children(old) if "qless-0" in title(c))
+    # The new release's after_prefork hook fails: its workers die as they start.
+    (tmp_path / "relapp.py").write_text(
+        RELOAD_APP + "\nimport qless_pool\n\n@qless_pool.after_prefork\n"
+        "def broken(worker):\n    raise RuntimeError('no database')\n"
+    )
+    result = reload(tmp_path, "--timeout", "4")
+    assert result.returncode == 1
+    assert "was not serving every slot within 4s" in one_line(result)
+    # The new manager was sent QUIT: it and its workers go; the old pool serves on as it was.
+    wait_for(lambda: not managers_under(old), message="the new manager to be gone")
+    wait_for(lambda: sorted(c for c in children(old) if "qless-0" in title(c)) == workers,
+             message="only the old workers")  # fmt: skip
+    assert pidfile_pid(tmp_path / "pool.pid") == old
+    jid = put_job(client)
+    wait_state(client, jid, "complete")
+    assert records(redis_conn)[-1]["version"] == "v1"
+
+
+# --- a container: the pool is PID 1 ---------------------------------------------------------------
+
+
+def _can_unshare_pid() -> bool:
+    try:
+        probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                               capture_output=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare_pid(), reason="needs unshare --pid (root, or user namespaces)")
+def test_as_pid_1_of_a_container_the_pool_keeps_pid_1(tmp_path, redis_url, client, redis_conn):
+    deploy(tmp_path, "v1")
+    (tmp_path / "qless-pool.yml").write_text("foo: 2\n")
+    with open(tmp_path / "pool.log", "w") as log:
+        outer = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--mount-proc", SCRIPT, "-R", redis_url, "-i", "0.2",
+             *APP_ARGS], cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        [init] = wait_for(lambda: children(outer.pid), message="PID 1 of the namespace")
+        wait_for(lambda: len(_workers_of(init)) == 2, message="the workers")
+        deploy(tmp_path, "v2")
+        # As `docker exec CONTAINER qless-pool reload --pid 1` would.
+        inside = ["nsenter", "--target", str(init), "--pid", "--mount"]
+        result = subprocess.run([*inside, SCRIPT, "reload", "--pid", "1", "--wait"], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=90)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert title(init).startswith("qless-pool-keeper[")  # PID 1 stays: the container lives
+        [manager] = [c for c in children(init) if MANAGER.match(title(c))]
+        wait_for(lambda: len(_workers_of(manager)) == 2, message="the new workers")
+        jid = put_job(client)
+        wait_state(client, jid, "complete")
+        assert records(redis_conn)[-1]["version"] == "v2"
+        os.kill(init, signal.SIGTERM)  # `docker stop`
+        assert outer.wait(timeout=30) == 0
+        wait_for(lambda: not _processes_in(tmp_path), timeout=20, message="no process left")
+    finally:
+        outer.kill()
+        outer.wait()
+        kill_processes_in(tmp_path)
+        reap_orphans()

@@ -159,6 +159,7 @@ def collect(pid: int, redis_url: Optional[str] = None, queues: bool = True) -> d
             "stopping": manager.get("stopping"),
             "restarts": manager.get("restarts", {}),
             "last_reload": manager.get("last_reload"),
+            "reloads": manager.get("reloads", []),
             "directory": manager.get("directory"),
             "options": manager.get("options", {}),
             "rss_bytes": rss_bytes(pid),
@@ -182,9 +183,10 @@ def health(
 ) -> tuple[list[str], list[str]]:
     """What is wrong with the pool: problems (they fail ``--check``) and warnings (they do
     not). Problems: it is stopping; a group is short of workers (in respawn backoff, or one just
-    died); workers cannot reach Redis (their jobs do not run). A warning: the last reload was
+    died); workers cannot reach Redis (their jobs do not run). Warnings: the last reload was
     rejected; the pool runs the config it had (restarting it would not help: the start would
-    refuse the same file)."""
+    refuse the same file); a reload of new code (qless-pool reload) runs, or the last one
+    failed."""
     problems, warnings = [], []
     if _process_state(manager.get("pid")) == "T":
         problems.append("the manager is stopped (SIGSTOP or a debugger): send it CONT")
@@ -211,6 +213,18 @@ def health(
         warnings.append(
             f"the reload at {when} was rejected, the pool runs the config it had: "
             f"{reload.get('error')}"
+        )
+    reloads = [r for r in manager.get("reloads") or [] if isinstance(r, dict)]
+    latest = next((r for r in reversed(reloads) if r.get("phase") != "refused"), None)
+    if latest is not None and latest.get("phase") in ("starting", "handing-over"):
+        warnings.append(
+            f"reloading: new manager {latest.get('new_pid')} is taking the pool over "
+            f"({latest.get('phase')}, {_duration(now - latest.get('at', now))})"
+        )
+    elif latest is not None and latest.get("phase") == "failed":
+        when = time.strftime("%H:%M:%S", time.localtime(latest.get("at", 0)))
+        warnings.append(
+            f"the reload at {when} failed, the pool runs the code it had: {latest.get('error')}"
         )
     return problems, warnings
 
