@@ -240,6 +240,10 @@ class Chaos:
                 next_worker_kill = now + self.random.uniform(2.0, 4.0)
             time.sleep(0.05)
         self.put_jobs(self.jobs - len(self.kinds))
+        for event in events.values():  # held back by a long reload: each still happens
+            while not self.reload_done():
+                time.sleep(0.05)
+            event()
         while not self.reload_done():
             time.sleep(0.05)
 
@@ -275,8 +279,15 @@ class Chaos:
         for manager in self.managers():
             match = MANAGER_TITLE.match(title(manager))
             if match:
-                live += [int(pid) for pid in match.group(1).split(", ") if pid]
-                retiring += [int(pid) for pid in (match.group(3) or "").split(", ") if pid]
+                # Its own children only: forked, a new manager bears the old one's title until
+                # it executes.
+                own = set(children(manager))
+                live += [int(pid) for pid in match.group(1).split(", ") if pid and int(pid) in own]
+                retiring += [
+                    int(pid)
+                    for pid in (match.group(3) or "").split(", ")
+                    if pid and int(pid) in own
+                ]
         most = WORKERS + (len(QUEUE_GROUPS) if self.reloading is not None else 0)
         live = [pid for pid in live if alive(pid)]
         if len(live) > most:

@@ -18,7 +18,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 INVOKE = os.path.join(os.path.dirname(sys.executable), "invoke")
-SCENARIOS = {"throughput", "pickup", "startup", "memory", "respawn", "hup", "idle", "fork"}
+SCENARIOS = {
+    "throughput",
+    "pickup",
+    "startup",
+    "memory",
+    "respawn",
+    "hup",
+    "reload",
+    "idle",
+    "fork",
+}
 
 
 def processes_under(directory: Path) -> list[int]:

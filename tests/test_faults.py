@@ -140,7 +140,7 @@ def test_a_fork_that_fails_gives_the_job_back_and_the_worker_carries_on(
     wait_for(lambda: "could not fork a standby" in worker.log_text(), message="a failed fork")
     second = put(client, "foo", "Noop")
     wait_for(lambda: "could not fork a child for" in worker.log_text(), message="a failed fork")
-    assert state(client, second) == "waiting"  # given back, not failed, nothing spent
+    wait_state(client, second, "waiting")  # given back (after the line), not failed, nothing spent
     assert client.jobs[second].retries_left == client.jobs[second].original_retries
     (pids_limit / "pids.max").write_text("max")
     wait_state(client, second, "complete", timeout=20)

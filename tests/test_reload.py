@@ -4,9 +4,11 @@ workers finish their jobs and it exits (or, in the foreground, stays as the keep
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -100,12 +102,12 @@ def managers_under(pid: int) -> list[int]:
     return [child for child in children(pid) if MANAGER.match(title(child))]
 
 
-def start_daemon(start_pool, tmp_path, *args, config="foo: 2\n") -> int:
+def start_daemon(start_pool, tmp_path, *args, config="foo: 2\n", workers=2) -> int:
     """A daemonized pool (the common production case); returns its manager's pid."""
     launcher = start_pool("-d", "-p", "pool.pid", *APP_ARGS, *args, config=config)
     assert launcher.process.wait(timeout=30) == 0, launcher.log_text()
     manager = pidfile_pid(tmp_path / "pool.pid")
-    wait_for(lambda: len([c for c in children(manager) if "qless-0" in title(c)]) == 2,
+    wait_for(lambda: len([c for c in children(manager) if "qless-0" in title(c)]) == workers,
              message="the daemon's workers")  # fmt: skip
     return manager
 
@@ -185,9 +187,11 @@ def test_the_old_workers_finish_their_running_jobs_and_capacity_never_drops(
     takers, serving = [], []  # sampled during the reload
 
     def taking_jobs(manager: int) -> int:
-        """The manager's workers that take jobs (not those told to QUIT), by its title."""
+        """The manager's workers that take jobs (not those told to QUIT), by its title (of its
+        own children: forked, a new manager bears the old one's title until it executes)."""
         match = MANAGER.match(title(manager))
-        return len(match.group(2).split(", ")) if match and match.group(2) else 0
+        listed = {int(p) for p in match.group(2).split(", ")} if match and match.group(2) else set()
+        return len(listed & set(children(manager)))
 
     def reserving(manager: int) -> int:
         return sum(
@@ -490,8 +494,10 @@ def test_a_current_symlink_repointed_by_a_deploy_is_followed(
         wait_for(lambda: len(_workers_of(pool.pid)) == 1, message="release 1's worker")
         current.unlink()
         current.symlink_to(releases / "2")  # the deploy
-        result = subprocess.run([SCRIPT, "reload", "--pid", str(pool.pid)], cwd=tmp_path,
-                                capture_output=True, text=True, timeout=90)  # fmt: skip
+        # Run where the operator is: in `current`, the new release now; the pool is found as
+        # the one started in `current` as given.
+        result = subprocess.run([SCRIPT, "reload"], cwd=current, env=env, capture_output=True,
+                                text=True, timeout=90)  # fmt: skip
         assert result.returncode == 0, result.stderr
         [manager] = managers_under(pool.pid)
         assert os.readlink(f"/proc/{manager}/cwd") == str(releases / "2")
@@ -588,5 +594,89 @@ def test_as_pid_1_of_a_container_the_pool_keeps_pid_1(tmp_path, redis_url, clien
     finally:
         outer.kill()
         outer.wait()
+        print((tmp_path / "pool.log").read_text())  # shown if the test failed
         kill_processes_in(tmp_path)
         reap_orphans()
+
+
+# --- what the review found ------------------------------------------------------------------------
+
+
+def test_a_release_with_other_counts_and_groups_takes_over(start_pool, tmp_path, client):
+    deploy(tmp_path, "v1")
+    old = start_daemon(start_pool, tmp_path, config="foo: 2\nbar: 1\n", workers=3)
+    (tmp_path / "qless-pool.yml").write_text("foo: 1\nbaz: 2\n")  # fewer, one gone, one new
+    result = reload(tmp_path, "--timeout", "30")
+    assert result.returncode == 0, result.stderr
+    new = pidfile_pid(tmp_path / "pool.pid")
+    wait_for(lambda: not alive(old), message="the old manager to exit")
+    wait_for(
+        lambda: sorted(WAITING.match(title(c)).group(1) for c in _workers_of(new)
+                       if WAITING.match(title(c))) == ["baz", "baz", "foo"],
+        message="the new release's workers",
+    )  # fmt: skip
+
+
+def test_a_pause_sent_while_the_new_code_loads_reaches_the_new_pool(start_pool, tmp_path):
+    deploy(tmp_path, "v1")
+    old = start_daemon(start_pool, tmp_path)
+    deploy(tmp_path, "v2", import_seconds=1.5)
+    reloading = start_reload(tmp_path)
+    wait_for(lambda: managers_under(old), message="the new manager")
+    os.kill(old, signal.SIGUSR2)  # held by the loading manager, not its death
+    assert reloading.wait(timeout=60) == 0, reloading.stderr.read()
+    new = pidfile_pid(tmp_path / "pool.pid")
+    paused = re.compile(r"^qless-[0-9.]+: Paused$")
+    wait_for(lambda: [paused.match(title(c)) is not None for c in children(new)
+                      if "qless-0" in title(c)] == [True, True], message="the new pool paused")  # fmt: skip
+    os.kill(new, signal.SIGCONT)
+    wait_for(lambda: len(_workers_of(new)) == 2, message="the new pool working again")
+
+
+def test_two_reloads_at_once_one_runs_the_other_is_refused(start_pool, tmp_path):
+    deploy(tmp_path, "v1")
+    start_daemon(start_pool, tmp_path)
+    deploy(tmp_path, "v2", import_seconds=1.0)
+    first, second = start_reload(tmp_path), start_reload(tmp_path)
+    codes = sorted([first.wait(timeout=60), second.wait(timeout=60)])
+    assert codes == [0, 1]
+    refused = (first if first.returncode else second).stderr.read()
+    assert "reload refused" in refused
+
+
+def test_a_failed_reload_tells_systemd_nothing_but_ready(start_pool, tmp_path):
+    deploy(tmp_path, "v1")
+    address = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(20)
+    try:
+        pool = start_pool(*APP_ARGS, config="foo: 2\n", env={"NOTIFY_SOCKET": address})
+        while "READY=1" not in listener.recv(4096).decode():
+            pass
+        # The new release's workers never come up: the new manager is QUIT after the timeout.
+        (tmp_path / "relapp.py").write_text(
+            RELOAD_APP + "\nimport qless_pool\n\n@qless_pool.after_prefork\n"
+            "def broken(worker):\n    raise RuntimeError('no database')\n"
+        )
+        result = reload(tmp_path, "--pid", str(pool.pid), "--timeout", "3")
+        assert result.returncode == 1
+        [new] = [json.loads(r)["new_pid"] for r in [_last_reload(pool.pid)]]
+        wait_for(lambda: not alive(new), message="the failed new manager to be gone")
+        listener.settimeout(0.5)
+        heard = []
+        with contextlib.suppress(TimeoutError, socket.timeout):
+            while True:
+                heard.append(listener.recv(4096).decode())
+        assert not any("STOPPING=1" in m or "MAINPID=" in m for m in heard), heard
+        assert any("RELOADING=1" in m for m in heard) and "READY=1" in heard[-1]
+        assert pool.process.poll() is None
+    finally:
+        listener.close()
+
+
+def _last_reload(manager: int) -> str:
+    from qless_pool.ops.state import pool_directory, read_manager
+
+    state = read_manager(pool_directory(manager, os.getuid())) or {}
+    return json.dumps(state["reloads"][-1])

@@ -142,6 +142,8 @@ class Pidfile:
         file, locked before it has a name, renamed over the path, so that a reader sees one pid
         or the other and a start finds it locked all along."""
         directory, name = os.path.split(self.path)
+        if directory:  # a relative path may now lead into a new release's directory
+            os.makedirs(directory, exist_ok=True)
         temporary = os.path.join(directory, f".{name}.{os.getpid()}")
         fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
@@ -158,6 +160,12 @@ class Pidfile:
             os.close(self.fd)
         self.fd, self.owner = fd, os.getpid()
         log.info("pidfile %s names this manager now", self.path)
+
+    def disown(self) -> None:
+        """Let go of the file without removing it: a reload's new manager takes it over."""
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd, self.owner = -1, None
 
     def release(self) -> None:
         """Remove the file, if this process wrote it and it still names this process (a reload's

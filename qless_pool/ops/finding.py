@@ -147,6 +147,11 @@ def pools_started_in(directory: str) -> list[int]:
     except OSError:
         return []
     wanted = os.path.realpath(directory)
+    # The directory as given too: a deploy repoints /srv/app/current, so the pool started in
+    # it runs in the release it pointed at then.
+    given = os.environ.get("PWD", "")
+    if not (given and os.path.isabs(given) and os.path.realpath(given) == wanted):
+        given = ""
     found = []
     for entry in sorted(entries):
         if not entry.isdigit():
@@ -155,7 +160,9 @@ def pools_started_in(directory: str) -> list[int]:
         if (manager or {}).get("handed_over_to"):
             continue  # finishing its last jobs: the pool is its successor's (found here too)
         started_in = (manager or {}).get("directory")
-        if not isinstance(started_in, str) or os.path.realpath(started_in) != wanted:
+        as_given = (manager or {}).get("start_directory")
+        same = isinstance(started_in, str) and os.path.realpath(started_in) == wanted
+        if not (same or (given and as_given == given)):
             continue
         try:
             found.append(find_manager(None, int(entry)))

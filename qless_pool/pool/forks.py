@@ -15,7 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .. import hooks, lifeline, options, proctitle
 from ..config import Groups
@@ -60,6 +60,10 @@ class Forking:
 
     def _note_exit(self, queues: tuple[str, ...], lived: float, began: bool = False) -> None:
         raise NotImplementedError
+
+    if TYPE_CHECKING:  # reload.Reloading's
+
+        def _channels(self) -> list[Any]: ...
 
     def signal_workers(self, signum: int, retire: bool = True) -> None:
         raise NotImplementedError
@@ -206,7 +210,9 @@ class Forking:
             listener = [self.metrics_listener.fileno()] if self.metrics_listener else []
             assert self.notes is not None
             own = (self._wakeup_r, self._wakeup_w, self.notes.read_fd, self.notes.write_fd)
-            for fd in (*own, *self.close_in_workers, *listener):
+            # A reload's channel (reload.py): the other manager must see it close with us.
+            channels = [channel.fileno() for channel in self._channels()]
+            for fd in (*own, *self.close_in_workers, *listener, *channels):
                 if fd not in keep:
                     os.close(fd)
             for signum in MANAGER_SIGNALS:

@@ -49,7 +49,7 @@ from ..ops.daemon import (
 from ..urls import check_redis_url, mask_secrets, redis_url_and_origin
 from ..worker.reservation import check_allowed_modules, default_allowed_modules
 from .manager import Pool
-from .reload import Successor, keep
+from .reload import Successor, keep, logical_directory
 
 __all__ = ["LaunchError", "check", "launch", "run"]
 
@@ -192,11 +192,13 @@ def _run(
     started by a reload; ``environ``: the environment as the pool was started (a reload starts
     the new manager with it)."""
     values = checked.values
-    appname = values["appname"] or os.path.basename(os.getcwd())
+    # The directory as given: /srv/app/current, not the release it points at now.
+    appname = values["appname"] or os.path.basename(logical_directory())
     # At once: the command line (which may hold a password) is no longer what ps shows.
     proctitle.set_title(proctitle.manager(appname, []))
     log_files: Optional[LogFiles] = None
     pidfile: Optional[Pidfile] = None
+    lock: Optional[PoolLock] = None
 
     def fail(status: int, message: str) -> int:
         """One line for the operator: on the launching terminal (a daemon's start pipe), and
@@ -237,7 +239,8 @@ def _run(
         if pidfile is not None and successor is None:  # a successor takes it over once serving
             pidfile.acquire()
         if values.get("lock"):
-            PoolLock(values["lock"]).acquire()
+            lock = PoolLock(values["lock"])
+            lock.acquire()
     except DaemonError as error:
         return fail(error.status, str(error))
     listener = None
@@ -282,7 +285,11 @@ def _run(
         def lifecycle(event: str, pool: Pool) -> None:
             if event == "started" and readiness is not None:
                 readiness.started(unreachable)
-            if not pool.handed_over:  # from then on, systemd hears the new manager only
+            # systemd hears a reload's new manager once it has taken over, and the old one no
+            # more from then on (NotifyAccess=all: a failed new manager's STOPPING=1 would
+            # stop the service).
+            taking_over = pool.successor is not None and not pool.successor.serving
+            if not (pool.handed_over or taking_over):
                 notifier(event, pool)
 
         pool = Pool(
@@ -297,6 +304,7 @@ def _run(
             successor=successor,
         )
         pool.start_environ = environ
+        pool.lock_fd = lock.fd if lock is not None else None
         if successor is not None and pidfile is not None:
             taken = pidfile
 
@@ -316,9 +324,9 @@ def _run(
         }  # fmt: skip
         pool.launch_options.pop("dry_run", None)
         status = pool.run()
+        if pool.handed_over and pidfile is not None:
+            pidfile.disown()  # the new manager's (or about to be): never removed by us
         if pool.handed_over and pool.keeps and pool.handover is not None:
-            if pidfile is not None:
-                pidfile.release()  # the new manager's now: left as it is
             return keep(pool.handover.new_pid, appname)
         return status
     finally:

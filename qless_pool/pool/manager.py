@@ -39,7 +39,7 @@ from ..worker.reservation import default_allowed_modules
 from .forks import Forking
 from .publish import StatePublisher, effective_options
 from .reload import HandOver, Reloading, Successor, logical_directory
-from .signals import ManagerSignals
+from .signals import MANAGER_SIGNALS, ManagerSignals
 from .table import Backoff, WorkerRecord, clean_exit, next_spawn_time, note_exit, plan
 
 __all__ = ["TERM_BEHAVIOURS", "Pool", "WorkerRecord"]
@@ -147,6 +147,7 @@ class Pool(ManagerSignals, Forking, Reloading):
         self.successor = successor  # the reload that started this manager
         self.reloads: deque[dict[str, Any]] = deque(maxlen=5)  # their outcomes, for manager.json
         self.on_serving: list[Callable[[], None]] = []  # a successor takes over the pidfile
+        self.lock_fd: Optional[int] = None  # -l: not passed on to a reload's new manager
         self._wakeup_r = self._wakeup_w = -1
         self._title = ""
         self._worker_count = -1
@@ -172,9 +173,13 @@ class Pool(ManagerSignals, Forking, Reloading):
         self._open_state()
         self.notes = notes.Notes()
         self._install_signal_handlers()
-        if self.successor is not None:  # preloaded: the old manager may stop taking workers
+        # A reload's new manager starts with them blocked (reload.py): what the old manager
+        # passed on meanwhile is delivered now, to the handlers.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGER_SIGNALS)
+        if self.successor is not None:  # loaded: the old manager may start handing over
             self.pause.set(self.successor.paused)
-            self.successor.channel.send("ready")
+            counts = [{"queues": list(q), "count": n} for q, n in (self.groups or {}).items()]
+            self.successor.channel.send("ready", groups=counts)
         # A job child whose worker was killed comes to us, so that what it left is killed too.
         subreaper = lifeline.become_subreaper()
         groups = self.groups or {}
@@ -217,9 +222,15 @@ class Pool(ManagerSignals, Forking, Reloading):
                     self.reconcile()
                     self._keep_metrics_helper()
                     self._tell_predecessor()
-                    self._tell_successor()
                 self._update_title()
+                if self.stopping is None:
+                    # After the title: what ps shows of this pool is never behind what the new
+                    # manager acts on.
+                    self._tell_successor()
         finally:
+            if self.handed_over and self.keeps:
+                # Until the keeper's handlers are in place (reload.keep): held, not lost.
+                signal.pthread_sigmask(signal.SIG_BLOCK, MANAGER_SIGNALS)
             self._restore_signal_handlers()
             self.notes.close()
             if subreaper and not (self.handed_over and self.keeps):  # the keeper stays one

@@ -66,6 +66,7 @@ class StatePublisher:
             "pid": pool.pid,
             "started": pool.started,
             "directory": pool.directory,
+            "start_directory": pool.start_directory,  # as given: a `current` symlink
             "appname": pool.appname,
             "config": pool.source.name,
             "environment": pool.source.environment,

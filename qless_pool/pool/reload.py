@@ -48,8 +48,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .. import lifeline, proctitle
+from ..ops.finding import running
 from ..logs import logger
-from .signals import MANAGER_SIGNALS, RELOAD_SIGNAL
+from .signals import IGNORED_SIGNALS, MANAGER_SIGNALS, RELOAD_SIGNAL
 from .table import WorkerRecord, active_by_group
 
 __all__ = [
@@ -63,7 +64,7 @@ __all__ = [
     "Successor",
     "keep",
     "logical_directory",
-    "read_request",
+    "read_requests",
     "write_request",
 ]
 
@@ -84,37 +85,46 @@ Queues = tuple[str, ...]
 
 
 def write_request(directory: str, timeout: float) -> str:
-    """Leave a reload request in the pool's state ``directory``; returns its id."""
+    """Leave a reload request in the pool's state ``directory`` (a file per request: two
+    commands at once each get their answer); returns its id."""
     request_id = uuid.uuid4().hex
-    path = os.path.join(directory, REQUEST_FILE)
-    temporary = f"{path}.{os.getpid()}"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    path = os.path.join(directory, f"{REQUEST_FILE}.{request_id}")
+    temporary = os.path.join(directory, f".{REQUEST_FILE}.{request_id}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as file:
         json.dump({"id": request_id, "timeout": timeout}, file)
     os.replace(temporary, path)
     return request_id
 
 
-def read_request(directory: Optional[str]) -> tuple[Optional[str], float]:
-    """The request ``qless-pool reload`` left (and remove it): its id and timeout. A bare
-    SIGURG has none: no id, the default timeout."""
-    if directory is None:
-        return None, DEFAULT_TIMEOUT
-    path = os.path.join(directory, REQUEST_FILE)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        with os.fdopen(fd) as file:
-            request = json.loads(file.read(4096))
-        os.unlink(path)
-    except (OSError, ValueError):
-        return None, DEFAULT_TIMEOUT
-    if not isinstance(request, dict):
-        return None, DEFAULT_TIMEOUT
-    request_id = request.get("id") if isinstance(request.get("id"), str) else None
-    timeout = request.get("timeout")
-    if not isinstance(timeout, (int, float)) or not 0 < timeout < 10**6:
-        timeout = DEFAULT_TIMEOUT
-    return request_id, float(timeout)
+@dataclass(frozen=True)
+class Request:
+    id: Optional[str]  # None: a bare SIGURG
+    timeout: float = DEFAULT_TIMEOUT
+
+
+def read_requests(directory: Optional[str]) -> list[Request]:
+    """The requests ``qless-pool reload`` left, oldest first (and remove them); a bare SIGURG
+    left none: one request with no id and the default timeout."""
+    found: list[tuple[float, Request]] = []
+    with contextlib.suppress(OSError):
+        names = [n for n in os.listdir(directory or "") if n.startswith(f"{REQUEST_FILE}.")]
+        for name in names[:100]:
+            path = os.path.join(directory or "", name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                with os.fdopen(fd) as file:
+                    when = os.fstat(file.fileno()).st_mtime
+                    request = json.loads(file.read(4096))
+                os.unlink(path)
+            except (OSError, ValueError):
+                continue
+            if isinstance(request, dict) and isinstance(request.get("id"), str):
+                timeout = request.get("timeout")
+                if not isinstance(timeout, (int, float)) or not 0 < timeout < 10**6:
+                    timeout = DEFAULT_TIMEOUT
+                found.append((when, Request(request["id"], float(timeout))))
+    return [request for _, request in sorted(found, key=lambda f: f[0])] or [Request(None)]
 
 
 def logical_directory() -> str:
@@ -163,10 +173,14 @@ class Channel:
                 packet = self.socket.recv(65536)
             except BlockingIOError:
                 break
+            except ConnectionResetError:
+                # The other end closed with our messages unread: Linux says so once, before
+                # what it sent last (still queued here, and read next).
+                continue
             except OSError:
                 packet = b""
             if not packet:
-                self.closed = True
+                self.close()  # no copy of it may linger (a worker forked later)
                 break
             with contextlib.suppress(ValueError):
                 message = json.loads(packet)
@@ -180,7 +194,8 @@ class Channel:
 
     def close(self) -> None:
         self.closed = True
-        self.socket.close()
+        with contextlib.suppress(OSError):
+            self.socket.close()
 
 
 # --- the two sides --------------------------------------------------------------------------------
@@ -195,15 +210,20 @@ class HandOver:
     channel: Channel
     timeout: float
     deadline: float  # monotonic
-    phase: str = "starting"  # -> handing-over (ready) -> handed-over | failed
-    #: The new pool's workers that are up, by group: the old pool keeps that many fewer.
+    #: starting -> handing-over (it is ready) -> committing (every slot up: it takes the
+    #: pidfile and systemd's MAINPID over) -> handed-over; or failed.
+    phase: str = "starting"
+    #: The new config's counts (said once it is ready): the old pool keeps, per group, the new
+    #: count minus the new workers that are up (at most its own count).
+    counts: Optional[dict[Queues, int]] = None
     up: dict[Queues, int] = field(default_factory=dict)
     active_said: dict[Queues, int] = field(default_factory=dict)  # last told the new manager
+    hup_pending: bool = False  # a HUP came meanwhile: acted on if the reload fails
     report: dict[str, Any] = field(default_factory=dict)  # in manager.json's "reloads"
 
     @property
     def running(self) -> bool:
-        return self.phase in ("starting", "handing-over")
+        return self.phase in ("starting", "handing-over", "committing")
 
 
 @dataclass
@@ -216,6 +236,7 @@ class Successor:
     paused: bool
     metrics_fd: Optional[int] = None
     request: Optional[str] = None  # the id of qless-pool reload's request
+    asked: bool = False  # every slot is up: it asked the old manager to let it take over
     serving: bool = False
     up_said: dict[Queues, int] = field(default_factory=dict)  # last told the old manager
     #: The old pool's workers that take jobs, by group (as it last said): the new pool starts
@@ -274,6 +295,8 @@ class Reloading:
     #: Called on the new manager when it serves every slot: the pidfile is taken over here.
     on_serving: list[Callable[[], None]]
     publisher: Any
+    lock_fd: Optional[int]  # the lock file's descriptor (pool/launch.py), if -l
+    signals: Any
 
     if TYPE_CHECKING:  # the manager's other bases'
 
@@ -300,7 +323,11 @@ class Reloading:
         return self.handover is not None and self.handover.phase == "handed-over"
 
     def handle_sigurg(self) -> None:
-        request_id, timeout = read_request(self.state.directory if self.state else None)
+        requests = read_requests(self.state.directory if self.state else None)
+        first, later = requests[0], requests[1:]
+        for request in later:  # sent together: one reload serves the first
+            why = "another reload came first, and runs"
+            self._report({"id": request.id, "phase": "refused", "error": why})
         why_not = None
         if self.handover is not None and self.handover.running:
             why_not = f"a reload is in progress (new manager {self.handover.new_pid})"
@@ -317,10 +344,10 @@ class Reloading:
             why_not = "this manager is still taking over from the one before it"
         if why_not:
             log.warning("reload refused: %s", why_not)
-            self._report({"id": request_id, "phase": "refused", "error": why_not})
+            self._report({"id": first.id, "phase": "refused", "error": why_not})
             return
         self._cancel_reload("a reload")  # the new manager reads the config afresh anyway
-        self._start_successor(request_id, timeout)
+        self._start_successor(first.id, first.timeout)
 
     def _report(self, report: dict[str, Any]) -> dict[str, Any]:
         report = {"at": time.time(), "new_pid": None, "error": None, **report}
@@ -348,8 +375,10 @@ class Reloading:
         environ[SUCCESSOR_VARIABLE] = json.dumps(handed)
         environ["PWD"] = self.start_directory
         try:
-            pid = self._fork(lambda: _exec_successor(environ, self.start_directory, passed),
-                             keep=passed)  # fmt: skip
+            pid = self._fork(
+                lambda: _exec_successor(environ, self.start_directory, passed, self.lock_fd),
+                keep=passed,
+            )
         except OSError as error:
             channel.close()
             theirs.close()
@@ -370,18 +399,27 @@ class Reloading:
             return
         for message in handover.channel.receive():
             kind = message.get("kind")
-            if kind == "ready":
+            if kind == "ready" and handover.phase == "starting":
                 handover.phase = handover.report["phase"] = "handing-over"
+                handover.counts = _groups(message.get("groups"), "count")
                 log.info("reload: new manager %d is ready; handing the slots over one by one",
                          handover.new_pid)  # fmt: skip
             elif kind == "up":
                 handover.up = _groups(message.get("groups"))
-            elif kind == "serving":
+            elif kind == "serving" and handover.phase == "handing-over":
+                # From here on no deadline: it takes the pidfile and MAINPID over, then says so.
+                handover.phase = handover.report["phase"] = "committing"
+                handover.channel.send("take-over")
+            elif kind == "taken" and handover.phase == "committing":
                 self._handed_over()
                 return
             elif kind == "error":
                 self._hand_over_failed(str(message.get("message")), kill=False)
                 return
+        if handover.channel.gone() and handover.phase == "committing":
+            # It closes its end once it has taken over (or dies: then reaping says so).
+            if running(handover.new_pid):  # not a zombie yet to be reaped
+                self._handed_over()
 
     def _handed_over(self) -> None:
         handover = self.handover
@@ -413,21 +451,25 @@ class Reloading:
         handover.channel.close()
         log.error("reload failed: %s; the running pool serves on", error)
         if kill and lifeline.alive(handover.new_pid):
-            if (
-                was == "starting"
-            ):  # preloading (perhaps for ever): nothing of it is worth waiting for
+            if was == "starting":  # preloading (perhaps for ever): nothing to wait for
                 with contextlib.suppress(OSError):
                     os.killpg(handover.new_pid, signal.SIGKILL)
                 lifeline.send(handover.new_pid, signal.SIGKILL)
             else:  # its workers finish their jobs
                 lifeline.send(handover.new_pid, signal.SIGQUIT)
         self._emit("reloaded")
+        if handover.hup_pending and not self.stopping:
+            self.signals.append(signal.SIGHUP)  # the HUP ignored meanwhile, now
         if not self.stopping:
             self.reconcile()
 
     def _check_hand_over(self, now: float) -> None:
         handover = self.handover
-        if handover is not None and handover.running and now >= handover.deadline:
+        if (
+            handover is not None
+            and handover.phase in ("starting", "handing-over")
+            and now >= handover.deadline
+        ):
             what = "ready" if handover.phase == "starting" else "serving every slot"
             self._hand_over_failed(
                 f"the new manager {handover.new_pid} was not {what} within {handover.timeout:g}s"
@@ -474,11 +516,18 @@ class Reloading:
             if ignored:
                 log.info("%s ignored: a reload is in progress (the new manager reads the config "
                          "afresh)", name)  # fmt: skip
+                handover.hup_pending |= signum == signal.SIGHUP
                 return True
-            if signum != RELOAD_SIGNAL:
+            stops = signum in (signal.SIGQUIT, signal.SIGINT, signal.SIGTERM)
+            if stops and handover.phase == "starting":
+                # Still loading the application: it has no workers, and cannot act on a signal
+                # before it is loaded (perhaps never).
+                self._hand_over_failed(f"{name} came before the new manager was ready")
+            elif signum != RELOAD_SIGNAL:
                 lifeline.send(handover.new_pid, signum)
             return False
-        if self.keeps:
+        if self.keeps or (self.successor is not None and self.successor.kept):
+            # The keeper (or one above us, still passing its signals to us) speaks for the pool.
             lifeline.send(handover.new_pid, signum)
             return ignored or signum == RELOAD_SIGNAL
         if ignored:
@@ -495,9 +544,11 @@ class Reloading:
         if self.handover is not None:
             if self.handover.phase == "handed-over":
                 return {}
-            if self.handover.running:
+            counts = self.handover.counts
+            if self.handover.running and counts is not None:
                 up = self.handover.up
-                return {q: max(0, n - up.get(q, 0)) for q, n in desired.items()}
+                return {q: min(n, max(0, counts.get(q, 0) - up.get(q, 0)))
+                        for q, n in desired.items()}  # fmt: skip
         if self.successor is not None and not self.successor.serving:
             old = self.successor.old_active
             return {q: min(n, max(0, n + 1 - old.get(q, 0))) for q, n in desired.items()}
@@ -510,7 +561,7 @@ class Reloading:
         """How many of its workers take jobs, by group (when that changed): the new manager
         starts its next worker of a group once the old pool has let one go."""
         handover = self.handover
-        if handover is None or handover.phase != "handing-over":
+        if handover is None or handover.phase not in ("handing-over", "committing"):
             return
         active = self._active()
         if active != handover.active_said:
@@ -523,10 +574,10 @@ class Reloading:
         """The channels the loop waits on, besides its signals and notes."""
         found = []
         if self.handover is not None and self.handover.running:
-            found.append(self.handover.channel)
-        if self.successor is not None and not self.successor.channel.closed:
+            found.append(self.handover.channel)  # closed at EOF: the new manager has exited
+        if self.successor is not None:
             found.append(self.successor.channel)
-        return found
+        return [channel for channel in found if not channel.closed]
 
     def _tell_predecessor(self) -> None:
         """How many workers of each group are up (when that changed): the old manager keeps
@@ -541,23 +592,34 @@ class Reloading:
         self._serve_if_every_slot_up()
 
     def _serve_if_every_slot_up(self) -> None:
+        """Every slot of the new pool is up: ask the old manager to let it take over."""
         successor = self.successor
-        if successor is None or successor.serving or self.groups is None:
+        if successor is None or successor.asked or self.groups is None:
             return
         up = _up_by_group(self.workers.values())
         if any(up.get(q, 0) < n for q, n in self.groups.items()):
             return
-        successor.serving = True
-        if self.publisher is not None:  # said before the old manager can exit: reload reads it
-            self.publisher.publish(self)
+        successor.asked = True
         successor.channel.send("serving")
-        log.info("serving every slot: manager %d hands over to this one", successor.predecessor)
+
+    def _take_over(self) -> None:
+        """The old manager agreed: take the pidfile and systemd's MAINPID, then say so (the old
+        manager exits only then)."""
+        successor = self.successor
+        assert successor is not None
+        successor.serving = True
         for take_over in self.on_serving:
             try:
                 take_over()
             except Exception:  # the pool serves: what could not be taken over is said
                 log.exception("taking over from manager %d", successor.predecessor)
         self._emit("ready")
+        if self.publisher is not None:  # said before the old manager can exit: reload reads it
+            self.publisher.publish(self)
+        log.info("serving every slot: manager %d hands over to this one", successor.predecessor)
+        successor.channel.send("taken")
+        successor.channel.receive()  # what the old manager said meanwhile: read, not reset
+        successor.channel.close()
 
     def _read_predecessor(self) -> None:
         """The old manager's end: it says nothing; it closes when it gives up or dies."""
@@ -567,6 +629,9 @@ class Reloading:
         for message in successor.channel.receive():
             if message.get("kind") == "active":
                 successor.old_active = _groups(message.get("groups"), "active")
+            elif message.get("kind") == "take-over" and successor.asked and not self.stopping:
+                self._take_over()
+                return
         if successor.channel.gone() and not successor.serving and not self.stopping:
             log.error("the old manager %d is gone before this one served: stopping",
                       successor.predecessor)  # fmt: skip
@@ -584,8 +649,8 @@ def _groups(items: Any, key: str = "up") -> dict[Queues, int]:
         return {}
     found = {}
     for item in items:
-        with contextlib.suppress(KeyError, TypeError, ValueError):
-            found[tuple(map(str, item["queues"]))] = int(item[key])
+        with contextlib.suppress(KeyError, TypeError, ValueError, OverflowError):
+            found[tuple(map(str, item["queues"]))] = max(0, int(item[key]))
     return found
 
 
@@ -593,13 +658,19 @@ def _up_by_group(workers: Any) -> dict[Queues, int]:
     return {q: sum(w.up for w in group) for q, group in active_by_group(workers).items()}
 
 
-def _exec_successor(environ: dict[str, str], directory: str, passed: list[int]) -> int:
+def _exec_successor(
+    environ: dict[str, str], directory: str, passed: list[int], lock_fd: Optional[int]
+) -> int:
     """In the forked child: become the new manager (same command line, environment and
     working directory, followed anew)."""
     for fd in passed:
         os.set_inheritable(fd, True)
-    # Inherited across exec, a blocked mask would hold the new manager's signals.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [*MANAGER_SIGNALS, RELOAD_SIGNAL])
+    if lock_fd is not None:  # it takes the lock itself (a shared one, beside ours)
+        with contextlib.suppress(OSError):
+            os.set_inheritable(lock_fd, False)
+    # Blocked across exec: a signal the old manager passes on while the new one loads the
+    # application waits until its handlers are in place (Pool.run), instead of killing it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, [*MANAGER_SIGNALS, RELOAD_SIGNAL])
     try:
         os.chdir(directory)
         os.execve(sys.executable, sys.orig_argv, environ)
@@ -627,13 +698,19 @@ def keep(manager: int, appname: str) -> int:
     for fd in (read_fd, write_fd):
         os.set_blocking(fd, False)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    forwarded = [*MANAGER_SIGNALS, RELOAD_SIGNAL]
-    for signum in (*forwarded, signal.SIGCHLD):
+    for signum in (*MANAGER_SIGNALS, RELOAD_SIGNAL, signal.SIGCHLD):
         signal.signal(signum, lifeline.wake_only)
+    for signum in IGNORED_SIGNALS:  # as the manager: a terminal's TTIN must not stop it
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [*MANAGER_SIGNALS, RELOAD_SIGNAL])
     log.info("keeping this process for manager %d: signals sent here are passed on", manager)
+    status: Optional[int] = None  # the last exit of a manager of ours
+    titled = -1
     try:
         while True:
-            proctitle.set_title(f"qless-pool-keeper{app}: manager {manager}")
+            if manager != titled:
+                proctitle.set_title(f"qless-pool-keeper{app}: manager {manager}")
+                titled = manager
             poller = select.poll()
             poller.register(read_fd, select.POLLIN)
             if poller.poll(1000):
@@ -641,23 +718,25 @@ def keep(manager: int, appname: str) -> int:
                     for number in os.read(read_fd, 4096):
                         if number != signal.SIGCHLD:
                             lifeline.send(manager, number)
-            while True:
+            while True:  # every exited child: our manager, or an orphan we adopted
                 try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
+                    pid, exited = os.waitpid(-1, os.WNOHANG)
                 except ChildProcessError:
-                    pid, status = 0, 0
-                    if not lifeline.alive(manager):
-                        return 0
+                    break
                 if not pid:
                     break
-                if pid != manager:
-                    continue
-                successor = _manager_among_children()
-                if successor is None:
-                    log.info("manager %d exited (%s)", pid, lifeline.describe_status(status))
-                    return _exit_code(status)
-                log.info("manager %d handed over to %d", manager, successor)
-                manager = successor
+                if pid == manager:
+                    status = exited
+            if lifeline.alive(manager) and status is None:
+                continue
+            # It has exited; after a hand-over its successor is our child now (as subreaper).
+            successor = _manager_among_children()
+            if successor is None:
+                said = lifeline.describe_status(status) if status is not None else "gone"
+                log.info("manager %d exited (%s)", manager, said)
+                return _exit_code(status) if status is not None else 0
+            log.info("manager %d handed over to %d", manager, successor)
+            manager, status = successor, None
     finally:
         signal.set_wakeup_fd(-1)
         for fd in (read_fd, write_fd):
