@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .. import lifeline, proctitle
-from ..ops.finding import running
 from ..logs import logger
+from ..ops.finding import running
 from .signals import IGNORED_SIGNALS, MANAGER_SIGNALS, RELOAD_SIGNAL
 from .table import WorkerRecord, active_by_group
 
@@ -416,10 +416,10 @@ class Reloading:
             elif kind == "error":
                 self._hand_over_failed(str(message.get("message")), kill=False)
                 return
-        if handover.channel.gone() and handover.phase == "committing":
-            # It closes its end once it has taken over (or dies: then reaping says so).
-            if running(handover.new_pid):  # not a zombie yet to be reaped
-                self._handed_over()
+        # It closes its end once it has taken over (or dies: then reaping says so; a zombie
+        # is not running).
+        if handover.channel.gone() and handover.phase == "committing" and running(handover.new_pid):
+            self._handed_over()
 
     def _handed_over(self) -> None:
         handover = self.handover
