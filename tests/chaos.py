@@ -439,7 +439,14 @@ class Chaos:
                 )
                 # The job body's own Redis call failed while Redis restarted: its exception.
                 outage = group.endswith("-ConnectionError") and report.redis_restarts
-                if group.split("-", 1)[-1] != expected and not ((explained and hit[jid]) or outage):
+                # Or qless failed it when its lock expired out of retries (failed-retries): a
+                # worker told to stop while Redis was away (a reload's old worker, during the
+                # restart) leaves what it holds to expire, as documented.
+                expired_in_outage = group.startswith("failed-retries-") and report.redis_restarts
+                hit_or_expired = hit[jid] or expired_in_outage
+                if group.split("-", 1)[-1] != expected and not (
+                    (explained and hit_or_expired) or outage
+                ):
                     report.problems.append(f"{jid} ({kind}) failed as {group}")
             counted = int(redis.get(f"chaos:runs:{jid}") or 0)
             expected_runs = next(n for k, _, n in KINDS if k == kind)

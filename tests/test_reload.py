@@ -680,3 +680,38 @@ def _last_reload(manager: int) -> str:
 
     state = read_manager(pool_directory(manager, os.getuid())) or {}
     return json.dumps(state["reloads"][-1])
+
+
+def test_a_pidfile_the_new_manager_cannot_replace_is_rewritten_in_place(tmp_path):
+    # A pool run as --user keeps its pidfile in a directory root owns: the new manager cannot
+    # make a file beside it, and rewrites it through the descriptor (and lock) handed over.
+    from qless_pool.ops.daemon import DaemonError, Pidfile
+
+    path = tmp_path / "pool.pid"
+    old = Pidfile(str(path))
+    old.acquire()
+    handed = os.dup(old.fd)
+    child = os.fork()
+    if child == 0:  # the new manager
+        status = 1
+        try:
+            (tmp_path / f".pool.pid.{os.getpid()}").write_text("")  # its new file cannot be made
+            new = Pidfile(str(path))
+            new.adopt(handed)
+            new.take_over()
+            status = 0 if path.read_text().strip() == str(os.getpid()) else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert int(path.read_text()) == child
+    old.disown()  # the old manager lets go: the file stays, naming the new one
+    assert int(path.read_text()) == child
+    with pytest.raises(DaemonError, match="is held by a running qless-pool"):
+        Pidfile(str(path)).acquire()  # the handed descriptor still holds the lock
+    os.close(handed)
+    # Every copy of the descriptor closed: the lock is free, and the pid stale.
+    third = Pidfile(str(path))
+    third.acquire()
+    assert int(path.read_text()) == os.getpid()
+    third.release()

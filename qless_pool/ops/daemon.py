@@ -140,12 +140,20 @@ class Pidfile:
     def take_over(self) -> None:
         """Name this process in the file a reload's old manager holds (pool/reload.py): a new
         file, locked before it has a name, renamed over the path, so that a reader sees one pid
-        or the other and a start finds it locked all along."""
+        or the other and a start finds it locked all along. Where this process may not make
+        files (a directory root owns, the pool running as --user), the old file is rewritten in
+        place, through the descriptor the old manager handed over (its lock with it)."""
         directory, name = os.path.split(self.path)
-        if directory:  # a relative path may now lead into a new release's directory
-            os.makedirs(directory, exist_ok=True)
         temporary = os.path.join(directory, f".{name}.{os.getpid()}")
-        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            if directory:  # a relative path may now lead into a new release's directory
+                os.makedirs(directory, exist_ok=True)
+            fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except OSError:
+            if self.fd < 0:
+                raise
+            self._rewrite_in_place()
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.write(fd, f"{os.getpid()}\n".encode())
@@ -160,6 +168,20 @@ class Pidfile:
             os.close(self.fd)
         self.fd, self.owner = fd, os.getpid()
         log.info("pidfile %s names this manager now", self.path)
+
+    def adopt(self, fd: int) -> None:
+        """The old manager's descriptor of the file (locked), handed over by a reload."""
+        os.set_inheritable(fd, False)
+        self.fd = fd
+
+    def _rewrite_in_place(self) -> None:
+        # One write, padded to the old length: a reader sees one pid or the other, not a mix.
+        old = os.pread(self.fd, 64, 0)
+        text = str(os.getpid()).ljust(max(len(old) - 1, 0)) + "\n"
+        os.pwrite(self.fd, text.encode(), 0)
+        os.ftruncate(self.fd, len(text))
+        self.owner = os.getpid()
+        log.info("pidfile %s names this manager now (rewritten in place)", self.path)
 
     def disown(self) -> None:
         """Let go of the file without removing it: a reload's new manager takes it over."""

@@ -307,12 +307,18 @@ def _run(
         pool.lock_fd = lock.fd if lock is not None else None
         if successor is not None and pidfile is not None:
             taken = pidfile
+            if successor.pidfile_fd is not None:
+                pidfile.adopt(successor.pidfile_fd)
 
             def take_pidfile() -> None:
                 taken.take_over()
-                pool.close_in_workers = (taken.fd,)
+                pool.pidfile_fd = taken.fd
+                pool.close_in_workers = (taken.fd,)  # a worker must not hold its lock
 
             pool.on_serving.append(take_pidfile)
+        if pidfile is not None and pidfile.fd >= 0:
+            pool.pidfile_fd = pidfile.fd
+            pool.close_in_workers = (pidfile.fd,)
         pool.groups = checked.groups
         pool.launch_options = {
             **{opt.name: values.get(opt.name) for opt in options.OPTIONS if opt.goes_to == "launch"

@@ -148,6 +148,7 @@ class Pool(ManagerSignals, Forking, Reloading):
         self.reloads: deque[dict[str, Any]] = deque(maxlen=5)  # their outcomes, for manager.json
         self.on_serving: list[Callable[[], None]] = []  # a successor takes over the pidfile
         self.lock_fd: Optional[int] = None  # -l: not passed on to a reload's new manager
+        self.pidfile_fd: Optional[int] = None  # passed on: rewritten there if need be
         self._wakeup_r = self._wakeup_w = -1
         self._title = ""
         self._worker_count = -1

@@ -91,6 +91,9 @@ def write_request(directory: str, timeout: float) -> str:
     path = os.path.join(directory, f"{REQUEST_FILE}.{request_id}")
     temporary = os.path.join(directory, f".{REQUEST_FILE}.{request_id}")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    if os.geteuid() == 0:  # root reloading a --user pool: the request must be the pool's to read
+        owner = os.stat(directory)
+        os.fchown(fd, owner.st_uid, owner.st_gid)
     with os.fdopen(fd, "w") as file:
         json.dump({"id": request_id, "timeout": timeout}, file)
     os.replace(temporary, path)
@@ -236,6 +239,7 @@ class Successor:
     paused: bool
     metrics_fd: Optional[int] = None
     request: Optional[str] = None  # the id of qless-pool reload's request
+    pidfile_fd: Optional[int] = None  # the old manager's pidfile, locked
     asked: bool = False  # every slot is up: it asked the old manager to let it take over
     serving: bool = False
     up_said: dict[Queues, int] = field(default_factory=dict)  # last told the old manager
@@ -256,9 +260,13 @@ class Successor:
         metrics_fd = given.get("metrics_fd")
         if metrics_fd is not None:
             os.set_inheritable(metrics_fd, False)
+        pidfile_fd = given.get("pidfile_fd")
+        if pidfile_fd is not None:
+            os.set_inheritable(pidfile_fd, False)
         return cls(
             channel, int(given["predecessor"]), bool(given["kept"]), bool(given["paused"]),
-            metrics_fd, given.get("request"), old_active=_groups(given.get("active"), "active"),
+            metrics_fd, given.get("request"), pidfile_fd,
+            old_active=_groups(given.get("active"), "active"),
         )  # fmt: skip
 
     def failed(self, message: str) -> None:
@@ -296,6 +304,7 @@ class Reloading:
     on_serving: list[Callable[[], None]]
     publisher: Any
     lock_fd: Optional[int]  # the lock file's descriptor (pool/launch.py), if -l
+    pidfile_fd: Optional[int]  # the pidfile's (pool/launch.py), if any
     signals: Any
 
     if TYPE_CHECKING:  # the manager's other bases'
@@ -362,9 +371,15 @@ class Reloading:
         listener = self.metrics_listener.fileno() if self.metrics_listener is not None else None
         if listener is not None:
             passed.append(listener)
+        # The pidfile (locked): rewritten in place by the new manager where it cannot make a
+        # file beside it (a directory root owns, the pool running as --user).
+        pidfile = self.pidfile_fd if self.pidfile_fd is not None and self.pidfile_fd >= 0 else None
+        if pidfile is not None:
+            passed.append(pidfile)
         handed = {
             "channel": theirs.fileno(),
             "metrics_fd": listener,
+            "pidfile_fd": pidfile,
             "predecessor": os.getpid(),
             "kept": self.keeps or (self.successor is not None and self.successor.kept),
             "paused": self.pause.get(),
