@@ -338,36 +338,41 @@ def test_the_pidfile_and_the_lock_pass_without_a_window(start_pool, tmp_path, cl
     assert not (tmp_path / "pool.pid").exists()
 
 
-def test_systemd_hears_the_new_main_pid(start_pool, tmp_path):
-    deploy(tmp_path, "v1")
+@pytest.fixture
+def notify_socket(tmp_path):
+    """A fake $NOTIFY_SOCKET: (its address, the bound datagram socket)."""
     address = str(tmp_path / "notify.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(address)
     listener.settimeout(20)
-    try:
-        pool = start_pool(*APP_ARGS, config="foo: 2\n", env={"NOTIFY_SOCKET": address})
-        messages = []
+    yield address, listener
+    listener.close()
 
-        def heard(text: str) -> bool:
-            while not any(text in m for m in messages):
-                messages.append(listener.recv(4096).decode())
-            return True
 
-        heard("READY=1")
-        deploy(tmp_path, "v2")
-        result = reload(tmp_path, "--pid", str(pool.pid), "--wait", "--json")
-        assert result.returncode == 0, result.stderr
-        new = json.loads(result.stdout)["new_pid"]
-        heard(f"MAINPID={new}")
-        [ready] = [m for m in messages if f"MAINPID={new}" in m]
-        assert "READY=1" in ready
-        assert any("RELOADING=1" in m for m in messages)
-        # Under systemd the old manager exits (systemd follows MAINPID): no keeper.
-        assert pool.process.wait(timeout=20) == 0
-        assert not any("STOPPING=1" in m for m in messages)
-        assert alive(new)
-    finally:
-        listener.close()
+def test_systemd_hears_the_new_main_pid(start_pool, tmp_path, notify_socket):
+    deploy(tmp_path, "v1")
+    address, listener = notify_socket
+    pool = start_pool(*APP_ARGS, config="foo: 2\n", env={"NOTIFY_SOCKET": address})
+    messages = []
+
+    def heard(text: str) -> bool:
+        while not any(text in m for m in messages):
+            messages.append(listener.recv(4096).decode())
+        return True
+
+    heard("READY=1")
+    deploy(tmp_path, "v2")
+    result = reload(tmp_path, "--pid", str(pool.pid), "--wait", "--json")
+    assert result.returncode == 0, result.stderr
+    new = json.loads(result.stdout)["new_pid"]
+    heard(f"MAINPID={new}")
+    [ready] = [m for m in messages if f"MAINPID={new}" in m]
+    assert "READY=1" in ready
+    assert any("RELOADING=1" in m for m in messages)
+    # Under systemd the old manager exits (systemd follows MAINPID): no keeper.
+    assert pool.process.wait(timeout=20) == 0
+    assert not any("STOPPING=1" in m for m in messages)
+    assert alive(new)
 
 
 def test_metrics_are_served_across_a_reload(start_pool, tmp_path, client):
@@ -644,35 +649,29 @@ def test_two_reloads_at_once_one_runs_the_other_is_refused(start_pool, tmp_path)
     assert "reload refused" in refused
 
 
-def test_a_failed_reload_tells_systemd_nothing_but_ready(start_pool, tmp_path):
+def test_a_failed_reload_tells_systemd_nothing_but_ready(start_pool, tmp_path, notify_socket):
     deploy(tmp_path, "v1")
-    address = str(tmp_path / "notify.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(address)
-    listener.settimeout(20)
-    try:
-        pool = start_pool(*APP_ARGS, config="foo: 2\n", env={"NOTIFY_SOCKET": address})
-        while "READY=1" not in listener.recv(4096).decode():
-            pass
-        # The new release's workers never come up: the new manager is QUIT after the timeout.
-        (tmp_path / "relapp.py").write_text(
-            RELOAD_APP + "\nimport qless_pool\n\n@qless_pool.after_prefork\n"
-            "def broken(worker):\n    raise RuntimeError('no database')\n"
-        )
-        result = reload(tmp_path, "--pid", str(pool.pid), "--timeout", "3")
-        assert result.returncode == 1
-        [new] = [json.loads(r)["new_pid"] for r in [_last_reload(pool.pid)]]
-        wait_for(lambda: not alive(new), message="the failed new manager to be gone")
-        listener.settimeout(0.5)
-        heard = []
-        with contextlib.suppress(TimeoutError, socket.timeout):
-            while True:
-                heard.append(listener.recv(4096).decode())
-        assert not any("STOPPING=1" in m or "MAINPID=" in m for m in heard), heard
-        assert any("RELOADING=1" in m for m in heard) and "READY=1" in heard[-1]
-        assert pool.process.poll() is None
-    finally:
-        listener.close()
+    address, listener = notify_socket
+    pool = start_pool(*APP_ARGS, config="foo: 2\n", env={"NOTIFY_SOCKET": address})
+    while "READY=1" not in listener.recv(4096).decode():
+        pass
+    # The new release's workers never come up: the new manager is QUIT after the timeout.
+    (tmp_path / "relapp.py").write_text(
+        RELOAD_APP + "\nimport qless_pool\n\n@qless_pool.after_prefork\n"
+        "def broken(worker):\n    raise RuntimeError('no database')\n"
+    )
+    result = reload(tmp_path, "--pid", str(pool.pid), "--timeout", "3")
+    assert result.returncode == 1
+    [new] = [json.loads(r)["new_pid"] for r in [_last_reload(pool.pid)]]
+    wait_for(lambda: not alive(new), message="the failed new manager to be gone")
+    listener.settimeout(0.5)
+    heard = []
+    with contextlib.suppress(TimeoutError, socket.timeout):
+        while True:
+            heard.append(listener.recv(4096).decode())
+    assert not any("STOPPING=1" in m or "MAINPID=" in m for m in heard), heard
+    assert any("RELOADING=1" in m for m in heard) and "READY=1" in heard[-1]
+    assert pool.process.poll() is None
 
 
 def _last_reload(manager: int) -> str:

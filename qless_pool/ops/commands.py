@@ -299,13 +299,30 @@ def _paused(args: argparse.Namespace, paused: bool) -> int:
     return _print(f"{'paused' if paused else 'unpaused'} {args.queue}")
 
 
-def stop_parser() -> argparse.ArgumentParser:
-    parser = _parser("stop", "Stop a running pool and wait until it is gone.", redis=False)
+def _pool_arguments(parser: argparse.ArgumentParser) -> None:
+    """-p FILE | --pid PID: which pool (``stop``, ``reload``)."""
     where = parser.add_mutually_exclusive_group()
     where.add_argument("-p", "--pidfile", metavar="FILE",
                        help="the pool's pidfile (default: tmp/pids/qless-pool.pid, else the pool "
                        "started in this directory)")  # fmt: skip
     where.add_argument("--pid", type=_whole(1, 2**22), metavar="PID", help="the manager's pid")
+
+
+def _the_pool(args: argparse.Namespace) -> int:
+    """The manager's pid the arguments name (ops/finding.py); Failed with 2 or 3 if none."""
+    from .finding import ManyPools, NoPool, find_pool
+
+    try:
+        return find_pool(args.pidfile, args.pid)
+    except ManyPools as error:
+        raise Failed(str(error), EX_USAGE) from None
+    except NoPool as error:
+        raise Failed(str(error), EX_NO_POOL) from None
+
+
+def stop_parser() -> argparse.ArgumentParser:
+    parser = _parser("stop", "Stop a running pool and wait until it is gone.", redis=False)
+    _pool_arguments(parser)
     parser.add_argument("--now", action="store_true",
                         help="stop the running jobs too (they are handed back to qless); "
                         "default: every worker finishes its job first")  # fmt: skip
@@ -315,16 +332,11 @@ def stop_parser() -> argparse.ArgumentParser:
 
 
 def stop(args: argparse.Namespace, ops: Optional[Operations]) -> int:
-    from .finding import ManyPools, NoPool, PoolProcesses, find_pool
+    from .finding import PoolProcesses
 
     if not 0 < args.timeout < 10**7:
         raise Failed(f"--timeout: more than 0 seconds: {args.timeout}", EX_USAGE)
-    try:
-        pid = find_pool(args.pidfile, args.pid)
-    except ManyPools as error:
-        raise Failed(str(error), EX_USAGE) from None
-    except NoPool as error:
-        raise Failed(str(error), EX_NO_POOL) from None
+    pid = _the_pool(args)
     processes = PoolProcesses(pid)  # the manager and its workers, each with its start time
     sent = time.monotonic()
     try:
@@ -381,11 +393,7 @@ def reload_parser() -> argparse.ArgumentParser:
         "every slot, 1 if the new code failed (the running pool serves on), 3 if no pool runs.",
         redis=False,
     )
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("-p", "--pidfile", metavar="FILE",
-                       help="the pool's pidfile (default: tmp/pids/qless-pool.pid, else the pool "
-                       "started in this directory)")  # fmt: skip
-    where.add_argument("--pid", type=_whole(1, 2**22), metavar="PID", help="the manager's pid")
+    _pool_arguments(parser)
     parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                         help="how long the new manager has to load and serve every slot "
                         "(default 60); after it the reload fails")  # fmt: skip
@@ -397,18 +405,14 @@ def reload_parser() -> argparse.ArgumentParser:
 
 def reload(args: argparse.Namespace, ops: Optional[Operations]) -> int:
     from ..pool.reload import RELOAD_SIGNAL, write_request
-    from .finding import ManyPools, NoPool, find_pool, running
+    from .finding import running
     from .state import pool_directory, read_manager
 
     if not 0 < args.timeout < 10**6:
         raise Failed(f"--timeout: more than 0 seconds: {args.timeout}", EX_USAGE)
+    pid = _the_pool(args)
     try:
-        pid = find_pool(args.pidfile, args.pid)
         directory = pool_directory(pid, os.stat(f"/proc/{pid}").st_uid)
-    except ManyPools as error:
-        raise Failed(str(error), EX_USAGE) from None
-    except NoPool as error:
-        raise Failed(str(error), EX_NO_POOL) from None
     except OSError:
         raise Failed(f"pool {pid} has exited", EX_NO_POOL) from None
     sent = time.monotonic()
