@@ -404,8 +404,10 @@ def test_in_the_foreground_the_old_process_keeps_the_terminal(
         result = reload(tmp_path, "--wait")
         assert result.returncode == 0, result.stderr
         [manager] = wait_for(lambda: managers_under(pool.pid), message="the current manager")
-        # The process the terminal waits for stays, and says whom it keeps.
+        # The process the terminal waits for stays, and says whom it keeps: a bare Python
+        # (keeper.py), not a copy of the old application.
         assert title(pool.pid) == f"qless-pool-keeper[testapp]: manager {manager}"
+        assert _rss_kb(pool.pid) < _rss_kb(manager) / 2
         jid = put_job(client)
         wait_state(client, jid, "complete")
         assert records(redis_conn)[-1]["version"] == version
@@ -714,3 +716,15 @@ def test_a_pidfile_the_new_manager_cannot_replace_is_rewritten_in_place(tmp_path
     third.acquire()
     assert int(path.read_text()) == os.getpid()
     third.release()
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as file:
+        return int(next(line for line in file if line.startswith("VmRSS:")).split()[1])
+
+
+def test_the_keeper_passes_on_every_signal_the_manager_acts_on():
+    from qless_pool.pool import keeper
+    from qless_pool.pool.signals import MANAGER_SIGNALS
+
+    assert set(keeper.FORWARDED) == set(MANAGER_SIGNALS) - {signal.SIGCHLD}

@@ -142,7 +142,7 @@ def launch(
     # Everything that can be checked before detaching has been: from here on, a daemon reports
     # its start (or why it failed) through `readiness`, and the command exits with that.
     readiness = daemonize() if values.get("daemon") and successor is None else None
-    return _run(checked, readiness, preloaded, True, successor, environ)
+    return _run(checked, readiness, preloaded, True, successor, environ, keeper_in_place=True)
 
 
 def run(
@@ -187,10 +187,12 @@ def _run(
     configure_logging: bool,
     successor: Optional[Successor] = None,
     environ: Optional[dict[str, str]] = None,
+    keeper_in_place: bool = False,
 ) -> int:
     """Open, drop, load and run (the module's docstring). ``successor``: this manager was
     started by a reload; ``environ``: the environment as the pool was started (a reload starts
-    the new manager with it)."""
+    the new manager with it); ``keeper_in_place``: after a hand-over in the foreground, this
+    process becomes the bare keeper (reload.keep), not returning (``run()`` returns)."""
     values = checked.values
     # The directory as given: /srv/app/current, not the release it points at now.
     appname = values["appname"] or os.path.basename(logical_directory())
@@ -333,7 +335,7 @@ def _run(
         if pool.handed_over and pidfile is not None:
             pidfile.disown()  # the new manager's (or about to be): never removed by us
         if pool.handed_over and pool.keeps and pool.handover is not None:
-            return keep(pool.handover.new_pid, appname)
+            return keep(pool.handover.new_pid, appname, in_place=keeper_in_place)
         return status
     finally:
         if pidfile is not None:

@@ -27,8 +27,9 @@ outcome is kept in manager.json (``reloads``), where ``qless-pool reload`` reads
 ``qless_pool.run()`` in the foreground, PID 1 of a container) must not exit when it hands
 over: its parent would take the pool for stopped while the new one runs on unseen. Once its own
 workers are gone it stays as the keeper: it forwards every signal it gets to the current
-manager (its child, or a child's successor adopted as subreaper) and exits with its status. A
-daemon or a systemd service (``$NOTIFY_SOCKET``: ``NotifyAccess=all`` lets systemd follow
+manager (its child, or a child's successor adopted as subreaper) and exits with its status
+(keeper.py, executed in place of the old manager: a bare Python, the old application's memory
+let go). A daemon or a systemd service (``$NOTIFY_SOCKET``: ``NotifyAccess=all`` lets systemd follow
 ``MAINPID=``) exits instead.
 """
 
@@ -37,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import signal
 import socket
 import sys
@@ -47,10 +47,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from .. import lifeline, proctitle
+from .. import lifeline
 from ..logs import logger
 from ..ops.finding import running
-from .signals import IGNORED_SIGNALS, MANAGER_SIGNALS, RELOAD_SIGNAL
+from .signals import MANAGER_SIGNALS, RELOAD_SIGNAL
 from .table import WorkerRecord, active_by_group
 
 __all__ = [
@@ -703,70 +703,17 @@ def _exec_successor(
 # --- the keeper -----------------------------------------------------------------------------------
 
 
-def keep(manager: int, appname: str) -> int:
-    """Stay in the process the terminal (or container) knows: forward every signal to the
-    current manager and exit with its status, following it across later reloads (the new
-    manager comes to us as subreaper when the one before it exits)."""
-    app = f"[{appname}]" if appname else ""
-    lifeline.become_subreaper()
-    read_fd, write_fd = os.pipe()
-    for fd in (read_fd, write_fd):
-        os.set_blocking(fd, False)
-    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    for signum in (*MANAGER_SIGNALS, RELOAD_SIGNAL, signal.SIGCHLD):
-        signal.signal(signum, lifeline.wake_only)
-    for signum in IGNORED_SIGNALS:  # as the manager: a terminal's TTIN must not stop it
-        signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [*MANAGER_SIGNALS, RELOAD_SIGNAL])
-    log.info("keeping this process for manager %d: signals sent here are passed on", manager)
-    status: Optional[int] = None  # the last exit of a manager of ours
-    titled = -1
-    try:
-        while True:
-            if manager != titled:
-                proctitle.set_title(f"qless-pool-keeper{app}: manager {manager}")
-                titled = manager
-            poller = select.poll()
-            poller.register(read_fd, select.POLLIN)
-            if poller.poll(1000):
-                with contextlib.suppress(BlockingIOError):
-                    for number in os.read(read_fd, 4096):
-                        if number != signal.SIGCHLD:
-                            lifeline.send(manager, number)
-            while True:  # every exited child: our manager, or an orphan we adopted
-                try:
-                    pid, exited = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if not pid:
-                    break
-                if pid == manager:
-                    status = exited
-            if lifeline.alive(manager) and status is None:
-                continue
-            # It has exited; after a hand-over its successor is our child now (as subreaper).
-            successor = _manager_among_children()
-            if successor is None:
-                said = lifeline.describe_status(status) if status is not None else "gone"
-                log.info("manager %d exited (%s)", manager, said)
-                return _exit_code(status) if status is not None else 0
-            log.info("manager %d handed over to %d", manager, successor)
-            manager, status = successor, None
-    finally:
-        signal.set_wakeup_fd(-1)
-        for fd in (read_fd, write_fd):
-            os.close(fd)
+def keep(manager: int, appname: str, in_place: bool = True) -> int:
+    """Become the keeper of ``manager`` (keeper.py). ``in_place``: execute keeper.py in place
+    of this process, which lets the old application's memory go (the command, Invoke); else
+    keep in this process and return the manager's status (``qless_pool.run()``: its caller
+    gets control back)."""
+    if in_place:
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keeper.py")
+        with contextlib.suppress(OSError):  # else: keep in this process after all
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, [sys.executable, "-I", script, str(manager), appname])
+    from . import keeper
 
-
-def _manager_among_children() -> Optional[int]:
-    """A child of this process titled as a pool manager (one adopted as subreaper)."""
-    for pid in lifeline.children(os.getpid()):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as file:
-            if file.read(64).startswith(b"qless-pool-manager"):
-                return pid
-    return None
-
-
-def _exit_code(status: int) -> int:
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
+    return keeper.keep(manager, appname)
