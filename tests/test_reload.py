@@ -728,3 +728,33 @@ def test_the_keeper_passes_on_every_signal_the_manager_acts_on():
     from qless_pool.pool.signals import MANAGER_SIGNALS
 
     assert set(keeper.FORWARDED) == set(MANAGER_SIGNALS) - {signal.SIGCHLD}
+
+
+def test_a_failed_reload_rolls_back_without_leaving_a_queue_short(start_pool, tmp_path, client):
+    # Every worker takes half a second to start (it connects to its database, say).
+    slow_start = "\nimport time, qless_pool\n\n@qless_pool.after_prefork\ndef connect(worker):\n"
+    slow_start += "    time.sleep(0.5)\n"
+    deploy(tmp_path, "v1")
+    (tmp_path / "relapp.py").write_text(RELOAD_APP + slow_start)
+    old = start_daemon(start_pool, tmp_path, config="foo: 2\nbar: 1\n", workers=3)
+    # The new release's workers for bar never come up; those for foo do, and take over foo's
+    # slots before the reload fails.
+    (tmp_path / "relapp.py").write_text(
+        RELOAD_APP + slow_start + "    if 'bar' in worker.queues:\n"
+        "        raise RuntimeError('no bar database')\n"
+    )
+    reloading = start_reload(tmp_path, "--timeout", "3")
+    managers, foo = {old}, []
+    waiting_foo = re.compile(r"^qless-[0-9.]+: Waiting for foo$")
+    while reloading.poll() is None or len(managers) > 1:
+        managers.update(managers_under(old))
+        managers = {m for m in managers if alive(m)} | {old}
+        foo.append(sum(1 for m in managers for c in children(m) if waiting_foo.match(title(c))))
+        if reloading.poll() is not None and len(managers) > 1 and len(foo) > 20_000:
+            break
+        time.sleep(0.003)
+    assert reloading.returncode == 1
+    assert "was not serving every slot within 3s" in reloading.stderr.read()
+    assert min(foo) >= 2  # the old pool's foo workers were back before the new ones went
+    wait_for(lambda: len([c for c in children(old) if "qless-0" in title(c)]) == 3,
+             message="the old pool whole again")  # fmt: skip

@@ -75,6 +75,9 @@ SUCCESSOR_VARIABLE = "QLESS_POOL_SUCCESSOR"
 #: ``qless-pool reload`` leaves its request (an id, the timeout) in the pool's state directory.
 REQUEST_FILE = "reload-request"
 DEFAULT_TIMEOUT = 60.0
+#: After a failed reload, the new manager's workers serve on until the old pool's are back up,
+#: for this long at the most.
+ROLLBACK_LONGEST = 30.0
 #: The reloads kept in manager.json for ``qless-pool reload`` to find its own by id.
 KEPT_REPORTS = 5
 
@@ -222,6 +225,7 @@ class HandOver:
     up: dict[Queues, int] = field(default_factory=dict)
     active_said: dict[Queues, int] = field(default_factory=dict)  # last told the new manager
     hup_pending: bool = False  # a HUP came meanwhile: acted on if the reload fails
+    retire_by: Optional[float] = None  # failed: the new manager is QUIT then at the latest
     report: dict[str, Any] = field(default_factory=dict)  # in manager.json's "reloads"
 
     @property
@@ -316,6 +320,8 @@ class Reloading:
         def reconcile(self) -> None: ...
 
         def _cancel_reload(self, why: str) -> None: ...
+
+        def desired(self) -> dict[Queues, int]: ...
 
     # --- the old manager ----------------------------------------------------------------------
 
@@ -463,15 +469,19 @@ class Reloading:
         handover.phase = handover.report["phase"] = "failed"
         handover.report["error"] = error
         handover.up = {}
-        handover.channel.close()
         log.error("reload failed: %s; the running pool serves on", error)
-        if kill and lifeline.alive(handover.new_pid):
-            if was == "starting":  # preloading (perhaps for ever): nothing to wait for
+        if kill and lifeline.alive(handover.new_pid) and was != "starting":
+            # Its workers serve until ours are back up (_retire_failed_successor): then it is
+            # sent QUIT (its workers finish their jobs). Until then the channel stays open: at
+            # its end the new manager would stop by itself.
+            handover.retire_by = time.monotonic() + ROLLBACK_LONGEST
+        else:
+            handover.channel.close()
+            if kill and lifeline.alive(handover.new_pid):
+                # Preloading (perhaps for ever): it has no workers, nothing to wait for.
                 with contextlib.suppress(OSError):
                     os.killpg(handover.new_pid, signal.SIGKILL)
                 lifeline.send(handover.new_pid, signal.SIGKILL)
-            else:  # its workers finish their jobs
-                lifeline.send(handover.new_pid, signal.SIGQUIT)
         self._emit("reloaded")
         if handover.hup_pending and not self.stopping:
             self.signals.append(signal.SIGHUP)  # the HUP ignored meanwhile, now
@@ -480,6 +490,8 @@ class Reloading:
 
     def _check_hand_over(self, now: float) -> None:
         handover = self.handover
+        if handover is not None and handover.retire_by is not None:
+            self._retire_failed_successor(handover, handover.retire_by, now)
         if (
             handover is not None
             and handover.phase in ("starting", "handing-over")
@@ -490,10 +502,25 @@ class Reloading:
                 f"the new manager {handover.new_pid} was not {what} within {handover.timeout:g}s"
             )
 
+    def _retire_failed_successor(self, handover: HandOver, deadline: float, now: float) -> None:
+        """After a failed reload: QUIT the new manager once this pool is back to its counts,
+        every worker up (or ROLLBACK_LONGEST later, or at once if this pool stops), so that the
+        failure never leaves the queues short of workers."""
+        if not self.stopping and now < deadline:
+            up = _up_by_group(self.workers.values())
+            if any(up.get(q, 0) < n for q, n in self.desired().items()):
+                return
+        handover.retire_by = None
+        handover.channel.close()
+        lifeline.send(handover.new_pid, signal.SIGQUIT)
+
     def _successor_exited(self, pid: int, status: int) -> bool:
         """Was ``pid`` the new manager (True)? One that exits before serving fails the reload."""
         if self.handover is None or pid != self.handover.new_pid:
             return False
+        if self.handover.retire_by is not None:  # gone by itself: no QUIT to a pid reused
+            self.handover.retire_by = None
+            self.handover.channel.close()
         if self.handover.running:
             self._hand_over_failed(
                 f"the new manager {pid} {lifeline.describe_status(status)} before it served "
