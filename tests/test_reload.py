@@ -77,10 +77,9 @@ def records(redis_conn) -> list[dict]:
     return [json.loads(item) for item in redis_conn.lrange("test:reload", 0, -1)]
 
 
-def reload(directory, *args, timeout=90) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [SCRIPT, "reload", *args], capture_output=True, text=True, timeout=timeout, cwd=directory
-    )
+def reload(directory, *args, timeout=90, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([SCRIPT, "reload", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=directory, env=env)  # fmt: skip
 
 
 def start_reload(directory, *args) -> subprocess.Popen:
@@ -102,9 +101,9 @@ def managers_under(pid: int) -> list[int]:
     return [child for child in children(pid) if MANAGER.match(title(child))]
 
 
-def start_daemon(start_pool, tmp_path, *args, config="foo: 2\n", workers=2) -> int:
+def start_daemon(start_pool, tmp_path, *args, config="foo: 2\n", workers=2, env=None) -> int:
     """A daemonized pool (the common production case); returns its manager's pid."""
-    launcher = start_pool("-d", "-p", "pool.pid", *APP_ARGS, *args, config=config)
+    launcher = start_pool("-d", "-p", "pool.pid", *APP_ARGS, *args, config=config, env=env)
     assert launcher.process.wait(timeout=30) == 0, launcher.log_text()
     manager = pidfile_pid(tmp_path / "pool.pid")
     wait_for(lambda: len([c for c in children(manager) if "qless-0" in title(c)]) == workers,
@@ -378,11 +377,28 @@ def test_systemd_hears_the_new_main_pid(start_pool, tmp_path, notify_socket):
 def test_metrics_are_served_across_a_reload(start_pool, tmp_path, client):
     deploy(tmp_path, "v1")
     port = free_port()
-    old = start_daemon(start_pool, tmp_path, "--metrics-port", str(port))
+    # A runtime directory of its own: the metrics directories in it are this pool's only.
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    env = {**os.environ, "QLESS_POOL_RUNTIME_DIR": str(runtime)}
+    old = start_daemon(start_pool, tmp_path, "--metrics-port", str(port), env=env)
     wait_for(lambda: scrape(port).get('qless_pool_workers{state="waiting"}') == 2,
              message="the old pool's metrics")  # fmt: skip
+    # A new manager killed while it loads leaves no metrics directory behind.
+    [base] = runtime.iterdir()
+
+    def metrics_directories() -> set[str]:
+        return {p.name for p in base.iterdir() if p.name.startswith("metrics-")}
+
+    before = metrics_directories()
+    assert len(before) == 1
+    deploy(tmp_path, "hang")
+    assert reload(tmp_path, "--timeout", "2", env=env).returncode == 1
+    wait_for(lambda: metrics_directories() == before, message="the new manager's directory gone")
     deploy(tmp_path, "v2")
-    assert reload(tmp_path, "--wait").returncode == 0
+    assert reload(tmp_path, "--wait", env=env).returncode == 0
+    # The old manager's directory went with it; the new one has its own.
+    assert len(metrics_directories()) == 1 and metrics_directories() != before
     assert not alive(old)
     jid = put_job(client)
     wait_state(client, jid, "complete")

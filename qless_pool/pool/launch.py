@@ -128,7 +128,7 @@ def launch(
     already (Invoke's ``qless.setup``), so ``--preload`` and ``--include`` are not applied
     again. Returns the exit status."""
     successor = Successor.from_environment()
-    environ = dict(os.environ)
+    environ = _start_environment(successor)
     try:
         checked = check(values, source)
     except LaunchError as error:
@@ -163,7 +163,7 @@ def run(
     URL, a pidfile held) raises LaunchError.
     """
     successor = Successor.from_environment()
-    environ = dict(os.environ)
+    environ = _start_environment(successor)
     try:
         values = options.read_values(
             {**given, **({"log_level": log_level} if log_level is not None else {})},
@@ -178,6 +178,19 @@ def run(
             successor.failed(str(error))
         raise
     return _run(checked, None, False, log_level is not None, successor, environ)
+
+
+def _start_environment(successor: Optional[Successor]) -> dict[str, str]:
+    """The environment a reload starts the next manager with: this one's, less the metrics
+    directory a reload made for this manager (each manager has its own)."""
+    environ = dict(os.environ)
+    if successor is not None:
+        from ..ops.state import private_base
+
+        made = environ.get(metrics.MULTIPROC_VARIABLE, "")
+        if made and os.path.dirname(made) == private_base():
+            del environ[metrics.MULTIPROC_VARIABLE]
+    return environ
 
 
 def _run(

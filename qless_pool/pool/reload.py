@@ -38,9 +38,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from collections import deque
@@ -226,6 +228,9 @@ class HandOver:
     active_said: dict[Queues, int] = field(default_factory=dict)  # last told the new manager
     hup_pending: bool = False  # a HUP came meanwhile: acted on if the reload fails
     retire_by: Optional[float] = None  # failed: the new manager is QUIT then at the latest
+    #: The new manager's metrics directory, made by the old one: removed if the new one exits
+    #: before it took over (after that, it removes its own).
+    metrics_directory: Optional[str] = None
     report: dict[str, Any] = field(default_factory=dict)  # in manager.json's "reloads"
 
     @property
@@ -395,6 +400,7 @@ class Reloading:
         environ = dict(self.start_environ if self.start_environ is not None else os.environ)
         environ[SUCCESSOR_VARIABLE] = json.dumps(handed)
         environ["PWD"] = self.start_directory
+        metrics_directory = self._successor_metrics_directory(environ)
         try:
             pid = self._fork(
                 lambda: _exec_successor(environ, self.start_directory, passed, self.lock_fd),
@@ -403,6 +409,7 @@ class Reloading:
         except OSError as error:
             channel.close()
             theirs.close()
+            _remove_directory(metrics_directory)
             log.error("reload: cannot fork the new manager: %s", error)
             self._report({"id": request_id, "phase": "failed", "error": f"fork: {error}"})
             return
@@ -410,8 +417,24 @@ class Reloading:
         self._emit("reloading")
         report = self._report({"id": request_id, "phase": "starting", "new_pid": pid})
         self.handover = HandOver(
-            request_id, pid, channel, timeout, time.monotonic() + timeout, report=report
-        )
+            request_id, pid, channel, timeout, time.monotonic() + timeout, report=report,
+            metrics_directory=metrics_directory,
+        )  # fmt: skip
+
+    def _successor_metrics_directory(self, environ: dict[str, str]) -> Optional[str]:
+        """With --metrics-port, the new manager's multiprocess directory, made here (and set in
+        its environment) so that this manager can remove it if the new one dies unseen."""
+        from ..ops import metrics
+        from ..ops.state import private_base
+
+        if self.metrics_listener is None or environ.get(metrics.MULTIPROC_VARIABLE):
+            return None  # none, or the application's own
+        try:
+            directory = tempfile.mkdtemp(prefix="metrics-", dir=private_base())
+        except OSError:
+            return None  # the new manager makes one itself
+        environ[metrics.MULTIPROC_VARIABLE] = directory
+        return directory
 
     def _read_channel(self) -> None:
         """What the new manager said (the old manager's loop, on every wake)."""
@@ -521,6 +544,8 @@ class Reloading:
         if self.handover.retire_by is not None:  # gone by itself: no QUIT to a pid reused
             self.handover.retire_by = None
             self.handover.channel.close()
+        if not self.handed_over:
+            _remove_directory(self.handover.metrics_directory)
         if self.handover.running:
             self._hand_over_failed(
                 f"the new manager {pid} {lifeline.describe_status(status)} before it served "
@@ -678,6 +703,11 @@ class Reloading:
             log.error("the old manager %d is gone before this one served: stopping",
                       successor.predecessor)  # fmt: skip
             os.kill(os.getpid(), signal.SIGQUIT)
+
+
+def _remove_directory(directory: Optional[str]) -> None:
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _counts(counts: dict[Queues, int], key: str = "up") -> list[dict[str, Any]]:
