@@ -12,7 +12,7 @@
   its group once the child itself is dead (the worker parent, which would have done it, is gone).
 
 A worker parent is deliberately not tied to the manager this way: when the manager dies, each
-worker finishes its current job before it exits (DESIGN.md).
+worker finishes its current job before it exits (docs/ARCHITECTURE.md, "The invariants").
 """
 
 from __future__ import annotations

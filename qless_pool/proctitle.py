@@ -1,4 +1,4 @@
-"""Process titles, as ``ps`` shows them (the public contract, DESIGN.md "Process titles")::
+"""Process titles, as ``ps`` shows them (the public contract; docs/ARCHITECTURE.md, "The processes")::
 
 qless-pool-manager[app]: managing [101, 102, 103]
 qless-pool-manager[app]: managing [104, 105] retiring [101, 102]     (during a HUP)

@@ -50,7 +50,15 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-from processes import alive, children, descendants, successor_of, title, wait_for  # noqa: E402
+from processes import (  # noqa: E402
+    alive,
+    children,
+    descendants,
+    kill_processes_in,
+    successor_of,
+    title,
+    wait_for,
+)
 from redis_server import RedisServer  # noqa: E402
 
 from qless_pool.client import connect  # noqa: E402
@@ -168,6 +176,9 @@ class Chaos:
             if self.reloading is not None and self.reloading.poll() is None:
                 self.reloading.kill()
                 self.reloading.wait()
+            # A manager a reload started may have left the tree it was in (its parent gone):
+            # every process that runs in the run's directory goes.
+            kill_processes_in(self.directory)
             self.redis.remove()
         return self.report
 

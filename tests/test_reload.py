@@ -702,7 +702,8 @@ def _last_reload(manager: int) -> str:
 def test_a_pidfile_the_new_manager_cannot_replace_is_rewritten_in_place(tmp_path):
     # A pool run as --user keeps its pidfile in a directory root owns: the new manager cannot
     # make a file beside it, and rewrites it through the descriptor (and lock) handed over.
-    from qless_pool.ops.daemon import DaemonError, Pidfile
+    from qless_pool.ops.daemon import DaemonError
+    from qless_pool.ops.pidfile import Pidfile
 
     path = tmp_path / "pool.pid"
     old = Pidfile(str(path))

@@ -404,7 +404,8 @@ def reload_parser() -> argparse.ArgumentParser:
 
 
 def reload(args: argparse.Namespace, ops: Optional[Operations]) -> int:
-    from ..pool.reload import RELOAD_SIGNAL, write_request
+    from ..pool.handover import write_request
+    from ..pool.signals import RELOAD_SIGNAL
     from .finding import running
     from .state import pool_directory, read_manager
 

@@ -32,6 +32,20 @@ IGNORED = (signal.SIGTTIN, signal.SIGTTOU)
 PR_SET_CHILD_SUBREAPER = 36
 
 
+def become_keeper(manager: int, appname: str, in_place: bool = True) -> int:
+    """Become the keeper of ``manager``. ``in_place``: execute this file in place of this
+    process, which lets the old application's memory go (the command, Invoke); else keep in
+    this process and return the manager's status (``qless_pool.run()``: its caller gets control
+    back)."""
+    if in_place:
+        with contextlib.suppress(OSError):  # else: keep in this process after all
+            sys.stdout.flush()
+            sys.stderr.flush()
+            script = os.path.abspath(__file__)
+            os.execv(sys.executable, [sys.executable, "-I", script, str(manager), appname])
+    return keep(manager, appname)
+
+
 def keep(manager: int, appname: str) -> int:
     """Forward signals to ``manager`` (and its successors) until it exits; its exit status."""
     app = f"[{appname}]" if appname else ""

@@ -15,7 +15,7 @@ A manager started by a reload (pool/reload.py, the same command line re-executed
 path, as a *successor*: it does not daemonize, bind or take the pidfile (its predecessor holds
 them; it takes the pidfile over once it serves every slot), and a failure on the way is said to
 the old manager, which serves on. A manager that handed over in the foreground stays as the
-keeper of its successor (reload.keep).
+keeper of its successor (keeper.py).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from ..ops.daemon import (
     DaemonError,
     Identity,
     LogFiles,
-    Pidfile,
     PoolLock,
     Readiness,
     SystemdNotifier,
@@ -46,10 +45,12 @@ from ..ops.daemon import (
     drop_privileges,
     resolve_identity,
 )
+from ..ops.pidfile import Pidfile
 from ..urls import check_redis_url, mask_secrets, redis_url_and_origin
 from ..worker.reservation import check_allowed_modules, default_allowed_modules
+from .handover import Successor, logical_directory
+from .keeper import become_keeper
 from .manager import Pool
-from .reload import Successor, keep, logical_directory
 
 __all__ = ["LaunchError", "check", "launch", "run"]
 
@@ -205,7 +206,7 @@ def _run(
     """Open, drop, load and run (the module's docstring). ``successor``: this manager was
     started by a reload; ``environ``: the environment as the pool was started (a reload starts
     the new manager with it); ``keeper_in_place``: after a hand-over in the foreground, this
-    process becomes the bare keeper (reload.keep), not returning (``run()`` returns)."""
+    process becomes the bare keeper (keeper.py), not returning (``run()`` returns)."""
     values = checked.values
     # The directory as given: /srv/app/current, not the release it points at now.
     appname = values["appname"] or os.path.basename(logical_directory())
@@ -348,7 +349,7 @@ def _run(
         if pool.handed_over and pidfile is not None:
             pidfile.disown()  # the new manager's (or about to be): never removed by us
         if pool.handed_over and pool.keeps and pool.handover is not None:
-            return keep(pool.handover.new_pid, appname, in_place=keeper_in_place)
+            return become_keeper(pool.handover.new_pid, appname, in_place=keeper_in_place)
         return status
     finally:
         if pidfile is not None:

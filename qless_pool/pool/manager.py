@@ -37,8 +37,9 @@ from ..urls import check_redis_url, default_redis_url
 from ..worker.limits import RECYCLED
 from ..worker.reservation import default_allowed_modules
 from .forks import Forking
+from .handover import HandOver, Successor, logical_directory
 from .publish import StatePublisher, effective_options
-from .reload import HandOver, Reloading, Successor, logical_directory
+from .reload import Reloading
 from .signals import MANAGER_SIGNALS, ManagerSignals
 from .table import Backoff, WorkerRecord, clean_exit, next_spawn_time, note_exit, plan
 
@@ -230,7 +231,7 @@ class Pool(ManagerSignals, Forking, Reloading):
                     self._tell_successor()
         finally:
             if self.handed_over and self.keeps:
-                # Until the keeper's handlers are in place (reload.keep): held, not lost.
+                # Until the keeper's handlers are in place (keeper.py): held, not lost.
                 signal.pthread_sigmask(signal.SIG_BLOCK, MANAGER_SIGNALS)
             self._restore_signal_handlers()
             self.notes.close()

@@ -1,27 +1,29 @@
 """Reload: new code without a stop (``qless-pool reload``, which sends SIGURG), as a rolling
-hand-over from the running manager to a new one it starts (a base of manager.Pool)::
+hand-over from the running manager to a new one it starts (a base of manager.Pool; the channel,
+the request and each side's record are in handover.py)::
 
     the old manager                              the new manager (its child, re-executed)
     URG: fork, and exec the same command line    reads the config file, preloads the
          and environment, from the working       application afresh; takes over the inherited
          directory as given ($PWD)               metrics socket; never daemonizes
-                                        <----    ready
-    takes no new worker of its own               spawns one worker per group (the surge)
-                                        <----    up {group: n}    n of its workers reserve
-    desired(group) - n: reconcile QUITs one      spawns the next worker of the group, ...
-    old worker per new one up (its running
-    job finishes first)
-                                        <----    serving          every slot is up: it takes
-    QUITs the rest; exits after their jobs       the pidfile (renamed over it), tells systemd
-    (or stays, as the keeper: see below)         MAINPID= and READY=1
+                                        <----    ready {its counts}
+    keeps per group min(its count, the new       spawns workers while, per group, both pools
+    count - new workers up): reconcile QUITs     take jobs for at most one more than the count
+    one old worker per new one up (its           (the surge)
+    running job finishes first)  ---- active {group: n} ---->
+                                        <----    up {group: n}   n of its workers reserve
+                                        <----    serving          every slot is up
+    agrees (no deadline from here)   ---- take-over ---->
+                                                 renames its pidfile over the old one, tells
+                                        <----    taken           systemd MAINPID= and READY=1
+    QUITs the rest; exits after their jobs
+    (or stays, as the keeper: see below)
 
-Capacity never falls below the configured counts (an old worker goes only after a new one of
-its group is up) and exceeds them by one worker per group at most. The two talk over a
-socketpair (SOCK_SEQPACKET: one JSON message per packet) the new manager inherits across exec;
-neither talks to Redis. The old manager gives up after ``timeout`` seconds without "serving"
-(or at an error, or when the new manager exits): it kills a new manager still preloading, QUITs
-one that has workers, and takes its own workers back to the configured counts. A reload's
-outcome is kept in manager.json (``reloads``), where ``qless-pool reload`` reads it.
+Capacity never falls below the configured counts and exceeds them by one worker per group at
+most. Neither manager talks to Redis. The old manager gives up after ``timeout`` seconds without
+"serving" (or at an error, or when the new manager exits): it kills a new manager still
+preloading, and QUITs one that has workers once its own are back up. A reload's outcome is kept
+in manager.json (``reloads``), where ``qless-pool reload`` reads it.
 
 *The keeper.* A manager whose parent waits for it (a terminal, ``invoke qless.pool`` or
 ``qless_pool.run()`` in the foreground, PID 1 of a container) must not exit when it hands
@@ -29,8 +31,8 @@ over: its parent would take the pool for stopped while the new one runs on unsee
 workers are gone it stays as the keeper: it forwards every signal it gets to the current
 manager (its child, or a child's successor adopted as subreaper) and exits with its status
 (keeper.py, executed in place of the old manager: a bare Python, the old application's memory
-let go). A daemon or a systemd service (``$NOTIFY_SOCKET``: ``NotifyAccess=all`` lets systemd follow
-``MAINPID=``) exits instead.
+let go). A daemon or a systemd service (``$NOTIFY_SOCKET``: ``NotifyAccess=all`` lets systemd
+follow ``MAINPID=``) exits instead.
 """
 
 from __future__ import annotations
@@ -38,249 +40,36 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
-import sys
 import tempfile
 import time
-import uuid
 from collections import deque
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .. import lifeline
 from ..logs import logger
 from ..ops.finding import running
-from .signals import MANAGER_SIGNALS, RELOAD_SIGNAL
+from .handover import (
+    ROLLBACK_LONGEST,
+    SUCCESSOR_VARIABLE,
+    Channel,
+    HandOver,
+    Successor,
+    decode_counts,
+    encode_counts,
+    exec_successor,
+    logical_directory,
+    read_requests,
+    remove_directory,
+)
+from .signals import RELOAD_SIGNAL
 from .table import WorkerRecord, active_by_group
 
-__all__ = [
-    "DEFAULT_TIMEOUT",
-    "RELOAD_SIGNAL",
-    "REQUEST_FILE",
-    "SUCCESSOR_VARIABLE",
-    "Channel",
-    "HandOver",
-    "Reloading",
-    "Successor",
-    "keep",
-    "logical_directory",
-    "read_requests",
-    "write_request",
-]
+__all__ = ["RELOAD_SIGNAL", "Reloading", "logical_directory"]
 
 log = logger.getChild("manager")
 
-#: The new manager finds the hand-over (its end of the channel, ...) here, as JSON.
-SUCCESSOR_VARIABLE = "QLESS_POOL_SUCCESSOR"
-#: ``qless-pool reload`` leaves its request (an id, the timeout) in the pool's state directory.
-REQUEST_FILE = "reload-request"
-DEFAULT_TIMEOUT = 60.0
-#: After a failed reload, the new manager's workers serve on until the old pool's are back up,
-#: for this long at the most.
-ROLLBACK_LONGEST = 30.0
-#: The reloads kept in manager.json for ``qless-pool reload`` to find its own by id.
-KEPT_REPORTS = 5
-
 Queues = tuple[str, ...]
-
-
-# --- the request ----------------------------------------------------------------------------------
-
-
-def write_request(directory: str, timeout: float) -> str:
-    """Leave a reload request in the pool's state ``directory`` (a file per request: two
-    commands at once each get their answer); returns its id."""
-    request_id = uuid.uuid4().hex
-    path = os.path.join(directory, f"{REQUEST_FILE}.{request_id}")
-    temporary = os.path.join(directory, f".{REQUEST_FILE}.{request_id}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    if os.geteuid() == 0:  # root reloading a --user pool: the request must be the pool's to read
-        owner = os.stat(directory)
-        os.fchown(fd, owner.st_uid, owner.st_gid)
-    with os.fdopen(fd, "w") as file:
-        json.dump({"id": request_id, "timeout": timeout}, file)
-    os.replace(temporary, path)
-    return request_id
-
-
-@dataclass(frozen=True)
-class Request:
-    id: Optional[str]  # None: a bare SIGURG
-    timeout: float = DEFAULT_TIMEOUT
-
-
-def read_requests(directory: Optional[str]) -> list[Request]:
-    """The requests ``qless-pool reload`` left, oldest first (and remove them); a bare SIGURG
-    left none: one request with no id and the default timeout."""
-    found: list[tuple[float, Request]] = []
-    with contextlib.suppress(OSError):
-        names = [n for n in os.listdir(directory or "") if n.startswith(f"{REQUEST_FILE}.")]
-        for name in names[:100]:
-            path = os.path.join(directory or "", name)
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-                with os.fdopen(fd) as file:
-                    when = os.fstat(file.fileno()).st_mtime
-                    request = json.loads(file.read(4096))
-                os.unlink(path)
-            except (OSError, ValueError):
-                continue
-            if isinstance(request, dict) and isinstance(request.get("id"), str):
-                timeout = request.get("timeout")
-                if not isinstance(timeout, (int, float)) or not 0 < timeout < 10**6:
-                    timeout = DEFAULT_TIMEOUT
-                found.append((when, Request(request["id"], float(timeout))))
-    return [request for _, request in sorted(found, key=lambda f: f[0])] or [Request(None)]
-
-
-def logical_directory() -> str:
-    """The working directory as the operator gave it: ``$PWD`` when it names the same directory
-    (``/srv/app/current``, a symlink a deploy repoints), else the resolved one."""
-    here = os.getcwd()
-    given = os.environ.get("PWD", "")
-    with contextlib.suppress(OSError):
-        if given and os.path.isabs(given) and os.path.samefile(given, here):
-            return given
-    return here
-
-
-# --- the channel ----------------------------------------------------------------------------------
-
-
-class Channel:
-    """One end of the socketpair between the two managers: a JSON message per packet."""
-
-    def __init__(self, sock: socket.socket):
-        sock.setblocking(False)
-        self.socket = sock
-        self.closed = False
-
-    @classmethod
-    def pair(cls) -> tuple[Channel, socket.socket]:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        return cls(ours), theirs
-
-    def fileno(self) -> int:
-        return self.socket.fileno()
-
-    def send(self, kind: str, **fields: Any) -> bool:
-        """Best effort: False if the other end is gone."""
-        try:
-            self.socket.send(json.dumps({"kind": kind, **fields}).encode())
-        except OSError:
-            return False
-        return True
-
-    def receive(self) -> list[dict[str, Any]]:
-        """What has come; sets ``closed`` once the other end is gone."""
-        messages = []
-        while not self.closed:
-            try:
-                packet = self.socket.recv(65536)
-            except BlockingIOError:
-                break
-            except ConnectionResetError:
-                # The other end closed with our messages unread: Linux says so once, before
-                # what it sent last (still queued here, and read next).
-                continue
-            except OSError:
-                packet = b""
-            if not packet:
-                self.close()  # no copy of it may linger (a worker forked later)
-                break
-            with contextlib.suppress(ValueError):
-                message = json.loads(packet)
-                if isinstance(message, dict):
-                    messages.append(message)
-        return messages
-
-    def gone(self) -> bool:
-        """Is the other end gone (as the last receive() found)?"""
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-        with contextlib.suppress(OSError):
-            self.socket.close()
-
-
-# --- the two sides --------------------------------------------------------------------------------
-
-
-@dataclass
-class HandOver:
-    """The old manager's side of one reload."""
-
-    id: Optional[str]
-    new_pid: int
-    channel: Channel
-    timeout: float
-    deadline: float  # monotonic
-    #: starting -> handing-over (it is ready) -> committing (every slot up: it takes the
-    #: pidfile and systemd's MAINPID over) -> handed-over; or failed.
-    phase: str = "starting"
-    #: The new config's counts (said once it is ready): the old pool keeps, per group, the new
-    #: count minus the new workers that are up (at most its own count).
-    counts: Optional[dict[Queues, int]] = None
-    up: dict[Queues, int] = field(default_factory=dict)
-    active_said: dict[Queues, int] = field(default_factory=dict)  # last told the new manager
-    hup_pending: bool = False  # a HUP came meanwhile: acted on if the reload fails
-    retire_by: Optional[float] = None  # failed: the new manager is QUIT then at the latest
-    #: The new manager's metrics directory, made by the old one: removed if the new one exits
-    #: before it took over (after that, it removes its own).
-    metrics_directory: Optional[str] = None
-    report: dict[str, Any] = field(default_factory=dict)  # in manager.json's "reloads"
-
-    @property
-    def running(self) -> bool:
-        return self.phase in ("starting", "handing-over", "committing")
-
-
-@dataclass
-class Successor:
-    """The new manager's side: what its predecessor handed it (SUCCESSOR_VARIABLE)."""
-
-    channel: Channel
-    predecessor: int
-    kept: bool  # a keeper is above it: it exits after a hand-over of its own
-    paused: bool
-    metrics_fd: Optional[int] = None
-    request: Optional[str] = None  # the id of qless-pool reload's request
-    pidfile_fd: Optional[int] = None  # the old manager's pidfile, locked
-    asked: bool = False  # every slot is up: it asked the old manager to let it take over
-    serving: bool = False
-    up_said: dict[Queues, int] = field(default_factory=dict)  # last told the old manager
-    #: The old pool's workers that take jobs, by group (as it last said): the new pool starts
-    #: at most one more than the configured count minus those.
-    old_active: dict[Queues, int] = field(default_factory=dict)
-
-    @classmethod
-    def from_environment(cls) -> Optional[Successor]:
-        """The hand-over this process was started for (taken out of the environment, so that
-        the workers and a later reload do not see it), or None."""
-        raw = os.environ.pop(SUCCESSOR_VARIABLE, None)
-        if raw is None:
-            return None
-        given = json.loads(raw)
-        channel = Channel(socket.socket(fileno=int(given["channel"])))
-        os.set_inheritable(channel.fileno(), False)
-        metrics_fd = given.get("metrics_fd")
-        if metrics_fd is not None:
-            os.set_inheritable(metrics_fd, False)
-        pidfile_fd = given.get("pidfile_fd")
-        if pidfile_fd is not None:
-            os.set_inheritable(pidfile_fd, False)
-        return cls(
-            channel, int(given["predecessor"]), bool(given["kept"]), bool(given["paused"]),
-            metrics_fd, given.get("request"), pidfile_fd,
-            old_active=_groups(given.get("active"), "active"),
-        )  # fmt: skip
-
-    def failed(self, message: str) -> None:
-        """The new code cannot serve: said to the old manager, which runs on."""
-        self.channel.send("error", message=message)
 
 
 class Reloading:
@@ -395,7 +184,7 @@ class Reloading:
             "kept": self.keeps or (self.successor is not None and self.successor.kept),
             "paused": self.pause.get(),
             "request": request_id,
-            "active": _counts(self._active(), "active"),
+            "active": encode_counts(self._active(), "active"),
         }
         environ = dict(self.start_environ if self.start_environ is not None else os.environ)
         environ[SUCCESSOR_VARIABLE] = json.dumps(handed)
@@ -403,13 +192,13 @@ class Reloading:
         metrics_directory = self._successor_metrics_directory(environ)
         try:
             pid = self._fork(
-                lambda: _exec_successor(environ, self.start_directory, passed, self.lock_fd),
+                lambda: exec_successor(environ, self.start_directory, passed, self.lock_fd),
                 keep=passed,
             )
         except OSError as error:
             channel.close()
             theirs.close()
-            _remove_directory(metrics_directory)
+            remove_directory(metrics_directory)
             log.error("reload: cannot fork the new manager: %s", error)
             self._report({"id": request_id, "phase": "failed", "error": f"fork: {error}"})
             return
@@ -445,11 +234,11 @@ class Reloading:
             kind = message.get("kind")
             if kind == "ready" and handover.phase == "starting":
                 handover.phase = handover.report["phase"] = "handing-over"
-                handover.counts = _groups(message.get("groups"), "count")
+                handover.counts = decode_counts(message.get("groups"), "count")
                 log.info("reload: new manager %d is ready; handing the slots over one by one",
                          handover.new_pid)  # fmt: skip
             elif kind == "up":
-                handover.up = _groups(message.get("groups"))
+                handover.up = decode_counts(message.get("groups"))
             elif kind == "serving" and handover.phase == "handing-over":
                 # From here on no deadline: it takes the pidfile and MAINPID over, then says so.
                 handover.phase = handover.report["phase"] = "committing"
@@ -545,7 +334,7 @@ class Reloading:
             self.handover.retire_by = None
             self.handover.channel.close()
         if not self.handed_over:
-            _remove_directory(self.handover.metrics_directory)
+            remove_directory(self.handover.metrics_directory)
         if self.handover.running:
             self._hand_over_failed(
                 f"the new manager {pid} {lifeline.describe_status(status)} before it served "
@@ -553,12 +342,6 @@ class Reloading:
                 kill=False,
             )
         return True
-
-    def handover_wake(self, now: float) -> Optional[float]:
-        """When the loop must look at the hand-over again (its deadline), if one runs."""
-        if self.handover is not None and self.handover.running:
-            return self.handover.deadline
-        return None
 
     def during_hand_over(self, signum: int) -> bool:
         """A signal during a hand-over is for both pools; after it, this manager only finishes
@@ -633,7 +416,7 @@ class Reloading:
         active = self._active()
         if active != handover.active_said:
             handover.active_said = active
-            handover.channel.send("active", groups=_counts(active, "active"))
+            handover.channel.send("active", groups=encode_counts(active, "active"))
 
     # --- the new manager ----------------------------------------------------------------------
 
@@ -655,7 +438,7 @@ class Reloading:
         up = _up_by_group(self.workers.values())
         if up != successor.up_said:
             successor.up_said = up
-            successor.channel.send("up", groups=_counts(up))
+            successor.channel.send("up", groups=encode_counts(up))
         self._serve_if_every_slot_up()
 
     def _serve_if_every_slot_up(self) -> None:
@@ -695,7 +478,7 @@ class Reloading:
             return
         for message in successor.channel.receive():
             if message.get("kind") == "active":
-                successor.old_active = _groups(message.get("groups"), "active")
+                successor.old_active = decode_counts(message.get("groups"), "active")
             elif message.get("kind") == "take-over" and successor.asked and not self.stopping:
                 self._take_over()
                 return
@@ -705,72 +488,5 @@ class Reloading:
             os.kill(os.getpid(), signal.SIGQUIT)
 
 
-def _remove_directory(directory: Optional[str]) -> None:
-    if directory is not None:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def _counts(counts: dict[Queues, int], key: str = "up") -> list[dict[str, Any]]:
-    """Counts by group, as the channel carries them (JSON has no tuple keys)."""
-    return [{"queues": list(queues), key: count} for queues, count in counts.items()]
-
-
-def _groups(items: Any, key: str = "up") -> dict[Queues, int]:
-    """The counts _counts() made, back."""
-    if not isinstance(items, list):
-        return {}
-    found = {}
-    for item in items:
-        with contextlib.suppress(KeyError, TypeError, ValueError, OverflowError):
-            found[tuple(map(str, item["queues"]))] = max(0, int(item[key]))
-    return found
-
-
 def _up_by_group(workers: Any) -> dict[Queues, int]:
     return {q: sum(w.up for w in group) for q, group in active_by_group(workers).items()}
-
-
-def _exec_successor(
-    environ: dict[str, str], directory: str, passed: list[int], lock_fd: Optional[int]
-) -> int:
-    """In the forked child: become the new manager (same command line, environment and
-    working directory, followed anew)."""
-    for fd in passed:
-        os.set_inheritable(fd, True)
-    if lock_fd is not None:  # it takes the lock itself (a shared one, beside ours)
-        with contextlib.suppress(OSError):
-            os.set_inheritable(lock_fd, False)
-    # Blocked across exec: a signal the old manager passes on while the new one loads the
-    # application waits until its handlers are in place (Pool.run), instead of killing it.
-    signal.pthread_sigmask(signal.SIG_BLOCK, [*MANAGER_SIGNALS, RELOAD_SIGNAL])
-    try:
-        os.chdir(directory)
-        os.execve(sys.executable, sys.orig_argv, environ)
-    except OSError as error:
-        message = f"cannot start {' '.join(sys.orig_argv[:3])} in {directory}: {error}"
-        with contextlib.suppress(OSError):
-            os.write(2, f"qless-pool: reload: {message}\n".encode())
-        with contextlib.suppress(OSError):
-            socket.socket(fileno=passed[0]).send(
-                json.dumps({"kind": "error", "message": message}).encode()
-            )
-    return 127
-
-
-# --- the keeper -----------------------------------------------------------------------------------
-
-
-def keep(manager: int, appname: str, in_place: bool = True) -> int:
-    """Become the keeper of ``manager`` (keeper.py). ``in_place``: execute keeper.py in place
-    of this process, which lets the old application's memory go (the command, Invoke); else
-    keep in this process and return the manager's status (``qless_pool.run()``: its caller
-    gets control back)."""
-    if in_place:
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keeper.py")
-        with contextlib.suppress(OSError):  # else: keep in this process after all
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.execv(sys.executable, [sys.executable, "-I", script, str(manager), appname])
-    from . import keeper
-
-    return keeper.keep(manager, appname)
