@@ -37,6 +37,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
+from .. import lifeline
 from ..logs import logger
 
 __all__ = ["JobMeter", "MetricsError", "bind", "discard", "prepare", "serve"]
@@ -375,7 +376,7 @@ def fold_dead_processes(directory: str, alive: Optional[Sequence[int]] = None) -
         if kind not in ("counter", "histogram") or not rest.isdigit():
             continue
         pid = int(rest)
-        if (pid in alive) if alive is not None else _alive(pid):
+        if (pid in alive) if alive is not None else lifeline.alive(pid):
             continue
         if _set_aside_if_broken(path):
             continue
@@ -405,14 +406,4 @@ def _set_aside_if_broken(path: str) -> bool:
     log.warning("%s cannot be read (%s); renamed %s.broken", path, problem, path)
     with contextlib.suppress(OSError):
         os.rename(path, f"{path}.broken")
-    return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
