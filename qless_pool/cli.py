@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["web"]:  # the dashboard (the web extra)
+        from .web.serve import main as web
+
+        return web(argv[1:])
     if argv[:1] == ["status"]:
         from .ops import status
 
@@ -108,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if argv[0] in commands.COMMANDS:
             return commands.main(argv[0], argv[1:])
-        names = ", ".join(["status", *commands.COMMANDS])
+        names = ", ".join(["status", *commands.COMMANDS, "web"])
         build_parser().error(f"unknown command {argv[0]!r} (the commands: {names})")
     from .pool.launch import launch
 

@@ -195,6 +195,35 @@ class Operations:
         self.job(jid)  # NotFound
         self.client("priority", jid, priority)
 
+    def tag(self, jid: str, tags: Sequence[str]) -> None:
+        self.job(jid)  # NotFound
+        if tags:
+            self.client("tag", "add", jid, *tags)
+
+    def untag(self, jid: str, tags: Sequence[str]) -> None:
+        self.job(jid)
+        if tags:
+            self.client("tag", "remove", jid, *tags)
+
+    def track(self, jid: str, tracked: bool = True) -> None:
+        """Track ``jid`` (qless publishes its every step) or stop tracking it."""
+        self.job(jid)
+        self.client("track", "track" if tracked else "untrack", jid)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """qless's workers, each with the jids it runs now and those that stalled on it."""
+        listed = json.loads(self.client("workers"))
+        names = [worker["name"] for worker in listed]
+        answers = pipelined(self.client, [["workers", name] for name in names])
+        found = []
+        for name, answer in zip(names, answers):
+            held = {} if isinstance(answer, Exception) else json.loads(answer)
+            found.append(
+                {"name": name, "jobs": list(held.get("jobs") or []),
+                 "stalled": list(held.get("stalled") or [])}
+            )  # fmt: skip
+        return found
+
     def pause(self, queue: str) -> None:
         """Pause a queue qless knows: no worker pops from it until unpaused."""
         self.queue(queue)  # NotFound: a typo would pause nothing

@@ -52,6 +52,7 @@ from ..client import (
 )
 from ..logs import logger, set_role
 from ..notes import UP, NoteTaker, PauseFlag
+from ..ops import pools
 from .events import Subscriptions
 from .limits import RECYCLED, Limits
 from .outcome import JobRun
@@ -188,6 +189,8 @@ class Worker(Reserving, SignalHandling):
         self.subscriptions = Subscriptions(f"ql:w:{self.name}")
         self.presence = Presence()
         self.next_poll = 0.0
+        self.next_card = 0.0  # monotonic: when to write its card for the pools page again
+        self.started = time.time()
         self.jobs_done = 0
         self.up = False  # Redis answered: said to the manager once (notes.py)
         self.began = False  # a job: said to the manager once
@@ -207,6 +210,7 @@ class Worker(Reserving, SignalHandling):
         or RECYCLED when it stopped for --max-jobs or --max-memory."""
         self.pid = os.getpid()
         self.name = worker_name(self.pid)
+        self.started = time.time()
         if not logger.handlers and not logging.getLogger().handlers:
             logs.configure("INFO")  # a bare Worker(...).work(): say what it does
         if self.will_path:
@@ -271,6 +275,9 @@ class Worker(Reserving, SignalHandling):
         assert self.client is not None
         self._handle_events(self.subscriptions.ensure(self.client) + self.subscriptions.read())
         self.outage.recovered(time.monotonic())
+        if now >= self.next_card:  # for the dashboard's pools page (ops/pools.py)
+            pools.write_card(self.client.redis, pools.card_for(self))
+            self.next_card = now + pools.REFRESH
         if not self._may_pop():
             self.subscriptions.listen_for_puts(False)
         self._heartbeat_running(now)
@@ -388,6 +395,7 @@ class Worker(Reserving, SignalHandling):
         if self.client is not None and self.outage.since is None:
             try:
                 self.client("worker.deregister", self.name)
+                pools.take_card_away(self.client.redis, self.name)
             except (*REDIS_DOWN, QlessException):
                 pass
         self._restore_signal_handlers()
