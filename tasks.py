@@ -53,7 +53,13 @@ def wheel(c):
         c.run(f"{sys.executable} -m build -q --wheel --outdir {dist} {source}", hide=True)
         [built] = Path(dist).glob("qless_pool-*.whl")
         names = zipfile.ZipFile(built).namelist()
-        wanted = ["qless_pool/py.typed", "qless_pool/__main__.py", "qless_pool/worker/base.py"]
+        wanted = [
+            "qless_pool/py.typed",
+            "qless_pool/__main__.py",
+            "qless_pool/worker/base.py",
+            "qless_pool/web/templates/base.html",
+            "qless_pool/web/static/app.js",
+        ]
         missing = [name for name in wanted if name not in names]
         missing += (
             [] if any(n.endswith(".dist-info/licenses/LICENSE") for n in names) else ["LICENSE"]
@@ -64,7 +70,14 @@ def wheel(c):
         c.run(f"{sys.executable} -m venv {venv}")
         c.run(f"{venv}/bin/pip install -q {built}", hide=True)
         version = c.run(f"{venv}/bin/qless-pool --version", hide="out").stdout.strip()
-        print(f"{built.name}: {len(names)} files, LICENSE and py.typed in; installs; {version}")
+        # The core install has no Flask: the dashboard says which extra it needs.
+        web = c.run(f"{venv}/bin/qless-pool web", hide=True, warn=True)
+        if web.exited != 2 or "pip install 'qless-pool[web]'" not in web.stderr:
+            raise SystemExit(f"qless-pool web without the web extra: {web.stderr.strip()}")
+        print(
+            f"{built.name}: {len(names)} files, LICENSE and py.typed in; installs; {version}; "
+            "qless-pool web asks for the web extra"
+        )
 
 
 @task(help={"jobs": "how many jobs to enqueue (default 300)"})

@@ -275,7 +275,7 @@ def test_redis_unreachable_is_one_line_and_status_69(project, args):
         (
             ["nosuch"],
             "unknown command 'nosuch' (the commands: status, queues, failed, job, "
-            "retry, cancel, pause, unpause, stop, reload)",
+            "retry, cancel, pause, unpause, stop, reload, web)",
         ),
     ],
 )

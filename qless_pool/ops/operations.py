@@ -113,10 +113,15 @@ class Operations:
         return sorted((_queue_counts(entry) for entry in counts), key=lambda q: q.name)
 
     def queue(self, name: str) -> QueueCounts:
-        for counts in self.queues():
-            if counts.name == name:
-                return counts
-        raise NotFound(_no_queue(name, self.queues()))
+        """One queue's counts (without counting every queue: qless's ``queues`` of one)."""
+        if self.client.redis.zscore("ql:queues", name) is None:
+            raise NotFound(_no_queue(name, self.queues()))
+        return _queue_counts(json.loads(self.client("queues", name)))
+
+    def queue_names(self) -> list[str]:
+        """The names of every queue qless knows, without their counts."""
+        names = self.client.redis.zrange("ql:queues", 0, -1)
+        return sorted(n.decode() if isinstance(n, bytes) else n for n in names)
 
     def failure_groups(self) -> dict[str, int]:
         """Failure group -> how many jobs are failed in it."""
@@ -140,8 +145,7 @@ class Operations:
         """The jobs of ``queue`` in ``state`` (one of JOB_STATES), ``limit`` from ``offset``."""
         if state not in JOB_STATES:
             raise ValueError(f"state {state!r}: one of {', '.join(JOB_STATES)}")
-        counts = self.queue(queue)
-        total = getattr(counts, state)
+        total = getattr(self.queue(queue), state)
         if state == "waiting":  # in the order pop takes them: priority, then age
             jids = self.client.redis.zrevrange(f"ql:q:{queue}-work", offset, offset + limit - 1)
             jids = [jid.decode() if isinstance(jid, bytes) else jid for jid in jids]

@@ -62,9 +62,10 @@ def queue(name: str) -> str:
     if state not in JOB_STATES:
         raise ValueError(f"state {state!r}: one of {', '.join(JOB_STATES)}")
     offset = whole(request.args.get("offset", "0"), "offset", 0, 10**9)
+    counts = ops.queue(name)
     page = ops.jobs(name, state, offset, PAGE)
     return render_template(
-        "queue.html", counts=ops.queue(name), state=state, states=JOB_STATES, page=page,
+        "queue.html", counts=counts, state=state, states=JOB_STATES, page=page,
         size=PAGE, stats=views.queue_stats(ops, name),
     )  # fmt: skip
 
@@ -84,7 +85,7 @@ def find() -> Any:
 def job(jid: str) -> str:
     board = dashboard()
     found = board.shaper.job(board.ops.job(jid))
-    return render_template("job.html", job=found, queues=[q.name for q in board.ops.queues()])
+    return render_template("job.html", job=found, queues=board.ops.queue_names())
 
 
 @pages.get("/failed")
