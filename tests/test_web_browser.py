@@ -42,7 +42,7 @@ def browser_page(redis_url, tmp_path):
                 page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
                 page.on("pageerror", lambda e: problems.append(str(e)))
                 page.set_default_timeout(15_000)
-                yield served.base, page
+                yield served, page
                 csp = page.evaluate("window.__csp")
                 assert csp == [], f"CSP violations: {csp}"
                 assert problems == [], f"console errors: {problems}"
@@ -55,7 +55,8 @@ def browser_page(redis_url, tmp_path):
 def test_log_in_retry_a_failed_job_and_a_whole_group(browser_page, client):
     from playwright.sync_api import expect
 
-    base, page = browser_page
+    served, page = browser_page
+    base = served.base
     [one] = make_failed(client, "mail", "mail-Timeout", 1)
     make_failed(client, "mail", "mail-ValueError", 30)
     page.goto(base + "/failed")
@@ -81,12 +82,16 @@ def test_log_in_retry_a_failed_job_and_a_whole_group(browser_page, client):
     expect(page.locator(".flash")).to_contain_text("retried 30 job(s) of mail-ValueError")
     expect(page.locator("#groups")).to_contain_text("No failed jobs.")
     assert client.queues["mail"].counts["waiting"] == 31
+    log = served.log.read_text()  # every action, with the token's name
+    assert f"alice: retry {one}: retried" in log and "alice: log in from 127.0.0.1" in log
+    assert "alice: retry all of group mail-ValueError: 30 job(s), 0 refused" in log
 
 
 def test_live_counts_change_after_a_put_without_a_reload(browser_page, client):
     from playwright.sync_api import expect
 
-    base, page = browser_page
+    served, page = browser_page
+    base = served.base
     put(client, "mail", "Noop")
     page.goto(base + "/login")
     page.fill("input[name=token]", WRITE_TOKEN)
