@@ -141,6 +141,7 @@ def _turned_off(value: Any) -> bool:
 
 CONFIGURATION = "configuration"
 THE_POOL = "the pool"
+SCALING = "worker count ranges"
 THE_WORKERS = "the workers"
 DAEMON = "running as a daemon"
 WATCHING = "watching the pool"
@@ -191,6 +192,17 @@ OPTIONS: tuple[Option, ...] = (
            default="immediate",
            flags=("--term-immediate", "--term-graceful", "--term-graceful-wait"),
            const_flags=True, keyword="term_behaviour", aliases=("term_behaviour",)),
+    # --- ranges (a count MIN..MAX in the config: pool/scaling.py)
+    Option("scale_interval", Seconds(0.1, 3600.0), "a range: how often the queues' wait is "
+           "measured", "pool", SCALING, default=1.0, flags=("--scale-interval",)),
+    Option("scale_up_after", Seconds(0.0, MAX_SECONDS), "a range: add workers while the job "
+           "next in line has waited longer than this", "pool", SCALING, default=1.0,
+           flags=("--scale-up-after",)),
+    Option("scale_down_after", Seconds(0.0, MAX_SECONDS), "a range: retire one idle worker "
+           "after this long without a waiting job (and again after each such period)", "pool",
+           SCALING, default=30.0, flags=("--scale-down-after",)),
+    Option("scale_step", Whole(1, 1000), "a range: the most workers added to a group at one "
+           "measurement", "pool", SCALING, default=1, flags=("--scale-step",), metavar="N"),
     # --- the workers
     Option("queues", Many(), "the worker's queues, in priority order", "launch", THE_WORKERS,
            entries=frozenset({WORK}), default_text="$QUEUES"),

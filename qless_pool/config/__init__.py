@@ -31,6 +31,7 @@ import re
 import stat
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from .yamlfile import NotDecimal, YamlProblem, read_yaml, shown
@@ -45,12 +46,18 @@ __all__ = [
     "ConfigError",
     "ConfigNotFound",
     "ConfigSource",
+    "Count",
+    "Counts",
     "Groups",
+    "Range",
     "describe_groups",
     "environment_name",
     "expand_variables",
     "find_config_file",
     "groups_to_json",
+    "has_ranges",
+    "highest",
+    "lowest",
     "parse_groups",
     "resolve_groups",
 ]
@@ -71,7 +78,27 @@ MAX_QUEUES = 1000
 MAX_CONFIG_BYTES = 1 << 20
 
 Queues = tuple[str, ...]
-Groups = dict[Queues, int]
+
+
+@dataclass(frozen=True)
+class Range:
+    """A worker count that follows the queues: from ``low`` to ``high`` (``1..8``); the pool
+    scales within it (pool/scaling.py)."""
+
+    low: int
+    high: int
+
+    def __str__(self) -> str:
+        return f"{self.low}..{self.high}"
+
+
+#: A group's worker count: fixed, or a range.
+Count = Union[int, Range]
+Groups = dict[Queues, Count]
+#: Worker counts as the manager keeps them (a range resolved to what it wants now).
+Counts = dict[Queues, int]
+#: A range's count in the config's own words: ``1..8`` (spaces around the dots allowed).
+RANGE = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
 RawConfig = Mapping[Any, Any]
 ConfigLoader = Callable[[Optional[str]], Optional[RawConfig]]
 
@@ -235,14 +262,29 @@ def resolve_groups(
     groups = _groups(defaults, source, None, max_workers)
     if section is not None:
         groups.update(_groups(section, source, environment, max_workers))
-    total = sum(groups.values())
+    total = sum(lowest(count) for count in groups.values())
     if total > max_workers:
+        least = " at least" if any(isinstance(c, Range) for c in groups.values()) else ""
         raise ConfigError(
             source,
-            f"asks for {total} workers in all; a pool runs at most {max_workers} "
+            f"asks for{least} {total} workers in all; a pool runs at most {max_workers} "
             "(--max-workers raises the limit)",
         )
     return groups
+
+
+def lowest(count: Count) -> int:
+    """The fewest workers ``count`` asks for (a range's low end)."""
+    return count.low if isinstance(count, Range) else count
+
+
+def highest(count: Count) -> int:
+    """The most workers ``count`` asks for (a range's high end)."""
+    return count.high if isinstance(count, Range) else count
+
+
+def has_ranges(groups: Groups) -> bool:
+    return any(isinstance(count, Range) for count in groups.values())
 
 
 def _groups(
@@ -306,7 +348,11 @@ def _queue_list(key: Any, source: str, section: str | None) -> Queues:
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def _worker_count(count: Any, source: str, key: str, section: str | None, max_workers: int) -> int:
+def _worker_count(
+    count: Any, source: str, key: str, section: str | None, max_workers: int
+) -> Count:
+    if isinstance(count, str) and ".." in count:
+        return _worker_range(count, source, key, section, max_workers)
     if isinstance(count, NotDecimal):
         raise ConfigError(
             source,
@@ -335,6 +381,24 @@ def _worker_count(count: Any, source: str, key: str, section: str | None, max_wo
     return count
 
 
+def _worker_range(text: str, source: str, key: str, section: str | None, max_workers: int) -> Range:
+    def refuse(problem: str) -> ConfigError:
+        return ConfigError(source, problem, key=key, section=section)
+
+    form = "MIN..MAX, two whole numbers (1..8)"
+    found = RANGE.match(text)
+    if not found:
+        raise refuse(f"a worker count range is {form}, not {shown(text)}")
+    low, high = int(found.group(1)), int(found.group(2))
+    if low < 0 or high < 0:
+        raise refuse(f"a worker count range must not be negative ({shown(text)})")
+    if low > high:
+        raise refuse(f"a worker count range goes from low to high: {high}..{low}, not {text}")
+    if high > max_workers:
+        raise refuse(f"the worker count must be at most {max_workers} ({shown(text)})")
+    return Range(low, high)
+
+
 def _kind(value: Any) -> str:
     if value is None:
         return "empty"
@@ -354,13 +418,18 @@ def _too_big(size: int) -> str:
 
 
 def describe_groups(groups: Groups) -> str:
-    """``foo: 1, foo,bar,baz: 4`` (or ``no workers``), for log lines."""
+    """``foo: 1, foo,bar,baz: 4, bar: 1..8`` (or ``no workers``), for log lines."""
     return ", ".join(f"{','.join(q)}: {n}" for q, n in groups.items()) or "no workers"
 
 
 def groups_to_json(groups: Groups) -> str:
-    """One JSON object, ``{"foo": 1, "foo,bar,baz": 4}``, in the file's order."""
-    return json.dumps({",".join(queues): count for queues, count in groups.items()})
+    """One JSON object, ``{"foo": 1, "foo,bar,baz": 4, "bar": "1..8"}``, in the file's order."""
+    return json.dumps(
+        {
+            ",".join(queues): str(count) if isinstance(count, Range) else count
+            for queues, count in groups.items()
+        }
+    )
 
 
 ConfigSpec = Union[str, "os.PathLike[str]", RawConfig, ConfigLoader, None]

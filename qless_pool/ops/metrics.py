@@ -9,8 +9,10 @@ stays Redis-free and thread-free; the helper dies with it.
   children write nothing), in prometheus_client's multiprocess mode: every worker writes its own
   file and the helper adds them up at scrape time. The files of workers that have exited are
   folded into one file per metric type, so that recycled workers do not pile files up.
-- ``qless_pool_workers{state}``, ``qless_pool_worker_restarts_total{reason}``: read from the
-  pool's state files (state.py) at scrape time.
+- ``qless_pool_workers{state}``, ``qless_pool_worker_restarts_total{reason}``,
+  ``qless_pool_workers_wanted{queues}`` and ``qless_pool_scale_events_total{queues,
+  direction}`` (a range group's steps): read from the pool's state files (state.py) at scrape
+  time.
 - ``qless_pool_queue_jobs{queue, state}``: qless's counts, read from Redis at scrape time, and
   ``qless_pool_failed_jobs{group}``: its failed jobs by failure group (every group in qless).
 
@@ -323,6 +325,7 @@ class PoolCollector:
         for reason, count in (manager.get("restarts") or {}).items():
             restarts.add_metric([reason], count)
         yield restarts
+        yield from _scaling_metrics(manager)
         counts, groups = self._from_redis(manager)
         queues = GaugeMetricFamily(
             "qless_pool_queue_jobs", "qless's jobs of the pool's queues, by state",
@@ -358,6 +361,30 @@ class PoolCollector:
             log.warning("cannot read the queues and failed jobs: %s", error)
             self.client = None
             return {}, {}
+
+
+def _scaling_metrics(manager: dict[str, Any]) -> Iterator[Any]:
+    """Every group's wanted count (a range: what it wants now) and the range groups' scale
+    events, from the manager's state."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    wanted = GaugeMetricFamily(
+        "qless_pool_workers_wanted", "The workers the pool keeps for a queue list now (a range: "
+        "where the scaler has it)", labels=["queues"],
+    )  # fmt: skip
+    events = CounterMetricFamily(
+        "qless_pool_scale_events", "A range group's steps: up (workers added) and down (an idle "
+        "worker retired)", labels=["queues", "direction"],
+    )  # fmt: skip
+    for group in manager.get("groups", []):
+        queues = ",".join(group["queues"])
+        wanted.add_metric([queues], group.get("desired", 0))
+        scaling = group.get("scaling")
+        if scaling:
+            events.add_metric([queues, "up"], scaling.get("ups", 0))
+            events.add_metric([queues, "down"], scaling.get("downs", 0))
+    yield wanted
+    yield events
 
 
 def fold_dead_processes(directory: str, alive: Optional[Sequence[int]] = None) -> Optional[str]:

@@ -143,6 +143,7 @@ def collect(pid: int, redis_url: Optional[str] = None, queues: bool = True) -> d
             "desired": group["desired"],
             "live": group["live"],
             "backoff_until": group["backoff_until"],
+            **_range_of(group),
         }
         for group in manager.get("groups", [])
     ]
@@ -307,7 +308,10 @@ def render(snapshot: dict[str, Any]) -> str:
         backoff = ""
         if group["backoff_until"]:
             backoff = f"  (respawn backoff, {max(0, group['backoff_until'] - time.time()):.0f}s)"
-        lines.append(f"{','.join(group['queues']):<25} {group['live']}/{group['desired']}{backoff}")
+        lines.append(
+            f"{','.join(group['queues']):<25} {group['live']}/{group['desired']}{backoff}"
+            + _scaling_text(group)
+        )
     lines += ["", f"{'PID':<8}{'QUEUES':<20}{'STATE':<12}{'DONE':>7}{'RSS':>8}  JOB"]
     for worker in snapshot["workers"]:
         rss = f"{worker['rss_bytes'] >> 20}M" if worker["rss_bytes"] else "-"
@@ -391,3 +395,35 @@ def main(argv: Sequence[str]) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+
+
+def _range_of(group: dict[str, Any]) -> dict[str, Any]:
+    """A range group's range, wanted count and the scaler's view (the last decision and why)."""
+    if "range" not in group:
+        return {}
+    scaling = group.get("scaling") or {}
+    return {
+        "range": group["range"],
+        "wanted": group["desired"],
+        "scaling": {
+            "wait": scaling.get("wait"),
+            "last": scaling.get("last"),
+            "ups": scaling.get("ups", 0),
+            "downs": scaling.get("downs", 0),
+            "redis_down": scaling.get("redis_down"),
+        },
+    }
+
+
+def _scaling_text(group: dict[str, Any]) -> str:
+    if "range" not in group:
+        return ""
+    scaling = group["scaling"]
+    text = f"  range {group['range']}"
+    if scaling["redis_down"]:
+        return text + " (holding: Redis unreachable)"
+    last = scaling["last"]
+    if last:
+        ago = _duration(max(0.0, time.time() - last["at"]))
+        text += f"; {last['action']} to {last['wanted']} {ago} ago: {last['reason']}"
+    return text

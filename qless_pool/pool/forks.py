@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .. import hooks, lifeline, options, proctitle
-from ..config import Groups
+from ..config import Groups, highest
 from ..logs import logger, set_role
 from ..notes import Notes, PauseFlag
 from ..ops.state import PoolState
@@ -52,6 +52,7 @@ class Forking:
     metrics_restart_at: float
     workers: dict[int, WorkerRecord]
     notes: Optional[Notes]
+    sampler_fd: int  # ranges.py: the sampler's pipe (not a worker's)
     pause: PauseFlag
     single_process_group: bool
     close_in_workers: tuple[int, ...]
@@ -141,7 +142,7 @@ class Forking:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGER_SIGNALS)
         groups = self.groups or {}
         # Only queues a worker serves can drain; the others are looked at once, for a warning.
-        served = [queue for group, count in groups.items() if count for queue in group]
+        served = [queue for group, count in groups.items() if highest(count) for queue in group]
         unserved = [queue for group in groups for queue in group if queue not in served]
         watcher = DrainWatcher(
             served,
@@ -209,7 +210,8 @@ class Forking:
             signal.set_wakeup_fd(-1)
             listener = [self.metrics_listener.fileno()] if self.metrics_listener else []
             assert self.notes is not None
-            own = (self._wakeup_r, self._wakeup_w, self.notes.read_fd, self.notes.write_fd)
+            own = (self._wakeup_r, self._wakeup_w, self.notes.read_fd, self.notes.write_fd,
+                   *([self.sampler_fd] if self.sampler_fd >= 0 else []))  # fmt: skip
             # A reload's channel (reload.py): the other manager must see it close with us.
             channels = [channel.fileno() for channel in self._channels()]
             for fd in (*own, *self.close_in_workers, *listener, *channels):

@@ -224,6 +224,8 @@ class Successor:
     #: The old pool's workers that take jobs, by group (as it last said): the new pool starts
     #: at most one more than the configured count minus those.
     old_active: dict[Queues, int] = field(default_factory=dict)
+    #: The old pool's range groups' wanted counts: the new one starts them there (ranges.py).
+    scaled: dict[Queues, int] = field(default_factory=dict)
 
     @classmethod
     def from_environment(cls) -> Optional[Successor]:
@@ -245,6 +247,7 @@ class Successor:
             channel, int(given["predecessor"]), bool(given["kept"]), bool(given["paused"]),
             metrics_fd, given.get("request"), pidfile_fd,
             old_active=decode_counts(given.get("active"), "active"),
+            scaled=decode_counts(given.get("scaled"), "wanted"),
         )  # fmt: skip
 
     def failed(self, message: str) -> None:

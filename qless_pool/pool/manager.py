@@ -30,16 +30,19 @@ from dataclasses import replace
 from typing import Any, Optional
 
 from .. import lifeline, notes, options, proctitle
-from ..config import MAX_POOL_WORKERS, ConfigSource, Groups, describe_groups
+from ..config import MAX_POOL_WORKERS, ConfigSource, Counts, Groups, describe_groups
 from ..logs import logger, set_role
 from ..ops import state
 from ..urls import check_redis_url, default_redis_url
 from ..worker.limits import RECYCLED
 from ..worker.reservation import default_allowed_modules
+from ..worker.signals import IDLE_RETIRED
 from .forks import Forking
 from .handover import HandOver, Successor, logical_directory
 from .publish import StatePublisher, effective_options
+from .ranges import Ranges
 from .reload import Reloading
+from .scaling import ScaleSettings
 from .signals import MANAGER_SIGNALS, ManagerSignals
 from .table import Backoff, WorkerRecord, clean_exit, next_spawn_time, note_exit, plan
 
@@ -54,12 +57,13 @@ TERM_BEHAVIOURS = options.choices("term")
 TICK = 1.0
 
 
-class Pool(ManagerSignals, Forking, Reloading):
+class Pool(ManagerSignals, Forking, Reloading, Ranges):
     """The pool manager. ``Pool(config).run()`` returns the exit status.
 
     config              a ConfigSource, or what it accepts: a path, a dict, a callable
     environment         the config section (default: $QLESS_ENV, $RACK_ENV, $RAILS_ENV)
-    appname, redis_url, term_behaviour, spawn_delay, max_workers, single_process_group, drain:
+    appname, redis_url, term_behaviour, spawn_delay, max_workers, single_process_group, drain,
+    scale_interval, scale_up_after, scale_down_after, scale_step:
                         the options (options.py; redis_url is ``redis``, term_behaviour ``term``)
     worker_options      passed to every Worker: the worker options (options.py), kill_grace
     daemonized          WINCH acts only then (a terminal resize sends WINCH too)
@@ -92,6 +96,10 @@ class Pool(ManagerSignals, Forking, Reloading):
         drain: bool = False,
         metrics_listener: Optional[Any] = None,
         successor: Optional[Successor] = None,
+        scale_interval: float = 1.0,
+        scale_up_after: float = 1.0,
+        scale_down_after: float = 30.0,
+        scale_step: int = 1,
     ):
         if term_behaviour not in TERM_BEHAVIOURS:
             raise ValueError(f"term_behaviour must be one of {', '.join(TERM_BEHAVIOURS)}")
@@ -154,6 +162,17 @@ class Pool(ManagerSignals, Forking, Reloading):
         self._title = ""
         self._worker_count = -1
         self.publisher: Optional[StatePublisher] = None  # writes it
+        # Groups with a range (foo: 1..8): how many each wants now (ranges.py, scaling.py).
+        self._init_ranges(
+            ScaleSettings(
+                check("scale_interval", scale_interval),
+                check("scale_up_after", scale_up_after),
+                check("scale_down_after", scale_down_after),
+                check("scale_step", scale_step),
+                self.source.max_workers,
+            ),
+            successor.scaled if successor is not None else None,
+        )
 
     def effective_options(self) -> dict[str, Any]:
         """The options (options.py) as this pool holds them (publish.effective_options)."""
@@ -163,6 +182,7 @@ class Pool(ManagerSignals, Forking, Reloading):
         """Read the config (raises ConfigError): done before preloading the application, so a
         broken file fails the start at once."""
         self.groups = self.source.load()
+        self.configure_ranges()
 
     def run(self) -> int:
         """Run the pool until a signal (or drain mode) ends it; returns the exit status: 0, or in
@@ -172,6 +192,7 @@ class Pool(ManagerSignals, Forking, Reloading):
         set_role("manager", self.appname)
         if self.groups is None:
             self.load_config()
+        self.configure_ranges()  # (also when the launcher loaded the config)
         self._open_state()
         self.notes = notes.Notes()
         self._install_signal_handlers()
@@ -180,7 +201,8 @@ class Pool(ManagerSignals, Forking, Reloading):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MANAGER_SIGNALS)
         if self.successor is not None:  # loaded: the old manager may start handing over
             self.pause.set(self.successor.paused)
-            counts = [{"queues": list(q), "count": n} for q, n in (self.groups or {}).items()]
+            wanted = self.range_counts(self.groups or {})
+            counts = [{"queues": list(q), "count": n} for q, n in wanted.items()]
             self.successor.channel.send("ready", groups=counts)
         # A job child whose worker was killed comes to us, so that what it left is killed too.
         subreaper = lifeline.become_subreaper()
@@ -200,6 +222,7 @@ class Pool(ManagerSignals, Forking, Reloading):
             started = time.time()  # before the fork: the workers may finish jobs before it runs
             self.drain_pid = self._fork(lambda: self._become_drain_watcher(started))
         self._keep_metrics_helper()
+        self._keep_sampler()
         self.reconcile()
         self._update_title()
         if self.successor is None:
@@ -223,6 +246,7 @@ class Pool(ManagerSignals, Forking, Reloading):
                 if self.stopping is None:
                     self.reconcile()
                     self._keep_metrics_helper()
+                    self._keep_sampler()
                     self._tell_predecessor()
                 self._update_title()
                 if self.stopping is None:
@@ -258,9 +282,12 @@ class Pool(ManagerSignals, Forking, Reloading):
         poller.register(self.notes.read_fd, select.POLLIN)
         for channel in self._channels():
             poller.register(channel.fileno(), select.POLLIN)
+        if self.sampler_fd >= 0:
+            poller.register(self.sampler_fd, select.POLLIN)
         if poller.poll(max(0.0, wake - now) * 1000):
             self._read_signals()
             self._read_notes()
+            self._read_samples()
             self._read_channel()
             self._read_predecessor()
 
@@ -293,7 +320,11 @@ class Pool(ManagerSignals, Forking, Reloading):
             if reaped is None:
                 return
             pid, status = reaped
-            if self._helper_exited(pid, status) or self._successor_exited(pid, status):
+            if (
+                self._helper_exited(pid, status)
+                or self._successor_exited(pid, status)
+                or self._sampler_exited(pid, status)
+            ):
                 continue
             record = self.workers.pop(pid, None)
             if record is None:
@@ -311,6 +342,9 @@ class Pool(ManagerSignals, Forking, Reloading):
                 log.info(
                     "%s stopped: %s after %.1fs", what, lifeline.describe_status(status), lived
                 )
+                continue
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == IDLE_RETIRED:
+                self._worker_retired_idle(record)  # asked to, when its group scaled down
                 continue
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == RECYCLED:
                 # It said why when it decided to go; a recycle is not a failed start.
@@ -332,10 +366,12 @@ class Pool(ManagerSignals, Forking, Reloading):
                 "in %gs", ",".join(queues), backoff.failures, delay,
             )  # fmt: skip
 
-    def desired(self) -> Groups:
-        """The counts reconcile keeps: the config's; none after WINCH; during a reload, what
-        the hand-over allows (reload.py)."""
-        return self.reload_desired({} if self.winched or self.groups is None else self.groups)
+    def desired(self) -> Counts:
+        """The counts reconcile keeps: the config's (a range: what it wants now, ranges.py);
+        none after WINCH; during a reload, what the hand-over allows (reload.py)."""
+        if self.winched or self.groups is None:
+            return self.reload_desired({})
+        return self.reload_desired(self.range_counts(self.groups))
 
     def _next_spawn_time(self, now: float) -> float:
         """When reconcile can next start a missing worker (a tick away if none is missing)."""

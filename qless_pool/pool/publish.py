@@ -35,6 +35,7 @@ class StatePublisher:
         """Rewrite manager.json when anything in it has changed (spawns, reaps, signals)."""
         now = time.monotonic()
         desired = pool.desired() if pool.groups is not None else {}
+        scaling = pool.scaler.report()  # the range groups (ranges.py)
         backoffs = {q: b.until for q, b in pool.backoffs.items() if b.failures and b.until > now}
         snapshot = (
             tuple(pool.workers.values()),
@@ -46,6 +47,7 @@ class StatePublisher:
             str(pool.last_reload),
             str(list(pool.reloads)),
             pool.successor.serving if pool.successor is not None else None,
+            str(scaling),
         )
         if snapshot == self._published and self.state.intact():
             return
@@ -59,6 +61,7 @@ class StatePublisher:
                     "desired": desired.get(queues, 0),
                     "live": len(active.get(queues, ())),
                     "backoff_until": wall + backoffs[queues] if queues in backoffs else None,
+                    **_scaling(scaling.get(queues), pool.scaler.redis_down),
                 }
             )
         data = {
@@ -151,3 +154,10 @@ def effective_options(pool: Pool) -> dict[str, Any]:
 
 
 # --- start and the loop ---------------------------------------------------------------------
+
+
+def _scaling(report: Optional[dict[str, Any]], redis_down: Optional[str]) -> dict[str, Any]:
+    """A range group's part of its entry: its range, and how the scaler sees it."""
+    if report is None:
+        return {}
+    return {"range": report["range"], "scaling": {**report, "redis_down": redis_down}}

@@ -88,6 +88,7 @@ class Reloading:
     pause: Any
     state: Any
     groups: Any
+    scaler: Any  # ranges.py: the range groups' wanted counts pass to the new manager
     single_process_group: bool
     #: The environment and working directory the pool was started with (pool/launch.py sets
     #: them; run() alone: the process's): the new manager starts with the same.
@@ -185,6 +186,7 @@ class Reloading:
             "paused": self.pause.get(),
             "request": request_id,
             "active": encode_counts(self._active(), "active"),
+            "scaled": encode_counts(self.scaler.wanted(), "wanted"),
         }
         environ = dict(self.start_environ if self.start_environ is not None else os.environ)
         environ[SUCCESSOR_VARIABLE] = json.dumps(handed)

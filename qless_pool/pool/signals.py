@@ -25,7 +25,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .. import lifeline
-from ..config import ConfigError, ConfigSource, Groups, describe_groups
+from ..config import ConfigError, ConfigSource, Groups, describe_groups, highest
 from ..logs import logger
 from ..notes import PauseFlag
 from ..worker import HANDLED_SIGNALS
@@ -90,6 +90,10 @@ class ManagerSignals:
 
     def reconcile(self) -> None:
         raise NotImplementedError
+
+    if TYPE_CHECKING:  # ranges.Ranges', later in the manager's bases
+
+        def configure_ranges(self) -> None: ...
 
     def _install_signal_handlers(self) -> None:
         # Handlers do nothing: Python's C handler writes the signal number to the wakeup pipe.
@@ -179,6 +183,7 @@ class ManagerSignals:
             log.warning("HUP: %s", warning)
         self._warn_if_empty(groups, "HUP: ")
         self.groups = groups
+        self.configure_ranges()  # a range group keeps its count, clamped into its new range
         self.winched = False
         self.backoffs.clear()
         log.info("HUP: config %s; restarting every worker gracefully", describe_groups(groups))
@@ -194,7 +199,7 @@ class ManagerSignals:
         self._emit("reloaded")
 
     def _warn_if_empty(self, groups: Groups, prefix: str) -> None:
-        if not any(groups.values()):
+        if not any(highest(count) for count in groups.values()):
             log.warning(
                 "%s%s asks for no workers at all (%s): no job will run until it asks for some "
                 "and the pool is sent HUP",

@@ -67,7 +67,7 @@ from .reservation import (
 from .reserving import Reserving
 from .running import describe_job
 from .settling import Settler, settled_outcome, settlement_for
-from .signals import HANDLED_SIGNALS, SignalHandling
+from .signals import HANDLED_SIGNALS, IDLE_RETIRED, SignalHandling
 from .will import Will
 
 __all__ = ["HANDLED_SIGNALS", "Worker", "worker_name"]
@@ -195,6 +195,7 @@ class Worker(Reserving, SignalHandling):
         self.up = False  # Redis answered: said to the manager once (notes.py)
         self.began = False  # a job: said to the manager once
         self.recycling: Optional[str] = None  # why this worker stops to be replaced
+        self.retired_idle = False  # WINCH while idle: the pool scaled down
         self.stop_deadline: Optional[float] = None  # monotonic: --graceful-timeout
         self._wakeup_r = self._wakeup_w = -1
         self._saved_handlers: dict[int, Any] = {}
@@ -207,7 +208,8 @@ class Worker(Reserving, SignalHandling):
 
     def work(self) -> int:
         """Run until QUIT (after the current job), TERM/INT, or the parent's death. Returns 0,
-        or RECYCLED when it stopped for --max-jobs or --max-memory."""
+        or RECYCLED when it stopped for --max-jobs or --max-memory, or IDLE_RETIRED when its
+        pool scaled down (WINCH while idle)."""
         self.pid = os.getpid()
         self.name = worker_name(self.pid)
         self.started = time.time()
@@ -239,6 +241,8 @@ class Worker(Reserving, SignalHandling):
             clean = True
         finally:
             self._shut_down(clean)
+        if self.retired_idle:
+            return IDLE_RETIRED
         return RECYCLED if self.recycling else 0
 
     def _finished(self) -> bool:

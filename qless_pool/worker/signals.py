@@ -4,6 +4,8 @@
     TERM, INT  stop the current job now (it is handed back), then exit
     USR1       stop the current job now (it is handed back), keep working
     USR2       take no new jobs (the title says Paused); CONT: take jobs again
+    WINCH      retire if idle (a range's step down, pool/scaling.py): with no job running,
+               give back what it holds and exit (IDLE_RETIRED); running one, ignored
     CHLD       (a job child exited: the loop reaps it on its next turn)
 
 The handlers do nothing: Python's C-level handler writes each signal's number to the worker's
@@ -26,7 +28,7 @@ from .limits import Limits
 from .reservation import Holding
 from .runmode import RunMode
 
-__all__ = ["HANDLED_SIGNALS", "SignalHandling"]
+__all__ = ["HANDLED_SIGNALS", "IDLE_RETIRED", "SignalHandling"]
 
 log = logger.getChild("worker")
 
@@ -38,8 +40,11 @@ HANDLED_SIGNALS = (
     signal.SIGUSR1,
     signal.SIGUSR2,
     signal.SIGCONT,
+    signal.SIGWINCH,
     signal.SIGCHLD,
 )
+#: The exit status of a worker that retired, idle, when its pool scaled down (pool/scaling.py).
+IDLE_RETIRED = 76
 
 
 class SignalHandling(RunMode):
@@ -52,6 +57,7 @@ class SignalHandling(RunMode):
     pause: Optional[PauseFlag]
     next_poll: float
     stop_deadline: Optional[float]
+    retired_idle: bool
     limits: Limits
     holding: Holding
     watch_parent: Optional[int]
@@ -130,6 +136,17 @@ class SignalHandling(RunMode):
             log.info("CONT: taking jobs again")
         self.paused = False
         self.next_poll = 0.0
+
+    def handle_sigwinch(self) -> None:
+        if self.stopping or self.watch_parent is None:
+            return  # a worker of no pool (a terminal's resize sends WINCH too): nothing to do
+        if self._busy():
+            log.debug("WINCH: running a job, so not retiring")
+            return
+        log.info("WINCH: idle, retiring (the pool scales down)")
+        self.retired_idle = True
+        # As TERM for what it holds (given back unstarted, no retry spent), with nothing running.
+        self.stopping = self.terminating = True
 
     def handle_sigchld(self) -> None:
         """Nothing to do here: the loop reaps its children on every turn."""
