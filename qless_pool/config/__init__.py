@@ -72,6 +72,8 @@ CONFIG_VARIABLE = "QLESS_POOL_CONFIG"
 #: The most workers a pool runs in all (so also for one queue list), unless --max-workers says
 #: otherwise: a typo of a few digits must not fork until fork fails.
 MAX_POOL_WORKERS = 1000
+#: The highest MAX of a range (--max-workers caps what the pool runs).
+MAX_RANGE = 100_000
 #: The most queues one queue list may name.
 MAX_QUEUES = 1000
 #: The largest config file read (a pool's config is a few hundred bytes).
@@ -394,8 +396,10 @@ def _worker_range(text: str, source: str, key: str, section: str | None, max_wor
         raise refuse(f"a worker count range must not be negative ({shown(text)})")
     if low > high:
         raise refuse(f"a worker count range goes from low to high: {high}..{low}, not {text}")
-    if high > max_workers:
+    if low > max_workers:
         raise refuse(f"the worker count must be at most {max_workers} ({shown(text)})")
+    if high > MAX_RANGE:  # beyond --max-workers is allowed: the cap binds when scaling
+        raise refuse(f"a worker count range goes at most to {MAX_RANGE:,} ({shown(text)})")
     return Range(low, high)
 
 

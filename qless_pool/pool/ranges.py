@@ -62,6 +62,8 @@ class Ranges:
     sampler_restart_at: float
     sampler_buffer: bytearray
     retire_asked: dict[Queues, RetireAsked]
+    scale_start: Optional[Counts]
+    fixed_before: Counts
 
     if TYPE_CHECKING:  # forks.Forking's
 
@@ -70,6 +72,7 @@ class Ranges:
     def _init_ranges(self, settings: ScaleSettings, start: Optional[Counts] = None) -> None:
         self.scaler = Scaler(settings)
         self.scale_start = start  # a reload's wanted counts, for the first configure
+        self.fixed_before: Counts = {}  # the groups with a fixed count, as last configured
         self.sampler_pid = None
         self.sampler_fd = -1
         self.sampler_queues = ()
@@ -78,9 +81,14 @@ class Ranges:
         self.retire_asked = {}
 
     def configure_ranges(self) -> None:
-        """The config's groups changed (start, HUP): the scaler takes the ranges."""
-        self.scaler.configure(self.groups or {}, self.scale_start)
+        """The config's groups changed (start, HUP): the scaler takes the ranges. A group that
+        had a fixed count starts its range there (clamped into it)."""
+        start = {**self.fixed_before, **(self.scale_start or {})}
+        self.scaler.configure(self.groups or {}, start)
         self.scale_start = None
+        self.fixed_before = {
+            q: n for q, n in (self.groups or {}).items() if not isinstance(n, Range)
+        }
 
     def range_counts(self, groups: Groups) -> Counts:
         """``groups`` with every range replaced by what the pool wants of it now."""

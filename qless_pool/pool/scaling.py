@@ -139,12 +139,12 @@ class Scaler:
                         f"the next job has waited {wait:.1f}s (> {self.settings.up_after:g}s)"
                     )))  # fmt: skip
                 elif group.wanted < group.range.high:
-                    capped = True
-                    if not self.capped:
+                    if not self.capped and not capped:  # once a binding, for the first group
                         decisions.append(self._decide(group, queues, "hold", (
                             f"the next job has waited {wait:.1f}s, but the pool runs "
                             f"--max-workers {self.settings.cap} already"
                         )))  # fmt: skip
+                    capped = True
             elif (
                 wait is None
                 and group.wanted > group.range.low
@@ -231,30 +231,45 @@ def sample_waits(
 
 def _ages(redis: Any, heads: dict[str, tuple[str, float]], now: float) -> dict[str, float]:
     """How long each queue's head job has waited: from its score (priority - put time / 1e10,
-    qless-core's work queue), else from its history's last put."""
+    qless-core's work queue), else (a job whose priority was changed is scored without its put
+    time) from its history's last put, a round trip more."""
     if not heads:
         return {}
     ask = redis.pipeline(transaction=False)
     for jid, _ in heads.values():
-        ask.hmget(f"ql:j:{jid}", "priority", "history")
-    ages = {}
-    for (queue, (_, score)), (priority, history) in zip(heads.items(), ask.execute()):
+        ask.hget(f"ql:j:{jid}", "priority")
+    puts: dict[str, float] = {}
+    unsure: dict[str, str] = {}
+    for (queue, (jid, score)), priority in zip(heads.items(), ask.execute()):
         try:
             put = (float(priority) - score) * 1e10
         except (TypeError, ValueError):
             continue  # the job went meanwhile
-        if not 0 <= now - put <= PLAUSIBLE_AGE:
-            put = _last_put(history, now)
-        ages[queue] = max(0.0, now - put)
-    return ages
+        if 0 <= now - put <= PLAUSIBLE_AGE:
+            puts[queue] = put
+        else:
+            unsure[queue] = jid
+    if unsure:
+        ask = redis.pipeline(transaction=False)
+        for jid in unsure.values():
+            ask.lrange(f"ql:j:{jid}-history", -20, -1)
+        for queue, history in zip(unsure, ask.execute()):
+            puts[queue] = _last_put(history, now)
+    return {queue: max(0.0, now - put) for queue, put in puts.items()}
 
 
-def _last_put(history: Any, now: float) -> float:
-    try:
-        events = json.loads(history or "[]")
-        return float(max(e["when"] for e in events if e.get("what") == "put"))
-    except (ValueError, TypeError, KeyError):
-        return now
+def _last_put(history: list[Any], now: float) -> float:
+    """The time of the last ``put`` among qless's history entries (JSON each), else now."""
+    for entry in reversed(history):
+        try:
+            event = json.loads(entry)
+            if isinstance(event, list):  # qless-core keeps [when, what, {details}]
+                event = {"when": event[0], "what": event[1]}
+            if event.get("what") == "put":
+                return float(event["when"])
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            continue
+    return now
 
 
 def run_sampler(
