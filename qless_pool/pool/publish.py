@@ -149,11 +149,12 @@ def effective_options(pool: Pool) -> dict[str, Any]:
         "single_process_group": pool.single_process_group,
         "term": pool.term_behaviour,
         "drain": pool.drain,
+        "scale_interval": pool.scaler.settings.interval,
+        "scale_up_after": pool.scaler.settings.up_after,
+        "scale_down_after": pool.scaler.settings.down_after,
+        "scale_step": pool.scaler.settings.step,
         **pool.worker_options,
     }
-
-
-# --- start and the loop ---------------------------------------------------------------------
 
 
 def _scaling(report: Optional[dict[str, Any]], redis_down: Optional[str]) -> dict[str, Any]:
@@ -161,3 +162,6 @@ def _scaling(report: Optional[dict[str, Any]], redis_down: Optional[str]) -> dic
     if report is None:
         return {}
     return {"range": report["range"], "scaling": {**report, "redis_down": redis_down}}
+
+
+# --- start and the loop ---------------------------------------------------------------------
