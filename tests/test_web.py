@@ -427,8 +427,6 @@ def test_served_under_a_prefix_with_its_headers(redis_url, client, tmp_path):
         assert "Path=/qless/" in headers["Set-Cookie"]
         status, _, text = served.get("/api/queues")
         assert status == 200 and json.loads(text)[0]["waiting"] == 1
-        outside = served.get("/../")  # the server's root is not the dashboard
-        assert outside[0] in (200, 404)
     finally:
         served.stop()
     assert "serving the dashboard on http://127.0.0.1:" in served.log.read_text()

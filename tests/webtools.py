@@ -65,7 +65,14 @@ class Served:
         self.process, self.base, self.log = process, base, log
 
     def get(self, path: str, headers=None) -> tuple[int, dict[str, str], str]:
-        request = urllib.request.Request(self.base + path, headers=headers or {})
+        return self.ask("GET", path, headers)
+
+    def ask(
+        self, method: str, path: str, headers=None, body: bytes | None = None
+    ) -> tuple[int, dict[str, str], str]:
+        request = urllib.request.Request(
+            self.base + path, data=body, headers=headers or {}, method=method
+        )
         try:
             with urllib.request.urlopen(request, timeout=10) as answer:
                 return answer.status, dict(answer.headers), answer.read().decode()

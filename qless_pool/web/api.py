@@ -83,9 +83,7 @@ def cancel(jid: str) -> Any:
 
 @api.post("/jobs/<jid>/move")
 def move(jid: str) -> Any:
-    queue = str(given("queue") or "").strip()
-    if not queue:
-        raise ValueError('move needs a queue: {"queue": "name"}')
+    queue = queue_name(given("queue"))
     dashboard().ops.move(jid, queue)
     log_action("move", f"{jid} to {queue}")
     return jsonify(jid=jid, queue=queue)
@@ -168,6 +166,16 @@ def given(name: str) -> Any:
             raise ValueError("the body is not a JSON object")
         return body.get(name)
     return request.form.get(name)
+
+
+def queue_name(value: Any) -> str:
+    """A queue to move a job to: a name of printable characters (one the pages can address)."""
+    name = str(value or "").strip()
+    if not name:
+        raise ValueError('move needs a queue: {"queue": "name"} (a form field "queue")')
+    if not name.isprintable() or "/" in name[:1]:
+        raise ValueError(f"queue {name!r}: a name of printable characters, not starting with /")
+    return name
 
 
 def whole(value: Any, name: str, low: int, high: int) -> int:

@@ -3,13 +3,17 @@ answers for Redis being away. The pages are in pages.py, the JSON API in api.py.
 
 Every request, in order (``_guard``):
 
+    which Host?                 -> without a token file, a loopback name only (unless the app
+                                   was made with ``hosts``): a DNS-rebinding page gets 403
     static file or login page?  -> served to anyone
     who is it?                  -> a token (``Authorization: Bearer``), or the browser's session
-                                   cookie naming a token still in the token file; without a token
-                                   file, everyone (the server then listens on loopback, or is
-                                   read-only); nobody -> 401 (a page: the login form)
+                                   cookie naming a token still in the token file (and not logged
+                                   out); without a token file, everyone (the server then listens
+                                   on loopback, or is read-only); nobody -> 401 (the login form)
     an action (POST)?           -> 403 if --read-only, a read token, a cross-site request
-                                   (Sec-Fetch-Site, Origin), or, from a browser session, no CSRF
+                                   (Sec-Fetch-Site, Origin), or, unless it came with a Bearer
+                                   token or as JSON to the API (which a browser sends cross-site
+                                   only after a CORS preflight that we never allow), no CSRF
                                    token matching the session's
 
 Every answer carries a Content-Security-Policy (scripts and styles from this server only, no
@@ -20,13 +24,17 @@ from __future__ import annotations
 
 import logging
 import secrets
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
 import redis
 from flask import Flask, Response, g, jsonify, redirect, render_template, request, session, url_for
 from flask.sessions import SecureCookieSessionInterface
+from werkzeug.exceptions import HTTPException
 
 from ..client import control_client
 from ..ops.operations import Operations
@@ -46,6 +54,9 @@ CSP = (
 #: Everyone, when there is no token file.
 ANYONE = Token(WRITE, "anyone (no token file)", "")
 OPEN_ENDPOINTS = {"static", "pages.login", "pages.logout"}
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+#: How long a browser's login lasts.
+SESSION_SECONDS = 12 * 3600
 
 
 @dataclass
@@ -57,6 +68,28 @@ class Dashboard:
     tokens: Optional[TokenFile]
     read_only: bool
     shaper: views.Shaper
+    hosts: Optional[tuple[str, ...]]  # the Host names answered; None: any
+    logged_out: LoggedOut = field(default_factory=lambda: LoggedOut())
+
+
+class LoggedOut:
+    """The sessions logged out before their cookie expires. The cookie is signed, not stored:
+    without this, a copy of it taken before "Log out" would still let its holder in. Kept in
+    this process (a restart with a new --secret-key ends every session anyway)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._until: dict[str, float] = {}  # session id -> when its cookie expires anyway
+
+    def add(self, sid: str) -> None:
+        now = time.time()
+        with self._lock:
+            self._until = {s: t for s, t in self._until.items() if t > now}
+            self._until[sid] = now + SESSION_SECONDS
+
+    def __contains__(self, sid: object) -> bool:
+        with self._lock:
+            return sid in self._until
 
 
 def create_app(
@@ -64,14 +97,18 @@ def create_app(
     *,
     token_file: Optional[str] = None,
     read_only: bool = False,
-    hide_data_keys: Optional[list[str]] = None,
+    hide_data_keys: Sequence[str] = (),
     secret_key: Optional[str] = None,
+    hosts: Optional[Sequence[str]] = None,
 ) -> Flask:
     """The dashboard over qless at ``redis_url`` ($QLESS_URL, $REDIS_URL, localhost), as a
     WSGI application: serve it (``qless-pool web``) or mount it in your own (README: "Web
     dashboard"). ``token_file``: the tokens allowed in (tokens.py); without one, anyone who
-    reaches it may look and, unless ``read_only``, act. ``secret_key`` signs the browser's
-    session cookie (by default a random key: logins last as long as the process)."""
+    reaches it may look and, unless ``read_only``, act. ``hide_data_keys``: job data keys to
+    hide besides the default ones (views.DEFAULT_HIDDEN_KEYS). ``secret_key`` signs the
+    browser's session cookie (by default a random key: logins last as long as the process).
+    ``hosts``: the Host names answered (``["*"]`` for any); by default any with a token file,
+    loopback names only without one (so that a DNS-rebinding page cannot reach it)."""
     from .api import api
     from .pages import pages
 
@@ -82,19 +119,22 @@ def create_app(
         SESSION_COOKIE_NAME="qless_pool_session",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
-        PERMANENT_SESSION_LIFETIME=12 * 3600,
+        PERMANENT_SESSION_LIFETIME=SESSION_SECONDS,
         MAX_CONTENT_LENGTH=64 * 1024,
-        JSON_SORT_KEYS=False,
     )
+    app.json.sort_keys = False  # type: ignore[attr-defined]
     app.session_interface = _SessionCookie()
+    if hosts is None:
+        hosts = None if token_file else LOOPBACK_HOSTS
+    elif "*" in hosts:
+        hosts = None
     app.extensions["qless_pool"] = Dashboard(
         ops=Operations(control_client(url, "web")),
         redis_shown=mask_argument(url),
         tokens=TokenFile(token_file) if token_file else None,
         read_only=read_only,
-        shaper=views.Shaper(
-            views.DEFAULT_HIDDEN_KEYS if hide_data_keys is None else hide_data_keys
-        ),
+        shaper=views.Shaper((*views.DEFAULT_HIDDEN_KEYS, *hide_data_keys)),
+        hosts=tuple(h.lower() for h in hosts) if hosts is not None else None,
     )
     app.register_blueprint(pages)
     app.register_blueprint(api, url_prefix="/api")
@@ -103,6 +143,7 @@ def create_app(
     app.register_error_handler(redis.RedisError, _redis_away)
     app.register_error_handler(ConnectionError, _redis_away)
     app.register_error_handler(TimeoutError, _redis_away)
+    app.register_error_handler(HTTPException, _http_error)
     app.jinja_env.filters["when"] = views.when
     app.jinja_env.filters["pretty"] = views.pretty
     app.jinja_env.globals["dashboard"] = lambda: dashboard()
@@ -117,7 +158,8 @@ def dashboard() -> Dashboard:
 
 
 def wants_json() -> bool:
-    return request.blueprint == "api"
+    """Is this a call of the JSON API (also one to an address it does not have)?"""
+    return request.blueprint == "api" or (request.path + "/").startswith("/api/")
 
 
 # --- who may see and act ------------------------------------------------------------------------
@@ -127,9 +169,13 @@ def _guard() -> Optional[Response]:
     if "csrf" not in session:
         session["csrf"] = secrets.token_urlsafe(32)
     g.csrf = session["csrf"]
-    g.principal, g.by_bearer = _who()
+    g.principal, g.by_bearer = None, False
+    wrong_host = _wrong_host()
+    if wrong_host:
+        return refuse(403, wrong_host)
     if request.endpoint in OPEN_ENDPOINTS:
-        return None
+        return None  # no token is checked here: the login form checks its own
+    g.principal, g.by_bearer = _who()
     if g.principal is None:
         if wants_json():
             answer = jsonify(error="a token is needed (Authorization: Bearer <token>)")
@@ -144,17 +190,33 @@ def _guard() -> Optional[Response]:
     return None
 
 
+def _wrong_host() -> Optional[str]:
+    hosts = dashboard().hosts
+    if hosts is None:
+        return None
+    name = host_name()
+    if name in hosts:
+        return None
+    return (
+        f"refused: Host {name!r} is not one this dashboard answers ({', '.join(hosts)}); "
+        "without a token file it answers loopback names only"
+    )
+
+
 def _who() -> tuple[Optional[Token], bool]:
     """The token this request comes with, and whether it came as a Bearer header."""
-    tokens = dashboard().tokens
-    if tokens is None:
+    board = dashboard()
+    if board.tokens is None:
         return ANYONE, False
     header = request.headers.get("Authorization", "")
     if header[:7].lower() == "bearer ":
-        return tokens.check(header[7:]), True
-    line = session.get("token")
-    if isinstance(line, str) and line:
-        return tokens.by_line(line), False
+        found = board.tokens.check(header[7:])
+        if found is None:
+            log.warning("a wrong Bearer token from %s", request.remote_addr)
+        return found, True
+    line, sid = session.get("token"), session.get("sid")
+    if isinstance(line, str) and line and sid not in board.logged_out:
+        return board.tokens.by_line(line), False
     return None, False
 
 
@@ -164,12 +226,24 @@ def refuse_action() -> Optional[str]:
     if cross:
         return cross
     if request.endpoint in OPEN_ENDPOINTS:
-        return None if g.by_bearer else _csrf_refusal()
+        return _csrf_refusal()
     if dashboard().read_only:
         return "this dashboard is read-only (--read-only)"
     if not g.principal.may_act:
         return f"{g.principal.name} is a read token: acting needs a write token"
-    return None if g.by_bearer else _csrf_refusal()
+    if g.by_bearer or (wants_json() and request.is_json):
+        return None
+    return _csrf_refusal()
+
+
+def may_act() -> Optional[str]:
+    """Why the one asking may not act (None: they may): for the pages that lead to an action."""
+    if dashboard().read_only:
+        return "this dashboard is read-only (--read-only)"
+    if g.principal is None or not g.principal.may_act:
+        name = g.principal.name if g.principal else "nobody"
+        return f"{name} is a read token: acting needs a write token"
+    return None
 
 
 def cross_site() -> Optional[str]:
@@ -186,13 +260,23 @@ def cross_site() -> Optional[str]:
 
 def _csrf_refusal() -> Optional[str]:
     given = request.form.get("csrf") or request.headers.get("X-CSRF-Token") or ""
-    if not secrets.compare_digest(given, str(session.get("csrf", ""))) or not given:
-        return "refused: the form is stale or not this dashboard's (CSRF); reload the page"
-    return None
+    expected = str(session.get("csrf", ""))
+    if given and secrets.compare_digest(given.encode(), expected.encode()):
+        return None
+    if wants_json():
+        return ("refused: an action needs a Bearer token, a JSON body "
+                "(Content-Type: application/json) or the page's X-CSRF-Token")  # fmt: skip
+    return "refused: the form is stale or not this dashboard's (CSRF); reload the page"
 
 
 def log_action(action: str, detail: str) -> None:
-    log.info("%s: %s %s", g.principal.name, action, detail)
+    """One line in the log per action; what a request named (a queue, a tag) is escaped, so
+    that it cannot start a line of its own."""
+    log.info("%s: %s %s", g.principal.name, action, _printable(detail))
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def refuse(status: int, message: str) -> Response:
@@ -223,20 +307,46 @@ def _headers(answer: Response) -> Response:
     return answer
 
 
+def _http_error(error: HTTPException) -> Any:
+    """Flask's own refusals (404, 405, 413...): JSON from the API, our page from the pages."""
+    if error.code is None or error.code < 400:
+        return error
+    answer = refuse(error.code, str(error.description or error.name))
+    for name, value in error.get_headers():
+        if name in ("Allow", "WWW-Authenticate"):
+            answer.headers[name] = value
+    return answer
+
+
 def _redis_away(error: Exception) -> Any:
     if not (isinstance(error, redis.RedisError) or redis_is_down(error)):
         raise error
     shown = dashboard().redis_shown
     said = mask_secrets(str(error))
     message = f"Redis at {shown} is not answering ({said}). This page tries again by itself."
-    if isinstance(error, redis.ResponseError) and not redis_is_down(error):
+    if isinstance(error, redis.AuthenticationError):
+        message = (f"Redis at {shown} refused the dashboard's password or user ({said}): "
+                   "check the URL given with -R or $QLESS_URL.")  # fmt: skip
+    elif isinstance(error, redis.ResponseError) and not redis_is_down(error):
         message = f"Redis at {shown} refused: {said}"
         if wants_json():
             return refuse(500, message)
     if wants_json():
         return refuse(503, message)
-    page = render_template("error.html", status=503, message=message, retry=5)
+    again = request.method == "GET"  # a refresh would send a GET to an action's address
+    page = render_template("error.html", status=503, message=message, retry=5 if again else 0)
     return Response(page, status=503, headers={"Retry-After": "5"})
+
+
+def host_name() -> str:
+    """The request's Host without its port, lower case (``[::1]:5151`` -> ``::1``)."""
+    host = (request.host or "").lower()
+    return host[1:].split("]", 1)[0] if host.startswith("[") else host.rsplit(":", 1)[0]
+
+
+def on_loopback() -> bool:
+    """Did the request come to a loopback name (where a plain HTTP cookie is kept)?"""
+    return host_name() in LOOPBACK_HOSTS
 
 
 class _SessionCookie(SecureCookieSessionInterface):
@@ -245,10 +355,7 @@ class _SessionCookie(SecureCookieSessionInterface):
     a Secure cookie and nothing crosses a network)."""
 
     def get_cookie_secure(self, app: Flask) -> bool:
-        if request.is_secure:
-            return True
-        host = (request.host or "").rsplit(":", 1)[0].strip("[]")
-        return host not in ("localhost", "127.0.0.1", "::1")
+        return request.is_secure or not on_loopback()
 
     def get_cookie_path(self, app: Flask) -> str:
         return (request.script_root or "") + "/"

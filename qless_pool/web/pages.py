@@ -4,8 +4,10 @@ is a form (POST, with the CSRF token) that acts, says what it did and goes back 
 from __future__ import annotations
 
 import secrets
+import unicodedata
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import (
     Blueprint,
@@ -22,13 +24,18 @@ from flask import (
 from ..ops.operations import JOB_STATES, NotFound
 from ..ops.pools import pools as live_pools
 from . import views
-from .api import given, tag_list, whole
-from .app import dashboard, log_action, refuse, refuse_action
+from .api import given, queue_name, tag_list, whole
+from .app import dashboard, log, log_action, may_act, on_loopback, refuse, refuse_action
 
 __all__ = ["pages"]
 
 pages = Blueprint("pages", __name__)
 PAGE = 25
+PLAIN_HTTP = (
+    "This dashboard is reached over plain HTTP at a network address: browsers keep its login "
+    "cookie only over HTTPS. Put TLS in front (README: Web dashboard, behind a reverse proxy), "
+    "or reach it on localhost (an SSH tunnel)."
+)
 
 
 @pages.errorhandler(NotFound)
@@ -108,6 +115,9 @@ def whole_group(group: str, verb: str) -> Any:
     """GET: the confirmation, with the count; POST: do it (to all of them, in batches)."""
     ops = dashboard().ops
     if request.method == "GET":
+        refusal = may_act()
+        if refusal:
+            return refuse(403, refusal)
         count = ops.failure_groups().get(group, 0)
         if not count:
             raise NotFound(f"no failed jobs in group {group!r}")
@@ -148,9 +158,7 @@ def _cancel(jid: str) -> str:
 
 
 def _move(jid: str) -> str:
-    queue = str(given("queue") or "").strip()
-    if not queue:
-        raise ValueError("move needs a queue")
+    queue = queue_name(given("queue"))
     dashboard().ops.move(jid, queue)
     return f"moved to {queue}"
 
@@ -194,11 +202,17 @@ def act_on_job(jid: str, verb: str) -> Any:
     action = JOB_ACTIONS.get(verb)
     if action is None:
         raise NotFound(f"no action {verb!r}")
+    before = dashboard().ops.job(jid) if verb == "cancel" else {}
     said = action(jid)
     log_action(verb, f"{jid}: {said}")
     flash(f"{jid}: {said}")
-    if verb == "cancel":
-        return redirect(url_for("pages.failed"))
+    if verb == "cancel":  # the job is gone: back to where it was listed
+        group = (before.get("failure") or {}).get("group")
+        if before.get("state") == "failed" and group:
+            return redirect(url_for("pages.failed_group", group=group))
+        if before.get("queue"):
+            return redirect(url_for("pages.queue", name=before["queue"]))
+        return redirect(url_for("pages.overview"))
     return redirect(url_for("pages.job", jid=jid))
 
 
@@ -220,18 +234,23 @@ def login() -> Any:
     target = _safe_next(request.values.get("next", ""))
     if board.tokens is None:
         return redirect(target)
+    # A browser keeps the login's Secure cookie only over HTTPS (or on loopback): say so
+    # rather than let the form come back empty.
+    plain = None if request.is_secure or on_loopback() else PLAIN_HTTP
     if request.method == "GET":
-        return render_template("login.html", next=target)
+        return render_template("login.html", next=target, plain=plain)
     refusal = refuse_action()
     if refusal:
         return refuse(403, refusal)
     found = board.tokens.check(request.form.get("token", ""))
     if found is None:
-        page = render_template("login.html", next=target, wrong=True)
+        log.warning("a wrong token in the login form from %s", request.remote_addr)
+        page = render_template("login.html", next=target, wrong=True, plain=plain)
         return Response(page, status=401)
     session.clear()
     session.permanent = True
     session["token"] = found.line
+    session["sid"] = secrets.token_urlsafe(16)
     session["csrf"] = g.csrf = secrets.token_urlsafe(32)
     g.principal = found
     log_action("log in", f"from {request.remote_addr}")
@@ -243,15 +262,28 @@ def logout() -> Any:
     refusal = refuse_action()
     if refusal:
         return refuse(403, refusal)
+    sid = session.get("sid")
+    if isinstance(sid, str):
+        dashboard().logged_out.add(sid)  # a copy of the cookie lets nobody in any more
     session.clear()
     return redirect(url_for("pages.login"))
 
 
 def _safe_next(target: str) -> str:
-    """Only a path of this site (no ``//host`` or scheme): where to go after logging in."""
+    """Where to go after logging in: only a path of this dashboard (app.py's ``_here``). No
+    scheme, no host, no ``//``, no backslash and no control or space character anywhere, since
+    browsers drop tabs and newlines from a Location (``/\t/evil.example`` is ``//evil.example``)."""
     root = request.script_root or ""
-    if target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return root + target  # ``next`` is a path inside the dashboard (app.py's _here)
+    parts = urlsplit(target)
+    if (
+        target.startswith("/")
+        and not parts.scheme
+        and not parts.netloc
+        and not target.startswith("//")
+        and "\\" not in target
+        and not any(c.isspace() or unicodedata.category(c)[0] in "CZ" for c in target)
+    ):
+        return root + target
     return url_for("pages.overview")
 
 

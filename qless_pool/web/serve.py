@@ -63,13 +63,14 @@ def parser() -> argparse.ArgumentParser:
         "--hide-data-keys",
         metavar="K,K",
         type=_keys,
-        help="never show job data under keys whose name contains one of these "
-        "(default: password, secret, token, api_key, credential, ...)",
+        help="also hide job data under keys whose name contains one of these (always "
+        "hidden: password, secret, token, api_key, credential, ...)",
     )
     parse.add_argument(
         "--behind-proxy",
         action="store_true",
-        help="trust one proxy's X-Forwarded-For/-Proto/-Host/-Prefix headers",
+        help="trust one proxy's X-Forwarded-For and X-Forwarded-Proto headers (the proxy "
+        "passes the Host header; the path prefix is --prefix)",
     )
     parse.add_argument(
         "--threads", type=_threads, default=8, help="requests served at once (default 8)"
@@ -109,17 +110,26 @@ def main(argv: Sequence[str]) -> int:
     _configure_logging()
     from .tokens import TokenError
 
+    # Without a token file the app answers loopback Host names only (DNS rebinding); a
+    # read-only dashboard its operator put on the network answers every name.
+    exposed = args.read_only and (args.behind_proxy or not _loopback(args.host))
     try:
         app: Any = create_app(
             url, token_file=args.token_file, read_only=args.read_only,
-            hide_data_keys=args.hide_data_keys,
+            hide_data_keys=args.hide_data_keys or (),
+            hosts=["*"] if exposed and not args.token_file else None,
         )  # fmt: skip
     except TokenError as error:
         return _fail(str(error))
     if args.behind_proxy:
         from werkzeug.middleware.proxy_fix import ProxyFix
 
-        app = ProxyFix(app, x_for=1, x_proto=1, x_host=1, x_prefix=1)
+        app = ProxyFix(app, x_for=1, x_proto=1, x_host=0, x_prefix=0)
+    if args.prefix:  # the dashboard under its prefix, 404 outside it
+        from werkzeug.exceptions import NotFound
+        from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+        app = DispatcherMiddleware(NotFound(), {args.prefix: app})
     return serve(app, args, mask_argument(url))
 
 
@@ -137,8 +147,7 @@ def serve(app: Any, args: argparse.Namespace, shown: str) -> int:
         log.warning("tokens cross the network in clear over plain HTTP: put TLS in front "
                     "(a reverse proxy, then --behind-proxy)")  # fmt: skip
     waitress.serve(
-        app, host=args.host, port=args.port, threads=args.threads, url_prefix=args.prefix,
-        ident="qless-pool", clear_untrusted_proxy_headers=not args.behind_proxy,
+        app, host=args.host, port=args.port, threads=args.threads, ident="qless-pool", clear_untrusted_proxy_headers=not args.behind_proxy,
     )  # fmt: skip
     return 0
 

@@ -7,9 +7,12 @@ prints it (the name is the operator's, for the log; ``#`` starts a comment)::
     read  scrypt$16384$8$1$<salt>$<digest> grafana
 
 The hash is scrypt (salted, slow, memory-hard; in the standard library). Checking a token costs
-about 50 ms, so a token once checked is remembered by its SHA-256 for as long as its line stays
-in the file: removing the line revokes it (the file is read again when it changes), also for
-browsers logged in with it.
+about 50 ms a line, so a token once checked is remembered by its SHA-256 for as long as its line
+stays in the file, with the scope the file gives it now: removing the line revokes it (the file
+is read again when it changes), also for browsers logged in with it, and changing its scope
+takes effect at the next request. A wrong token is remembered too (the last few thousand), so
+repeating one costs nothing, and only one check runs at a time, so a flood of guesses holds one
+core, not all of them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ SCOPES = (READ, WRITE)
 N, R, P = 2**14, 8, 1
 #: A token must be at least this long (``secrets.token_urlsafe(32)`` gives 43 characters).
 SHORTEST = 16
+#: The dearest scrypt a token file may ask for (n * r * 128 bytes of memory a check).
+MOST_MEMORY = 128 << 20
+#: How many wrong tokens are remembered as wrong.
+WRONG_REMEMBERED = 4096
 
 
 class TokenError(ValueError):
@@ -71,7 +78,9 @@ class TokenFile:
         self._lock = threading.Lock()
         self._stamp: Optional[tuple[int, int, int]] = None
         self._tokens: list[tuple[Token, bytes, bytes, tuple[int, int, int]]] = []
-        self._known: dict[bytes, Token] = {}  # sha256(token) -> a token checked once
+        self._known: dict[bytes, str] = {}  # sha256(token) -> the hash line it matched
+        self._wrong: dict[bytes, None] = {}  # sha256(token) of wrong ones, oldest first
+        self._checking = threading.Lock()  # one scrypt at a time
         self.reload()  # a bad file stops the start, with the line
 
     def reload(self) -> None:
@@ -97,7 +106,8 @@ class TokenFile:
             raise TokenError(f"token file {self.path}: no token in it")
         self._tokens, self._stamp = tokens, stamp
         lines = {token.line for token, *_ in tokens}
-        self._known = {key: t for key, t in self._known.items() if t.line in lines}
+        self._known = {key: line for key, line in self._known.items() if line in lines}
+        self._wrong = {}  # a token wrong before may be right in the new file
 
     def _parse(self, line: str, number: int) -> tuple[Token, bytes, bytes, tuple[int, int, int]]:
         where = f"token file {self.path}, line {number}"
@@ -115,25 +125,49 @@ class TokenFile:
                 raise ValueError
         except ValueError:
             raise TokenError(f"{where}: not a hash from 'qless-pool web hash-token'") from None
+        if n * r * p * 128 > MOST_MEMORY:
+            raise TokenError(f"{where}: scrypt n={n} r={r} p={p} asks for more than "
+                             f"{MOST_MEMORY >> 20} MiB a check")  # fmt: skip
         name = words[2].strip() if len(words) > 2 else f"token {stored[-8:]}"
         return Token(scope, name, stored), salt, digest, (n, r, p)
 
     def check(self, token: str) -> Optional[Token]:
-        """The token ``token`` is, or None."""
+        """The token ``token`` is, with the scope the file gives it now; or None."""
         token = token.strip()
         if not token or len(token) > 1024:
             return None
         key = hashlib.sha256(token.encode()).digest()
         with self._lock:
             self._read_quietly()
-            known = self._known.get(key)
-            if known is not None:
-                return known
-            tokens = list(self._tokens)
-        for found, salt, digest, (n, r, p) in tokens:
-            if hmac.compare_digest(_scrypt(token, salt, n, r, p), digest):
-                with self._lock:
-                    self._known[key] = found
+            line = self._known.get(key)
+            if line is not None:
+                return self._current(line)
+            if key in self._wrong:
+                return None
+        with self._checking:
+            with self._lock:
+                self._read_quietly()
+                stamp, tokens = self._stamp, list(self._tokens)
+            found = next(
+                (t for t, salt, digest, (n, r, p) in tokens
+                 if hmac.compare_digest(_scrypt(token, salt, n, r, p), digest)),
+                None,
+            )  # fmt: skip
+            with self._lock:
+                if self._stamp != stamp:  # the file changed while we checked: not remembered
+                    return self._current(found.line) if found else None
+                if found is None:
+                    self._wrong[key] = None
+                    while len(self._wrong) > WRONG_REMEMBERED:
+                        del self._wrong[next(iter(self._wrong))]
+                    return None
+                self._known[key] = found.line
+                return found
+
+    def _current(self, line: str) -> Optional[Token]:
+        """The token whose hash is ``line`` as the file has it now (its scope may have changed)."""
+        for found, *_ in self._tokens:
+            if found.line == line:
                 return found
         return None
 
@@ -141,10 +175,7 @@ class TokenFile:
         """The token whose hash is ``line``, if it is still in the file (a browser's session)."""
         with self._lock:
             self._read_quietly()
-            for found, *_ in self._tokens:
-                if hmac.compare_digest(found.line, line):
-                    return found
-        return None
+            return self._current(line)
 
     def _read_quietly(self) -> None:
         """Read a changed file; a file made bad (or removed) meanwhile lets no token in until
@@ -152,7 +183,7 @@ class TokenFile:
         try:
             self._read()
         except TokenError:
-            self._tokens, self._known, self._stamp = [], {}, None
+            self._tokens, self._known, self._wrong, self._stamp = [], {}, {}, None
 
 
 def new_token() -> str:

@@ -15,8 +15,9 @@ from ..urls import mask_secrets
 
 __all__ = ["DEFAULT_HIDDEN_KEYS", "Shaper", "histogram", "queue_stats", "totals"]
 
-#: Job data keys whose values are never shown: a key is hidden when its name (lower case,
-#: ``-`` read as ``_``) contains one of these.
+#: Job data keys whose values are never shown: a key is hidden when its name contains one of
+#: these, both read in lower case without ``_`` and ``-`` (so ``accessKey``, ``ACCESS-KEY`` and
+#: ``access_key`` are all hidden by ``access_key``).
 DEFAULT_HIDDEN_KEYS = (
     "password", "passwd", "pwd", "secret", "token", "api_key", "apikey", "access_key",
     "private_key", "credential", "authorization", "cookie", "session_key", "signature",
@@ -26,15 +27,19 @@ HIDDEN = "[hidden]"
 BUCKETS = ((60, 1, "s"), (59, 60, "m"), (23, 3600, "h"), (6, 86400, "d"))
 
 
+def _bare(key: str) -> str:
+    return key.strip().lower().replace("_", "").replace("-", "")
+
+
 class Shaper:
     """Hides what the dashboard must not show: data keys named like secrets (``hidden_keys``)
     and any password in a URL in text (a failure message, a traceback)."""
 
     def __init__(self, hidden_keys: Sequence[str] = DEFAULT_HIDDEN_KEYS):
-        self.hidden_keys = tuple(k.strip().lower().replace("-", "_") for k in hidden_keys if k)
+        self.hidden_keys = tuple(dict.fromkeys(k for k in map(_bare, hidden_keys) if k))
 
     def hides(self, key: str) -> bool:
-        name = key.lower().replace("-", "_")
+        name = _bare(key)
         return any(hidden in name for hidden in self.hidden_keys)
 
     def data(self, value: Any) -> Any:

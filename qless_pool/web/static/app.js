@@ -41,7 +41,7 @@
       const failedTotal = Object.values(failed).reduce((a, b) => a + b, 0);
       put(document.querySelector('[data-total="failed"]'), failedTotal);
       for (const row of document.querySelectorAll("#groups tr[data-group]")) {
-        put(row.querySelector('td[data-count="failed"]'), failed[row.dataset.group] || 0);
+        put(row.querySelector('td[data-count="failed"]'), Object.prototype.hasOwnProperty.call(failed, row.dataset.group) ? failed[row.dataset.group] : 0);
       }
       const time = new Date().toLocaleTimeString();
       note.textContent = `Counts as of ${time}` + (unseen ? ` (${unseen} new queue(s): reload to see them)` : "");
