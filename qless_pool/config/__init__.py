@@ -12,7 +12,8 @@ The file's rules (docs/configuration.md says them for users):
   environment is merged over the defaults (the section wins); every other section is ignored.
 - ``${VAR}`` and ``${VAR:-default}`` are filled in from the environment, scalar by scalar.
 - Counts are whole numbers written in plain decimal, at most ``max_workers`` (the
-  ``--max-workers`` option, default MAX_POOL_WORKERS) for one entry and for the pool in all.
+  ``--max-workers`` option, default MAX_POOL_WORKERS) for one entry and for the pool in all,
+  or ranges ``MIN..MAX`` whose MINs count toward that limit (counts.py).
 - Queue names hold no control characters (a newline would split the log lines naming them).
 - Anything else is an error that names the file and the key.
 
@@ -31,10 +32,23 @@ import re
 import stat
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from .yamlfile import NotDecimal, YamlProblem, read_yaml, shown
+from .counts import (
+    MAX_RANGE,
+    BadCount,
+    Count,
+    Counts,
+    Groups,
+    Queues,
+    Range,
+    has_ranges,
+    highest,
+    kind,
+    lowest,
+    worker_count,
+)
+from .yamlfile import YamlProblem, read_yaml, shown
 from .yamlfile import expand_variables as _expand_variables
 
 __all__ = [
@@ -43,12 +57,14 @@ __all__ = [
     "EX_CONFIG",
     "MAX_CONFIG_BYTES",
     "MAX_POOL_WORKERS",
+    "MAX_RANGE",
     "ConfigError",
     "ConfigNotFound",
     "ConfigSource",
     "Count",
     "Counts",
     "Groups",
+    "Queues",
     "Range",
     "describe_groups",
     "environment_name",
@@ -72,35 +88,12 @@ CONFIG_VARIABLE = "QLESS_POOL_CONFIG"
 #: The most workers a pool runs in all (so also for one queue list), unless --max-workers says
 #: otherwise: a typo of a few digits must not fork until fork fails.
 MAX_POOL_WORKERS = 1000
-#: The highest MAX of a range (--max-workers caps what the pool runs).
-MAX_RANGE = 100_000
 #: The most queues one queue list may name.
 MAX_QUEUES = 1000
 #: The largest config file read (a pool's config is a few hundred bytes).
 MAX_CONFIG_BYTES = 1 << 20
 
-Queues = tuple[str, ...]
 
-
-@dataclass(frozen=True)
-class Range:
-    """A worker count that follows the queues: from ``low`` to ``high`` (``1..8``); the pool
-    scales within it (pool/scaling.py)."""
-
-    low: int
-    high: int
-
-    def __str__(self) -> str:
-        return f"{self.low}..{self.high}"
-
-
-#: A group's worker count: fixed, or a range.
-Count = Union[int, Range]
-Groups = dict[Queues, Count]
-#: Worker counts as the manager keeps them (a range resolved to what it wants now).
-Counts = dict[Queues, int]
-#: A range's count in the config's own words: ``1..8`` (spaces around the dots allowed).
-RANGE = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
 RawConfig = Mapping[Any, Any]
 ConfigLoader = Callable[[Optional[str]], Optional[RawConfig]]
 
@@ -240,7 +233,7 @@ def resolve_groups(
     if not isinstance(raw, Mapping):
         raise ConfigError(
             source,
-            f"the top level must be a mapping of queue lists to worker counts, not {_kind(raw)}",
+            f"the top level must be a mapping of queue lists to worker counts, not {kind(raw)}",
         )
     defaults: dict[Any, Any] = {}
     sections: list[Any] = []
@@ -275,20 +268,6 @@ def resolve_groups(
     return groups
 
 
-def lowest(count: Count) -> int:
-    """The fewest workers ``count`` asks for (a range's low end)."""
-    return count.low if isinstance(count, Range) else count
-
-
-def highest(count: Count) -> int:
-    """The most workers ``count`` asks for (a range's high end)."""
-    return count.high if isinstance(count, Range) else count
-
-
-def has_ranges(groups: Groups) -> bool:
-    return any(isinstance(count, Range) for count in groups.values())
-
-
 def _groups(
     entries: Mapping[Any, Any], source: str, section: str | None, max_workers: int
 ) -> Groups:
@@ -303,7 +282,10 @@ def _groups(
                 key=key,
                 section=section,
             )
-        groups[queues] = _worker_count(count, source, key, section, max_workers)
+        try:
+            groups[queues] = worker_count(count, max_workers)
+        except BadCount as problem:
+            raise ConfigError(source, str(problem), key=key, section=section) from None
         spelled[queues] = key
     return groups
 
@@ -312,7 +294,7 @@ def _queue_list(key: Any, source: str, section: str | None) -> Queues:
     if not isinstance(key, str):
         raise ConfigError(
             source,
-            f"a queue list must be a string, not {_kind(key)} (put it in quotes)",
+            f"a queue list must be a string, not {kind(key)} (put it in quotes)",
             key=str(key),
             section=section,
         )
@@ -348,73 +330,6 @@ def _queue_list(key: Any, source: str, section: str | None) -> Queues:
 
 #: C0 and C1 control characters, DEL among them: not in a queue name.
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def _worker_count(
-    count: Any, source: str, key: str, section: str | None, max_workers: int
-) -> Count:
-    if isinstance(count, str) and ".." in count:
-        return _worker_range(count, source, key, section, max_workers)
-    if isinstance(count, NotDecimal):
-        raise ConfigError(
-            source,
-            f"the worker count must be a whole number in plain decimal, not {shown(count)}",
-            key=key,
-            section=section,
-        )
-    if isinstance(count, bool) or not isinstance(count, int):
-        raise ConfigError(
-            source,
-            f"the worker count must be a whole number, not {_kind(count)}",
-            key=key,
-            section=section,
-        )
-    if count < 0:
-        raise ConfigError(
-            source, f"the worker count must not be negative ({count})", key=key, section=section
-        )
-    if count > max_workers:
-        raise ConfigError(
-            source,
-            f"the worker count must be at most {max_workers} ({count})",
-            key=key,
-            section=section,
-        )
-    return count
-
-
-def _worker_range(text: str, source: str, key: str, section: str | None, max_workers: int) -> Range:
-    def refuse(problem: str) -> ConfigError:
-        return ConfigError(source, problem, key=key, section=section)
-
-    form = "MIN..MAX, two whole numbers (1..8)"
-    found = RANGE.match(text)
-    if not found:
-        raise refuse(f"a worker count range is {form}, not {shown(text)}")
-    low, high = int(found.group(1)), int(found.group(2))
-    if low < 0 or high < 0:
-        raise refuse(f"a worker count range must not be negative ({shown(text)})")
-    if low > high:
-        raise refuse(f"a worker count range goes from low to high: {high}..{low}, not {text}")
-    if low > max_workers:
-        raise refuse(f"the worker count must be at most {max_workers} ({shown(text)})")
-    if high > MAX_RANGE:  # beyond --max-workers is allowed: the cap binds when scaling
-        raise refuse(f"a worker count range goes at most to {MAX_RANGE:,} ({shown(text)})")
-    return Range(low, high)
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "empty"
-    if isinstance(value, bool):
-        return f"a boolean ({str(value).lower()})"
-    if isinstance(value, str):
-        return f"a string ({shown(value)})"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if isinstance(value, float):
-        return f"a fraction ({shown(value)})"
-    return f"{type(value).__name__} ({shown(value)})"
 
 
 def _too_big(size: int) -> str:
