@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import Any
 
-__all__ = ["MAX_MESSAGE", "cap", "configure", "logger", "set_role"]
+__all__ = ["MAX_MESSAGE", "cap", "configure", "logger", "printable", "set_role"]
 
 logger = logging.getLogger("qless_pool")
 
@@ -22,6 +22,12 @@ _identity = {"role": "qless-pool", "appname": ""}
 #: The longest failure message the pool stores in qless and the longest log line it writes
 #: (a job raising an exception with a 20 MB message must not put 20 MB in Redis and the log).
 MAX_MESSAGE = 64 * 1024
+
+
+def printable(text: str, keep: str = "") -> str:
+    """``text`` with control characters (a newline that would start a forged log line, a
+    terminal's escape sequences) shown escaped; those in ``keep`` stay as they are."""
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
 
 
 def cap(text: str, limit: int = MAX_MESSAGE) -> str:

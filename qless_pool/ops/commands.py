@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 import redis
 
+from ..logs import printable
 from ..outage import redis_is_down
 from ..urls import check_redis_url, mask_argument, mask_secrets, redis_url_and_origin
 from .operations import Done, NotFound, Operations, Page
@@ -546,8 +547,7 @@ def _unreachable(url: str, error: BaseException) -> str:
 
 
 def _printable(text: str) -> str:
-    """``text`` with control characters (a terminal's escape sequences) shown escaped."""
-    return "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in text)
+    return printable(text, keep="\t")  # a tab in a traceback stays a tab on the terminal
 
 
 def _fail(name: str, message: str, status: int) -> int:

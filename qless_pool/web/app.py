@@ -37,6 +37,7 @@ from flask.sessions import SecureCookieSessionInterface
 from werkzeug.exceptions import HTTPException
 
 from ..client import control_client
+from ..logs import printable
 from ..ops.operations import Operations
 from ..outage import redis_is_down
 from ..urls import default_redis_url, mask_argument, mask_secrets
@@ -272,11 +273,7 @@ def _csrf_refusal() -> Optional[str]:
 def log_action(action: str, detail: str) -> None:
     """One line in the log per action; what a request named (a queue, a tag) is escaped, so
     that it cannot start a line of its own."""
-    log.info("%s: %s %s", g.principal.name, action, _printable(detail))
-
-
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    log.info("%s: %s %s", g.principal.name, action, printable(detail))
 
 
 def refuse(status: int, message: str) -> Response:
