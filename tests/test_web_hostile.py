@@ -14,6 +14,7 @@ from pools import free_port
 from webtools import READ_TOKEN, WRITE_TOKEN, bearer, make_failed, serve, token_file
 
 from qless_pool.web import create_app
+from qless_pool.web.app import LoggedOut
 from qless_pool.web.tokens import TokenError, TokenFile, hash_token
 
 pytestmark = pytest.mark.timeout(60)
@@ -65,6 +66,17 @@ def test_login_goes_back_only_to_a_path_of_the_dashboard(redis_url, tmp_path, ta
         "/login", data={"csrf": csrf_of(browser), "token": WRITE_TOKEN, "next": target}
     )
     assert (answer.status_code, answer.headers["Location"]) == (302, "/")
+
+
+def test_login_goes_back_to_a_page_whose_name_has_a_space(redis_url, tmp_path):
+    app = create_app(redis_url, token_file=str(token_file(tmp_path)))
+    browser = app.test_client()
+    to_login = browser.get("/queues/my%20queue")
+    assert to_login.headers["Location"].endswith("next=/queues/my%2520queue")  # quoted once more
+    browser.get(to_login.headers["Location"])
+    answer = browser.post("/login", data={"csrf": csrf_of(browser), "token": WRITE_TOKEN,
+                                          "next": "/queues/my%20queue"})  # fmt: skip
+    assert answer.headers["Location"] == "/queues/my%20queue"
 
 
 def test_login_goes_back_to_the_page_it_came_from(redis_url, tmp_path):
@@ -131,6 +143,26 @@ def test_open_pages_check_no_bearer_token_and_the_login_form_needs_its_csrf(
     assert any("a wrong token in the login form from" in line for line in said)
 
 
+def test_a_flood_of_new_tokens_is_answered_at_once_not_queued(redis_url, tmp_path):
+    app = create_app(redis_url, token_file=str(token_file(tmp_path)))
+    tokens = app.extensions["qless_pool"].tokens
+    api = app.test_client()
+    assert api.get("/api/queues", headers=bearer(READ_TOKEN)).status_code == 200  # remembered
+    browser = logged_in(app)
+    tokens._checking.acquire()  # another request's check, taking long
+    try:
+        busy = api.get("/api/queues", headers=bearer("another-new-token-0123456789"))
+        assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+        assert "try again" in busy.get_json()["error"]
+        # Who needs no check is served meanwhile: a remembered token, a browser's session.
+        assert api.get("/api/queues", headers=bearer(READ_TOKEN)).status_code == 200
+        assert browser.get("/failed").status_code == 200
+        assert api.get("/static/app.css").status_code == 200
+    finally:
+        tokens._checking.release()
+    assert api.get("/api/queues", headers=bearer(WRITE_TOKEN)).status_code == 200
+
+
 def test_a_token_file_asking_for_too_dear_a_hash_is_refused(tmp_path):
     line = hash_token(WRITE_TOKEN, "write").replace("$16384$", "$4194304$", 1)
     with pytest.raises(TokenError, match="line 1: scrypt n=4194304 r=8 p=1 asks for more than"):
@@ -152,6 +184,15 @@ def test_log_out_ends_the_session_also_for_a_copy_of_its_cookie(redis_url, tmp_p
     assert "/login" in thief.get("/failed").headers["Location"]
     assert thief.get("/api/queues").status_code == 401
     assert logged_in(app).get("/failed").status_code == 200  # a new login works
+
+
+def test_logged_out_sessions_are_forgotten_when_their_cookie_would_have_expired():
+    logged_out = LoggedOut()
+    logged_out._until = {f"old-{n}": 1.0 for n in range(100)}  # expired long ago
+    logged_out.add("new")
+    assert "new" in logged_out and len(logged_out._until) == 100 - 64 + 1
+    logged_out.add("newer")
+    assert len(logged_out._until) == 2 and "old-99" not in logged_out
 
 
 def test_an_odd_csrf_token_is_refused_not_an_error(web_app, client):
@@ -184,7 +225,9 @@ def test_the_login_page_says_why_plain_http_on_a_network_address_cannot_log_in(r
 
 def test_without_a_token_file_only_loopback_names_are_answered(redis_url, tmp_path):
     open_app = create_app(redis_url).test_client()
-    for base in ("http://localhost:5151", "http://127.0.0.1:5151", "http://[::1]:5151"):
+    for base in ("http://localhost:5151", "http://127.0.0.1:5151", "http://[::1]:5151",
+                 "http://LOCALHOST.:5151", "http://127.0.0.2:5151",
+                 "http://[::ffff:127.0.0.1]:5151"):  # fmt: skip
         assert open_app.get("/api/queues", base_url=base).status_code == 200, base
     rebound = open_app.get("/api/queues", base_url="http://evil.example:5151")
     assert rebound.status_code == 403 and "evil.example" in rebound.get_json()["error"]
@@ -214,17 +257,19 @@ def test_a_name_with_a_newline_cannot_forge_a_log_line(web_app, client, caplog):
     assert "\n" not in line and "x\\n2026-01-01" in line
     moved = browser.post(f"/api/jobs/{jid}/move", json={"queue": forged})
     assert moved.status_code == 400 and "printable" in moved.get_json()["error"]
+    not_a_name = browser.post(f"/api/jobs/{jid}/move", json={"queue": {"a": 1}})
+    assert not_a_name.status_code == 400 and "a string" in not_a_name.get_json()["error"]
     assert client.jobs[jid].queue_name == "mail"
 
 
 def test_data_keys_are_hidden_in_any_case_and_spelling_and_more_can_be_added(web_app, client):
     data = {"accessKey": "a1", "PRIVATE-KEY": "p1", "sessionKey": "s1", "Api_Token": "t1",
-            "user": "ann", "nested": [{"clientSecret": "c1"}]}  # fmt: skip
+            "user": "ann", "nested": [{"clientSecret": "c1", "passphrase": "x"}]}  # fmt: skip
     jid = client.queues["mail"].put("testjobs.Noop", data)
     shown = web_app.test_client().get(f"/api/jobs/{jid}").get_json()["data"]
     assert shown == {"accessKey": "[hidden]", "PRIVATE-KEY": "[hidden]",
                      "sessionKey": "[hidden]", "Api_Token": "[hidden]", "user": "ann",
-                     "nested": [{"clientSecret": "[hidden]"}]}  # fmt: skip
+                     "nested": [{"clientSecret": "[hidden]", "passphrase": "[hidden]"}]}  # fmt: skip
 
 
 def test_hide_data_keys_adds_to_the_default_ones(redis_url, client):

@@ -170,7 +170,9 @@ def given(name: str) -> Any:
 
 def queue_name(value: Any) -> str:
     """A queue to move a job to: a name of printable characters (one the pages can address)."""
-    name = str(value or "").strip()
+    if value is not None and not isinstance(value, str):
+        raise ValueError('move needs a queue name, a string: {"queue": "name"}')
+    name = (value or "").strip()
     if not name:
         raise ValueError('move needs a queue: {"queue": "name"} (a form field "queue")')
     if not name.isprintable() or "/" in name[:1]:

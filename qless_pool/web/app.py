@@ -22,6 +22,8 @@ inline script, no framing) and is not cached. Every action is logged with the to
 
 from __future__ import annotations
 
+import ipaddress
+import itertools
 import logging
 import secrets
 import threading
@@ -29,7 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import redis
 from flask import Flask, Response, g, jsonify, redirect, render_template, request, session, url_for
@@ -42,7 +44,7 @@ from ..ops.operations import Operations
 from ..outage import redis_is_down
 from ..urls import default_redis_url, mask_argument, mask_secrets
 from . import views
-from .tokens import WRITE, Token, TokenFile
+from .tokens import WRITE, Token, TokenFile, TokensBusy
 
 __all__ = ["CSP", "Dashboard", "create_app"]
 
@@ -85,7 +87,12 @@ class LoggedOut:
     def add(self, sid: str) -> None:
         now = time.time()
         with self._lock:
-            self._until = {s: t for s, t in self._until.items() if t > now}
+            # Every session lasts as long, so the oldest entries expire first: drop from the
+            # front only (a loop of logins and logouts must not make each logout dearer).
+            for old, until in list(itertools.islice(self._until.items(), 64)):
+                if until > now:
+                    break
+                del self._until[old]
             self._until[sid] = now + SESSION_SECONDS
 
     def __contains__(self, sid: object) -> bool:
@@ -145,6 +152,7 @@ def create_app(
     app.register_error_handler(ConnectionError, _redis_away)
     app.register_error_handler(TimeoutError, _redis_away)
     app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(TokensBusy, _tokens_busy)
     app.jinja_env.filters["when"] = views.when
     app.jinja_env.filters["pretty"] = views.pretty
     app.jinja_env.globals["dashboard"] = lambda: dashboard()
@@ -195,8 +203,8 @@ def _wrong_host() -> Optional[str]:
     hosts = dashboard().hosts
     if hosts is None:
         return None
-    name = host_name()
-    if name in hosts:
+    name = host_name().rstrip(".")  # "localhost." is localhost
+    if name in hosts or (hosts == LOOPBACK_HOSTS and _loopback_address(name)):
         return None
     return (
         f"refused: Host {name!r} is not one this dashboard answers ({', '.join(hosts)}); "
@@ -286,8 +294,11 @@ def refuse(status: int, message: str) -> Response:
 
 
 def _here() -> str:
-    path = request.full_path if request.query_string else request.path
-    return path
+    """This page's path and query, as a URL quotes them (a queue named "my queue" has a
+    space, which the login's ``next`` would refuse)."""
+    path = quote(request.path, safe="/:@!$&'()*+,;=-._~")
+    query = request.query_string.decode("latin-1")
+    return f"{path}?{query}" if query else path
 
 
 # --- answers ------------------------------------------------------------------------------------
@@ -312,6 +323,12 @@ def _http_error(error: HTTPException) -> Any:
     for name, value in error.get_headers():
         if name in ("Allow", "WWW-Authenticate"):
             answer.headers[name] = value
+    return answer
+
+
+def _tokens_busy(error: TokensBusy) -> Any:
+    answer = refuse(503, str(error))
+    answer.headers["Retry-After"] = "1"
     return answer
 
 
@@ -341,9 +358,20 @@ def host_name() -> str:
     return host[1:].split("]", 1)[0] if host.startswith("[") else host.rsplit(":", 1)[0]
 
 
+def _loopback_address(name: str) -> bool:
+    """Is ``name`` an IP address of loopback (127.0.0.2, ::1, ::ffff:127.0.0.1)?"""
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
+
+
 def on_loopback() -> bool:
     """Did the request come to a loopback name (where a plain HTTP cookie is kept)?"""
-    return host_name() in LOOPBACK_HOSTS
+    name = host_name().rstrip(".")
+    return name in LOOPBACK_HOSTS or _loopback_address(name)
 
 
 class _SessionCookie(SecureCookieSessionInterface):

@@ -12,7 +12,9 @@ stays in the file, with the scope the file gives it now: removing the line revok
 is read again when it changes), also for browsers logged in with it, and changing its scope
 takes effect at the next request. A wrong token is remembered too (the last few thousand), so
 repeating one costs nothing, and only one check runs at a time, so a flood of guesses holds one
-core, not all of them.
+core, not all of them; a request that would wait for a check longer than BUSY_WAIT is answered
+at once (TokensBusy: the server says 503, try again), so that a flood cannot hold every one of
+the server's threads either. A token already checked, and a browser's session, need no check.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import threading
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["READ", "SCOPES", "WRITE", "Token", "TokenError", "TokenFile", "hash_token"]
+__all__ = ["READ", "SCOPES", "WRITE", "Token", "TokenError", "TokenFile", "TokensBusy",
+           "hash_token"]  # fmt: skip
 
 READ, WRITE = "read", "write"
 SCOPES = (READ, WRITE)
@@ -38,10 +41,16 @@ SHORTEST = 16
 MOST_MEMORY = 128 << 20
 #: How many wrong tokens are remembered as wrong.
 WRONG_REMEMBERED = 4096
+#: The longest a request waits for another one's token check (seconds).
+BUSY_WAIT = 0.25
 
 
 class TokenError(ValueError):
     """A token file or a token that cannot be used; the message says which line or why."""
+
+
+class TokensBusy(Exception):
+    """Another token check is running and did not end within BUSY_WAIT: try again."""
 
 
 @dataclass(frozen=True)
@@ -144,9 +153,16 @@ class TokenFile:
                 return self._current(line)
             if key in self._wrong:
                 return None
-        with self._checking:
+        if not self._checking.acquire(timeout=BUSY_WAIT):
+            raise TokensBusy("too many new tokens to check at once; try again in a second")
+        try:
             with self._lock:
                 self._read_quietly()
+                line = self._known.get(key)  # checked by the request we waited for?
+                if line is not None:
+                    return self._current(line)
+                if key in self._wrong:
+                    return None
                 stamp, tokens = self._stamp, list(self._tokens)
             found = next(
                 (t for t, salt, digest, (n, r, p) in tokens
@@ -163,6 +179,8 @@ class TokenFile:
                     return None
                 self._known[key] = found.line
                 return found
+        finally:
+            self._checking.release()
 
     def _current(self, line: str) -> Optional[Token]:
         """The token whose hash is ``line`` as the file has it now (its scope may have changed)."""

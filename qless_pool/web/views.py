@@ -19,7 +19,7 @@ __all__ = ["DEFAULT_HIDDEN_KEYS", "Shaper", "histogram", "queue_stats", "totals"
 #: these, both read in lower case without ``_`` and ``-`` (so ``accessKey``, ``ACCESS-KEY`` and
 #: ``access_key`` are all hidden by ``access_key``).
 DEFAULT_HIDDEN_KEYS = (
-    "password", "passwd", "pwd", "secret", "token", "api_key", "apikey", "access_key",
+    "password", "passwd", "passphrase", "pwd", "secret", "token", "api_key", "apikey", "access_key",
     "private_key", "credential", "authorization", "cookie", "session_key", "signature",
 )  # fmt: skip
 HIDDEN = "[hidden]"
