@@ -259,6 +259,9 @@ def test_a_long_failure_made_during_an_outage_is_replayed_whole(start_worker, ow
     worker = start_worker(["foo"], url=url)
     wait_state(client, jid, "running")
     child = wait_for(worker.job_child)
+    # The job records its start in Redis first: stop Redis only after that, or the job fails
+    # on its record (a ConnectionError) rather than on its own error.
+    wait_for(lambda: len(runs(client.redis)) == 1, message="the job to record its start")
     own_redis.stop()
     wait_for(lambda: not alive(child), message="the job to fail while Redis is down")
     own_redis.start()

@@ -605,7 +605,8 @@ def test_as_pid_1_of_a_container_the_pool_keeps_pid_1(tmp_path, redis_url, clien
         result = subprocess.run([*inside, SCRIPT, "reload", "--pid", "1", "--wait"], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=90)  # fmt: skip
         assert result.returncode == 0, result.stderr
-        assert title(init).startswith("qless-pool-keeper[")  # PID 1 stays: the container lives
+        # PID 1 stays, as the keeper: the container lives (its title set as it hands over).
+        wait_for(lambda: title(init).startswith("qless-pool-keeper["), message="the keeper")
         [manager] = [c for c in children(init) if MANAGER.match(title(c))]
         wait_for(lambda: len(_workers_of(manager)) == 2, message="the new workers")
         jid = put_job(client)
