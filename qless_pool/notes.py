@@ -26,7 +26,7 @@ import mmap
 import os
 from typing import Optional
 
-__all__ = ["BEGAN", "UP", "NoteTaker", "Notes", "PauseFlag"]
+__all__ = ["BEGAN", "UP", "NoteTaker", "Notes", "PauseFlag", "RetireSlots"]
 
 UP = "up"
 BEGAN = "began"
@@ -82,6 +82,32 @@ class NoteTaker:
             return
         with contextlib.suppress(OSError):  # the manager is gone, or the pipe full: best effort
             os.write(self.fd, f"{os.getpid()} {note}\n".encode())
+
+
+class RetireSlots:
+    """The workers the manager asked to retire if idle (a range's step down), in a map the
+    manager and every worker it forks share: a worker acts on WINCH only if its pid is here,
+    so that a WINCH from elsewhere (a terminal's resize, with --single-process-group) or one
+    read after its job (in process) retires nobody. A slot a pid: ``pid % SLOTS``."""
+
+    SLOTS = 256
+
+    def __init__(self) -> None:
+        self.map = mmap.mmap(-1, 4 * self.SLOTS)
+
+    def _slot(self, pid: int) -> slice:
+        start = 4 * (pid % self.SLOTS)
+        return slice(start, start + 4)
+
+    def ask(self, pid: int) -> None:
+        self.map[self._slot(pid)] = pid.to_bytes(4, "little")
+
+    def withdraw(self, pid: int) -> None:
+        if self.asked(pid):
+            self.map[self._slot(pid)] = bytes(4)
+
+    def asked(self, pid: int) -> bool:
+        return int.from_bytes(self.map[self._slot(pid)], "little") == pid
 
 
 class PauseFlag:

@@ -5,6 +5,7 @@ backlog, back down when idle, hold when Redis is away, and keep to --max-workers
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -12,13 +13,16 @@ import time
 import pytest
 from commands import one_line, qless_pool
 from pools import free_port, scrape
-from processes import alive, stays, wait_for
+from processes import alive, children, stays, title, wait_for
 from redis_server import RedisServer
 from workers import put, runs
 
 from qless_pool.client import connect
 from qless_pool.config import Range
+from qless_pool.notes import RetireSlots
+from qless_pool.pool.ranges import RetireAsked
 from qless_pool.pool.scaling import Scaler, ScaleSettings, sample_waits
+from qless_pool.pool.table import WorkerRecord
 
 pytestmark = pytest.mark.timeout(90)
 FAST = ("--scale-interval", "0.2", "--scale-down-after", "1")
@@ -47,6 +51,8 @@ def test_a_range_in_the_config_and_dry_run(project):
         ("1..500000", "key 'foo': a worker count range goes at most to 100,000 ('1..500000')"),
         ("2000..3000", "key 'foo': the worker count must be at most 1000 ('2000..3000')"),
         ("1...4", "not '1...4'"),
+        ("\u0661..\u0663", "not '\u0661..\u0663'"),  # Arabic-Indic digits: not plain decimal
+        ("0001..3", "two whole numbers in plain decimal, not '0001..3'"),
     ],
 )
 def test_a_bad_range_is_a_config_error(project, count, message):
@@ -188,22 +194,85 @@ def test_a_paused_queue_never_scales_up(start_pool, client):
     assert "scaling foo up" not in pool.log_text()
 
 
-def test_a_busy_worker_ignores_winch_and_an_idle_one_of_a_fixed_group_is_replaced(
-    start_pool, client
-):
-    pool = start_pool(config="foo: 1\n", expect={"foo": 1})
-    [worker] = pool.workers()
-    jid = put(client, "foo", "Sleep", {"seconds": 1.5})
-    wait_for(lambda: client.jobs[jid].state == "running")
-    import os
+def test_a_winch_the_pool_did_not_send_retires_nobody(start_pool, client):
+    # A terminal's resize sends WINCH to its whole process group (--single-process-group).
+    pool = start_pool(*FAST, config="foo: 1..3\nbar: 1\n", expect={"foo": 1, "bar": 1})
+    workers = pool.workers()
+    for worker in workers:
+        os.kill(worker, signal.SIGWINCH)
+    stays(lambda: sorted(pool.workers()) == sorted(workers), 1.5, interval=0.05,
+          message="every worker stays")  # fmt: skip
+    assert "retiring" not in pool.log_text() and "retired" not in pool.log_text()
+    jid = put(client, "foo", "Noop")
+    wait_for(lambda: client.jobs[jid].state == "complete")
 
-    os.kill(worker, signal.SIGWINCH)
-    wait_for(lambda: client.jobs[jid].state == "complete", timeout=10)
-    assert alive(worker)  # it ran its job to the end and stayed
-    os.kill(worker, signal.SIGWINCH)  # idle now: it retires, and the fixed group replaces it
-    wait_for(lambda: pool.workers() and worker not in pool.workers(), message="replaced")
-    pool.wait_for_workers({"foo": 1})
-    assert "it is replaced (its group has no range)" in pool.log_text()
+
+def test_the_retire_slots_say_who_was_asked():
+    slots = RetireSlots()
+    assert not slots.asked(1234)
+    slots.ask(1234)
+    assert slots.asked(1234) and not slots.asked(1234 + RetireSlots.SLOTS)
+    slots.withdraw(1234 + RetireSlots.SLOTS)  # another pid of the slot: not withdrawn
+    assert slots.asked(1234)
+    slots.withdraw(1234)
+    assert not slots.asked(1234)
+
+
+def test_scaling_down_asks_each_idle_candidate_in_turn():
+    """The youngest first; one that stayed (busy) is not asked again before the others."""
+    pool = _RangesOnly()
+    for pid, started in ((11, 1.0), (12, 2.0), (13, 3.0), (14, 4.0)):
+        pool.workers[pid] = WorkerRecord(pid=pid, queues=("foo",), started_at=started)
+    asked = None
+    order = []
+    for _ in range(6):
+        worker = pool._worker_to_retire(("foo",), asked)
+        order.append(worker.pid)
+        tried = (asked.tried if asked else frozenset()) | {worker.pid}
+        asked = RetireAsked(worker.pid, 0.0, tried if len(tried) < 4 else frozenset())
+    assert order == [14, 13, 12, 11, 14, 13]
+
+
+def test_a_paused_pool_holds_its_counts(start_pool, client):
+    pool = start_pool(*FAST, "--scale-up-after", "0.2", config="foo: 1..4\n", expect={"foo": 1})
+    pool.send(signal.SIGUSR2)
+    pool.wait_log("USR2")
+    for _ in range(30):
+        put(client, "foo", "Noop")
+    stays(lambda: len(pool.workers()) == 1, 2.0, interval=0.1, message="one worker, paused")
+    assert "scaling foo up" not in pool.log_text()
+    pool.send(signal.SIGCONT)
+    wait_for(lambda: client.queues["foo"].counts["waiting"] == 0, timeout=20)
+
+
+def test_hup_from_a_range_to_a_fixed_count_leaves_the_manager_idle(start_pool):
+    pool = start_pool(*FAST, config="foo: 1..3\n", expect={"foo": 1})
+    (pool.directory / "qless-pool.yml").write_text("foo: 2\n")
+    pool.send(signal.SIGHUP)
+    pool.wait_for_workers({"foo": 2})
+    wait_for(lambda: not [p for p in children(pool.pid) if "scaler" in title(p)],
+             message="the sampler gone")  # fmt: skip
+    before = cpu_seconds(pool.pid)
+    stays(lambda: alive(pool.pid), 1.0, interval=0.1, message="the manager up")  # a window
+    assert cpu_seconds(pool.pid) - before < 0.3  # (a loop woken by a closed pipe: ~1 s)
+
+
+def test_reload_passes_a_ranges_count_on(start_pool, client):
+    pool = start_pool(*FAST, config="foo: 1..3\n", expect={"foo": 1})
+    for _ in range(200):
+        put(client, "foo", "Sleep", {"seconds": 0.2})
+    wait_for(lambda: len(pool.workers()) == 3, timeout=15, message="3 workers")
+    done = subprocess.run([pool_status_command(), "reload", "--pid", str(pool.pid), "--wait"],
+                          cwd=pool.directory, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    [manager] = [p for p in children(pool.pid) if title(p).startswith("qless-pool-manager")] or [
+        pool.pid
+    ]
+    assert "range 1..3" in subprocess.run(
+        [pool_status_command(), "status", "--pid", str(manager)], capture_output=True, text=True,
+        timeout=30,
+    ).stdout  # fmt: skip
+    wait_for(lambda: client.queues["foo"].counts["waiting"] == 0, timeout=60)
 
 
 def test_hup_from_a_range_to_a_fixed_count_and_back(start_pool, client):
@@ -231,6 +300,16 @@ def test_redis_away_while_scaled_up_holds_the_counts(start_pool):
         wait_for(lambda: len(pool.workers()) == 3, timeout=15, message="3 workers")
         server.stop()
         pool.wait_log("the sampler cannot reach Redis", timeout=10)
+
+        def status_says_redis_is_down() -> bool:
+            done = subprocess.run(
+                [pool_status_command(), "status", "--json", "--pid", str(pool.pid)],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            [foo] = json.loads(done.stdout)["groups"]
+            return bool(foo["scaling"]["redis_down"])
+
+        wait_for(status_says_redis_is_down, message="status to say the counts hold")
         stays(lambda: len(pool.workers()) == 3, 3.0, interval=0.1, message="3 workers hold")
         assert alive(pool.pid)
         server.start()
@@ -286,3 +365,20 @@ def pool_status_command() -> str:
     from pools import SCRIPT
 
     return SCRIPT
+
+
+class _RangesOnly:
+    """The ranges mixin's choice of a worker to ask, over a table of our own."""
+
+    from qless_pool.pool.ranges import Ranges as _Ranges
+
+    _worker_to_retire = _Ranges._worker_to_retire
+
+    def __init__(self) -> None:
+        self.workers: dict[int, WorkerRecord] = {}
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as file:
+        fields = file.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

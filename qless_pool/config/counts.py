@@ -37,7 +37,7 @@ Groups = dict[Queues, Count]
 #: Worker counts as the manager keeps them (a range resolved to what it wants now).
 Counts = dict[Queues, int]
 #: A range's count in the config's own words: ``1..8`` (spaces around the dots allowed).
-RANGE = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
+RANGE = re.compile(r"^\s*(-?[0-9]+)\s*\.\.\s*(-?[0-9]+)\s*$", re.ASCII)
 
 
 class BadCount(ValueError):
@@ -80,6 +80,10 @@ def _worker_range(text: str, max_workers: int) -> Range:
     if not found:
         raise BadCount(
             f"a worker count range is MIN..MAX, two whole numbers (1..8), not {shown(text)}"
+        )
+    if any(len(n.lstrip("-")) > 1 and n.lstrip("-")[0] == "0" for n in found.groups()):
+        raise BadCount(
+            f"a worker count range is two whole numbers in plain decimal, not {shown(text)}"
         )
     low, high = int(found.group(1)), int(found.group(2))
     if low < 0 or high < 0:

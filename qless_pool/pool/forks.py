@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from .. import hooks, lifeline, options, proctitle
 from ..config import Groups, highest
 from ..logs import logger, set_role
-from ..notes import Notes, PauseFlag
+from ..notes import Notes, PauseFlag, RetireSlots
 from ..ops.state import PoolState
 from ..worker import Worker, worker_name
 from ..worker.will import open_will, settle_remains
@@ -54,6 +54,7 @@ class Forking:
     notes: Optional[Notes]
     sampler_fd: int  # ranges.py: the sampler's pipe (not a worker's)
     pause: PauseFlag
+    retire: RetireSlots
     single_process_group: bool
     close_in_workers: tuple[int, ...]
     _wakeup_r: int
@@ -244,6 +245,7 @@ class Forking:
             will_path=self.state.will_path(os.getpid()) if self.state else None,
             notes_fd=self.notes.write_fd if self.notes else None,
             pause=self.pause,
+            retire=self.retire,
             metrics=self.metrics_listener is not None,
             **self.worker_options,
         )

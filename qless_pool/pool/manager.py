@@ -134,6 +134,7 @@ class Pool(ManagerSignals, Forking, Reloading, Ranges):
         self.notes: Optional[notes.Notes] = None
         self.winched = False
         self.pause = notes.PauseFlag()  # USR2 came last (not CONT): workers start paused
+        self.retire = notes.RetireSlots()  # the workers asked to retire if idle (ranges.py)
         self.reload_due: Optional[float] = None  # monotonic: a HUP's reload, once the burst ends
         self.reload_asked: Optional[float] = None  # monotonic: the first HUP of the burst
         self.hups = 0  # in the burst

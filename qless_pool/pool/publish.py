@@ -48,6 +48,7 @@ class StatePublisher:
             str(list(pool.reloads)),
             pool.successor.serving if pool.successor is not None else None,
             str(scaling),
+            pool.scaler.redis_down,  # "holding: Redis unreachable" is news too
         )
         if snapshot == self._published and self.state.intact():
             return

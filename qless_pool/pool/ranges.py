@@ -2,9 +2,12 @@
 sampler process while a group has a range, read its samples, apply the scaler's decisions.
 
     up    the group's wanted count rises; reconcile spawns the workers
-    down  one worker of the group is sent WINCH (retire if idle); it exits IDLE_RETIRED only
-          if it ran no job, and only then does the wanted count go down (reap). A worker that
-          was busy ignores it; after RETIRE_WAIT another is asked.
+    down  one worker of the group is asked to retire if idle: its pid goes in the shared
+          notes.RetireSlots, then WINCH; it exits IDLE_RETIRED only if no job runs, and only
+          then does the wanted count go down (reap). A worker that was busy ignores it; after
+          RETIRE_WAIT the ask is withdrawn and another worker is asked, each in turn.
+
+While the pool is paused (USR2) or a HUP's WINCH left it with no workers, counts hold.
 
 How ranges compose with the rest: ``--drain`` runs every range at its MAX (a drain wants the
 queues empty soonest) with no sampler; WINCH stops every worker as for fixed counts; a HUP keeps
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from .. import lifeline
 from ..config import Counts, Groups, Queues, Range
 from ..logs import logger
+from ..notes import PauseFlag, RetireSlots
 from .scaling import Decision, Scaler, ScaleSettings, read_samples, run_sampler
 from .table import WorkerRecord
 
@@ -41,6 +45,7 @@ SAMPLER_RESTART = 1.0
 class RetireAsked:
     pid: int
     until: float  # monotonic
+    tried: frozenset[int] = frozenset()  # asked in this quiet period, busy each time
 
 
 class Ranges:
@@ -62,6 +67,8 @@ class Ranges:
     sampler_restart_at: float
     sampler_buffer: bytearray
     retire_asked: dict[Queues, RetireAsked]
+    retire: RetireSlots
+    pause: PauseFlag
     scale_start: Optional[Counts]
     fixed_before: Counts
 
@@ -141,6 +148,8 @@ class Ranges:
         if pid != self.sampler_pid:
             return False
         self.sampler_pid = None
+        self._read_samples()  # what it said before it went
+        self._close_sampler_fd()  # (an open pipe at its end would wake the loop for ever)
         if self.sampler_queues and not self.stopping:  # not one stopped on purpose
             log.error("the scaler's sampler exited (%s); starting it again",
                       lifeline.describe_status(status))  # fmt: skip
@@ -158,15 +167,17 @@ class Ranges:
         if self.sampler_fd < 0:
             return
         data = b""
+        ended = False
         try:
             while chunk := os.read(self.sampler_fd, 65536):
                 data += chunk
+            ended = True  # the sampler closed its end: it is exiting
         except BlockingIOError:
             pass
-        if not data:
-            return
-        samples = read_samples(self.sampler_buffer, data)
-        if samples and not self.stopping and not self.winched:
+        samples = read_samples(self.sampler_buffer, data) if data else []
+        if ended:
+            self._close_sampler_fd()
+        if samples and not self.stopping and not self.winched and not self.pause.get():
             self._apply(samples[-1])  # a backlog of samples: the newest says it all
 
     # --- decisions ------------------------------------------------------------------------------
@@ -181,6 +192,9 @@ class Ranges:
             tuple(key.split(",")): (None if wait is None else float(wait))
             for key, wait in (sample.get("waits") or {}).items()
         }
+        for queues, wait in waits.items():
+            if wait is not None:  # a job waits: the quiet period, and its asks, are over
+                self._withdraw_ask(queues)
         fixed = sum(n for q, n in (self.groups or {}).items() if not isinstance(n, Range))
         now = time.monotonic()
         for decision in self.scaler.observe(waits, fixed, now):
@@ -199,26 +213,44 @@ class Ranges:
             worker = self._worker_to_retire(decision.queues, asked)
             if worker is None:
                 return
-            log.info("scaling %s down to %d: %s; asking worker %d to retire if idle", what,
-                     decision.wanted, decision.reason, worker.pid)  # fmt: skip
+            tried = asked.tried if asked is not None else frozenset()
+            if asked is not None:
+                self.retire.withdraw(asked.pid)  # busy: if it reads WINCH late, it stays
+            if not tried:  # said once a quiet period, not at every worker asked
+                log.info("scaling %s down to %d: %s; asking worker %d to retire if idle", what,
+                         decision.wanted, decision.reason, worker.pid)  # fmt: skip
+            else:
+                log.debug("asking worker %d (%s) to retire if idle", worker.pid, what)
+            self.retire.ask(worker.pid)
             lifeline.send(worker.pid, signal.SIGWINCH)
-            self.retire_asked[decision.queues] = RetireAsked(worker.pid, now + RETIRE_WAIT)
+            self.retire_asked[decision.queues] = RetireAsked(
+                worker.pid, now + RETIRE_WAIT, tried | {worker.pid}
+            )
+
+    def _withdraw_ask(self, queues: Queues) -> None:
+        asked = self.retire_asked.pop(queues, None)
+        if asked is not None:
+            self.retire.withdraw(asked.pid)
 
     def _worker_to_retire(
         self, queues: Queues, asked: Optional[RetireAsked]
     ) -> Optional[WorkerRecord]:
-        """A worker of ``queues`` to ask: not retiring already, not the one asked last (it was
-        busy), the youngest first."""
-        candidates = [
-            w for w in self.workers.values()
-            if w.queues == queues and not w.retiring and (asked is None or w.pid != asked.pid)
-        ]  # fmt: skip
-        if not candidates and asked is not None and asked.pid in self.workers:
-            candidates = [self.workers[asked.pid]]  # the only one: ask it again
+        """A worker of ``queues`` to ask: not retiring already, not one asked already in this
+        quiet period (it was busy), the youngest first; once each was asked, each again."""
+        tried = asked.tried if asked is not None else frozenset()
+        group = [w for w in self.workers.values() if w.queues == queues and not w.retiring]
+        candidates = [w for w in group if w.pid not in tried] or group
         return max(candidates, key=lambda w: w.started_at, default=None)
 
     def _worker_retired_idle(self, record: WorkerRecord) -> None:
-        """Reap saw a worker exit IDLE_RETIRED: one fewer wanted in its group."""
+        """Reap saw a worker exit IDLE_RETIRED: if it was asked to, one fewer wanted in its
+        group; if not (it cannot have been asked by its pool), it is replaced."""
+        asked = self.retire_asked.get(record.queues)
+        self.retire.withdraw(record.pid)
+        if asked is None or asked.pid != record.pid:
+            log.warning("worker %d (%s) retired without being asked to; it is replaced",
+                        record.pid, ",".join(record.queues))  # fmt: skip
+            return
         self.retire_asked.pop(record.queues, None)
         self.scaler.retired(record.queues, time.monotonic())
         wanted = self.scaler.wanted().get(record.queues)

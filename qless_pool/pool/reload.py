@@ -116,6 +116,8 @@ class Reloading:
 
         def _cancel_reload(self, why: str) -> None: ...
 
+        def range_counts(self, groups: Any) -> dict[tuple[str, ...], int]: ...
+
         def desired(self) -> dict[Queues, int]: ...
 
     # --- the old manager ----------------------------------------------------------------------
@@ -449,7 +451,8 @@ class Reloading:
         if successor is None or successor.asked or self.groups is None:
             return
         up = _up_by_group(self.workers.values())
-        if any(up.get(q, 0) < n for q, n in self.groups.items()):
+        wanted = self.range_counts(self.groups)  # a range: what this pool wants of it now
+        if any(up.get(q, 0) < n for q, n in wanted.items()):
             return
         successor.asked = True
         successor.channel.send("serving")

@@ -51,7 +51,7 @@ from ..client import (
     redis_is_down,
 )
 from ..logs import logger, set_role
-from ..notes import UP, NoteTaker, PauseFlag
+from ..notes import UP, NoteTaker, PauseFlag, RetireSlots
 from ..ops import pools
 from .events import Subscriptions
 from .limits import RECYCLED, Limits
@@ -95,7 +95,8 @@ class Worker(Reserving, SignalHandling):
     kill_grace    seconds between SIGTERM and SIGKILL when a job child must die
     appname       shown in log lines
     redis_options keyword arguments for redis-py (socket timeouts ...)
-    state_path, will_path, notes_fd, pause, metrics: the pool's (presence.py, will.py, notes.py)
+    state_path, will_path, notes_fd, pause, retire, metrics: the pool's (presence.py, will.py,
+                  notes.py)
 
     The exit status is 0, or RECYCLED when the worker stopped for --max-jobs or --max-memory.
     """
@@ -138,6 +139,7 @@ class Worker(Reserving, SignalHandling):
         will_path: Optional[str] = None,
         notes_fd: Optional[int] = None,
         pause: Optional[PauseFlag] = None,
+        retire: Optional[RetireSlots] = None,
         metrics: bool = False,
     ):
         if not queues:
@@ -175,6 +177,7 @@ class Worker(Reserving, SignalHandling):
         self.state_path, self.will_path, self.metrics = state_path, will_path, metrics
         self.notes = NoteTaker(notes_fd)
         self.pause = pause
+        self.retire = retire
         self.pid = os.getpid()
         self.name = worker_name(self.pid)
         self.client: Optional[qless.Client] = None

@@ -4,8 +4,9 @@
     TERM, INT  stop the current job now (it is handed back), then exit
     USR1       stop the current job now (it is handed back), keep working
     USR2       take no new jobs (the title says Paused); CONT: take jobs again
-    WINCH      retire if idle (a range's step down, pool/scaling.py): with no job running,
-               give back what it holds and exit (IDLE_RETIRED); running one, ignored
+    WINCH      retire if idle (a range's step down, pool/scaling.py): if its pool asked it
+               (notes.RetireSlots) and no job runs, give back what it holds and exit
+               (IDLE_RETIRED); running one, or not asked, ignored
     CHLD       (a job child exited: the loop reaps it on its next turn)
 
 The handlers do nothing: Python's C-level handler writes each signal's number to the worker's
@@ -23,7 +24,7 @@ from typing import Any, Optional
 
 from .. import lifeline
 from ..logs import logger
-from ..notes import PauseFlag
+from ..notes import PauseFlag, RetireSlots
 from .limits import Limits
 from .reservation import Holding
 from .runmode import RunMode
@@ -55,6 +56,7 @@ class SignalHandling(RunMode):
     terminating: bool
     paused: bool
     pause: Optional[PauseFlag]
+    retire: Optional[RetireSlots]
     next_poll: float
     stop_deadline: Optional[float]
     retired_idle: bool
@@ -138,8 +140,10 @@ class SignalHandling(RunMode):
         self.next_poll = 0.0
 
     def handle_sigwinch(self) -> None:
-        if self.stopping or self.watch_parent is None:
-            return  # a worker of no pool (a terminal's resize sends WINCH too): nothing to do
+        if self.stopping or self.retire is None or not self.retire.asked(os.getpid()):
+            # Not asked by its pool (a terminal's resize sends WINCH too), or asked and then
+            # not any more (read after a job in process): nothing to do.
+            return
         if self._busy():
             log.debug("WINCH: running a job, so not retiring")
             return
