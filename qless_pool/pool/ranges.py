@@ -7,7 +7,7 @@ sampler process while a group has a range, read its samples, apply the scaler's 
           then does the wanted count go down (reap). A worker that was busy ignores it; after
           RETIRE_WAIT the ask is withdrawn and another worker is asked, each in turn.
 
-While the pool is paused (USR2) or a HUP's WINCH left it with no workers, counts hold.
+While the pool is paused (USR2), or stays without workers after WINCH, counts hold.
 
 How ranges compose with the rest: ``--drain`` runs every range at its MAX (a drain wants the
 queues empty soonest) with no sampler; WINCH stops every worker as for fixed counts; a HUP keeps
