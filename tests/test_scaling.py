@@ -131,6 +131,10 @@ def test_a_hup_keeps_a_groups_count_clamped_and_redis_away_holds():
     assert rule.wanted() == {("foo",): 3}
     rule.configure({("foo",): Range(1, 2)})
     assert rule.wanted() == {("foo",): 2}
+    last = rule.report()[("foo",)]["last"]  # status's last word: the clamp, not "up to 3"
+    assert (last["action"], last["wanted"], last["reason"]) == (
+        "set", 2, "the config's range is now 1..2",
+    )  # fmt: skip
     rule.configure({("foo",): 2})
     assert rule.wanted() == {}
     rule = scaler(down_after=1.0)

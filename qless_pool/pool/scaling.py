@@ -59,7 +59,7 @@ class Decision:
     """What the scaler decided for one group, and why (for the log, status and metrics)."""
 
     queues: Queues
-    action: str  # "up", "down" (a worker asked to retire), "hold" (the cap binds)
+    action: str  # "up", "down" (a worker asked to retire), "hold" (the cap binds), "set" (HUP)
     wanted: int  # the group's wanted count after it
     reason: str
     at: float = field(default_factory=time.time)
@@ -106,6 +106,9 @@ class Scaler:
                 if old is not None
                 else GroupScale(count, wanted)
             )
+            if old is not None and wanted != old.wanted:  # status's last word is this, now
+                kept[queues].last = Decision(queues, "set", wanted,
+                                             f"the config's range is now {count}")  # fmt: skip
         self.groups = kept
 
     def wanted(self) -> Counts:
