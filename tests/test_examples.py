@@ -16,7 +16,7 @@ import yaml
 from processes import alive, children, wait_for
 
 from qless_pool.cli import build_parser
-from qless_pool.ops.commands import reload_parser
+from qless_pool.ops.poolcommands import reload_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

@@ -1,6 +1,6 @@
 """The operator's commands: ``qless-pool queues | failed | job | retry | cancel | pause |
-unpause | stop | reload``, over operations.py (and, for ``stop`` and ``reload``, the pool's
-pidfile or state).
+unpause | stop | reload``, over operations.py (``stop`` and ``reload`` act on the pool's
+processes: poolcommands.py; what every command shares: commandkit.py).
 
 Each reads qless's Redis from ``-R URL``, else $QLESS_URL, else $REDIS_URL, else
 redis://localhost:6379/0, prints text (or one JSON document with ``--json``), and answers bad
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,51 +31,29 @@ import redis
 from ..logs import printable
 from ..outage import redis_is_down
 from ..urls import check_redis_url, mask_argument, mask_secrets, redis_url_and_origin
+from .commandkit import (
+    EX_NOT_FOUND,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    Failed,
+    command_parser,
+    print_json,
+    print_text,
+    whole,
+)
 from .operations import Done, NotFound, Operations, Page
+from .poolcommands import reload, reload_parser, stop, stop_parser
 
 __all__ = ["COMMANDS", "EX_UNAVAILABLE", "main"]
 
-EX_NOT_FOUND = 1
-EX_USAGE = 2
-EX_NO_POOL = 3
-EX_UNAVAILABLE = 69
 #: Characters of a failure message shown in a list (``job JID`` shows it whole).
 MESSAGE_WIDTH = 60
 
 
-class Failed(Exception):
-    """One line for stderr, and the exit status."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        self.status = status
-
-
-# --- the parsers ----------------------------------------------------------------------------------
-
-
-def _parser(name: str, description: str, redis: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"qless-pool {name}", description=description)
-    if redis:
-        parser.add_argument(
-            "-R", "--redis", metavar="URL",
-            help="qless's Redis (default: $QLESS_URL, $REDIS_URL, redis://localhost:6379/0)",
-        )  # fmt: skip
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
-    return parser
-
-
-def _whole(low: int, high: int) -> Callable[[str], int]:
-    def read(text: str) -> int:
-        if not text.isdigit() or not low <= int(text) <= high:
-            raise argparse.ArgumentTypeError(f"a whole number from {low} to {high:,}: {text!r}")
-        return int(text)
-
-    return read
-
-
 def _bulk_parser(name: str, verb: str) -> argparse.ArgumentParser:
-    parser = _parser(name, f"{verb.capitalize()} jobs by jid, or every failed job of a group.")
+    parser = command_parser(
+        name, f"{verb.capitalize()} jobs by jid, or every failed job of a group."
+    )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("jids", nargs="*", default=[], metavar="JID", help=f"the jobs to {verb}")
     what.add_argument("--group", metavar="GROUP", help=f"{verb} every failed job of GROUP")
@@ -92,14 +68,14 @@ def _bulk_parser(name: str, verb: str) -> argparse.ArgumentParser:
 
 
 def queues_parser() -> argparse.ArgumentParser:
-    return _parser("queues", "Every queue qless knows, with its jobs by state.")
+    return command_parser("queues", "Every queue qless knows, with its jobs by state.")
 
 
 def queues(args: argparse.Namespace, ops: Operations) -> int:
     found = ops.queues()
     groups = ops.failure_groups()
     if args.json:
-        return _print_json({"queues": [asdict(q) for q in found], "failed": groups})
+        return print_json({"queues": [asdict(q) for q in found], "failed": groups})
     columns = ("waiting", "running", "scheduled", "stalled", "depends", "recurring")
     width = max([len("QUEUE"), *(len(q.name) for q in found)]) + 2
     lines = [f"{'QUEUE':<{width}}" + "".join(f"{c.upper():>11}" for c in columns)]
@@ -113,15 +89,17 @@ def queues(args: argparse.Namespace, ops: Operations) -> int:
         lines = ["no queues yet (a queue appears with its first job)"]
     failed = sum(groups.values())
     lines.append(f"failed: {failed:,} in {len(groups)} group(s) (qless-pool failed)")
-    return _print("\n".join(lines))
+    return print_text("\n".join(lines))
 
 
 def failed_parser() -> argparse.ArgumentParser:
-    parser = _parser("failed", "The failure groups, or the failed jobs of one, newest first.")
+    parser = command_parser(
+        "failed", "The failure groups, or the failed jobs of one, newest first."
+    )
     parser.add_argument("group", nargs="?", metavar="GROUP", help="the jobs of this group")
-    parser.add_argument("--limit", type=_whole(1, 1000), default=25, metavar="N",
+    parser.add_argument("--limit", type=whole(1, 1000), default=25, metavar="N",
                         help="jobs to show (default 25)")  # fmt: skip
-    parser.add_argument("--offset", type=_whole(0, 10**9), default=0, metavar="N",
+    parser.add_argument("--offset", type=whole(0, 10**9), default=0, metavar="N",
                         help="skip the first N (default 0)")  # fmt: skip
     return parser
 
@@ -132,18 +110,18 @@ def failed(args: argparse.Namespace, ops: Operations) -> int:
     if args.group is None:
         groups = ops.failure_groups()
         if args.json:
-            return _print_json(groups)
+            return print_json(groups)
         if not groups:
-            return _print("no failed jobs")
+            return print_text("no failed jobs")
         width = max(len(g) for g in groups) + 2
         lines = [f"{'GROUP':<{width}}{'JOBS':>9}"]
         lines += [f"{group:<{width}}{count:>9,}" for group, count in groups.items()]
         lines.append(f"{'':<{width}}{sum(groups.values()):>9,} in all")
-        return _print("\n".join(lines))
+        return print_text("\n".join(lines))
     page = ops.failed(args.group, args.offset, args.limit)
     if args.json:
-        return _print_json(asdict(page))
-    return _print(_render_failed(args.group, page))
+        return print_json(asdict(page))
+    return print_text(_render_failed(args.group, page))
 
 
 def _render_failed(group: str, page: Page) -> str:
@@ -168,7 +146,7 @@ def _render_failed(group: str, page: Page) -> str:
 
 
 def job_parser() -> argparse.ArgumentParser:
-    parser = _parser("job", "One job, as qless keeps it.")
+    parser = command_parser("job", "One job, as qless keeps it.")
     parser.add_argument("jid", metavar="JID")
     return parser
 
@@ -176,8 +154,8 @@ def job_parser() -> argparse.ArgumentParser:
 def job(args: argparse.Namespace, ops: Operations) -> int:
     found = ops.job(args.jid)
     if args.json:
-        return _print_json(found)
-    return _print(render_job(found))
+        return print_json(found)
+    return print_text(render_job(found))
 
 
 def render_job(found: dict[str, Any]) -> str:
@@ -252,9 +230,9 @@ def _bulk(
 def _say_done(done: Done, did: str, what: str, as_json: bool) -> None:
     """What a bulk action did on stdout; the jobs it could not act on, and why, on stderr."""
     if as_json:
-        _print_json({"acted": done.acted, "refusals": done.refusals, "refused": done.refused})
+        print_json({"acted": done.acted, "refusals": done.refusals, "refused": done.refused})
     else:
-        _print(f"{did} {done.acted:,} job(s) {what}".rstrip())
+        print_text(f"{did} {done.acted:,} job(s) {what}".rstrip())
     if done.refusals:
         lines = [f"not {did}: {done.refusals:,}"]
         lines += [f"  {jid}: {_printable(why)}" for jid, why in done.refused.items()]
@@ -279,7 +257,7 @@ def _confirm(question: str, yes: bool, name: str) -> None:
 
 def pausing_parser(name: str) -> argparse.ArgumentParser:
     what = "no worker pops from it until unpaused" if name == "pause" else "its jobs run again"
-    parser = _parser(name, f"{name.capitalize()} a queue: {what}.")
+    parser = command_parser(name, f"{name.capitalize()} a queue: {what}.")
     parser.add_argument("queue", metavar="QUEUE")
     return parser
 
@@ -296,187 +274,8 @@ def unpause(args: argparse.Namespace, ops: Operations) -> int:
 
 def _paused(args: argparse.Namespace, paused: bool) -> int:
     if args.json:
-        return _print_json({"queue": args.queue, "paused": paused})
-    return _print(f"{'paused' if paused else 'unpaused'} {args.queue}")
-
-
-def _pool_arguments(parser: argparse.ArgumentParser) -> None:
-    """-p FILE | --pid PID: which pool (``stop``, ``reload``)."""
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("-p", "--pidfile", metavar="FILE",
-                       help="the pool's pidfile (default: tmp/pids/qless-pool.pid, else the pool "
-                       "started in this directory)")  # fmt: skip
-    where.add_argument("--pid", type=_whole(1, 2**22), metavar="PID", help="the manager's pid")
-
-
-def _the_pool(args: argparse.Namespace) -> int:
-    """The manager's pid the arguments name (ops/finding.py); Failed with 2 or 3 if none."""
-    from .finding import ManyPools, NoPool, find_pool
-
-    try:
-        return find_pool(args.pidfile, args.pid)
-    except ManyPools as error:
-        raise Failed(str(error), EX_USAGE) from None
-    except NoPool as error:
-        raise Failed(str(error), EX_NO_POOL) from None
-
-
-def stop_parser() -> argparse.ArgumentParser:
-    parser = _parser("stop", "Stop a running pool and wait until it is gone.", redis=False)
-    _pool_arguments(parser)
-    parser.add_argument("--now", action="store_true",
-                        help="stop the running jobs too (they are handed back to qless); "
-                        "default: every worker finishes its job first")  # fmt: skip
-    parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                        help="give up waiting after SECONDS (default 60)")  # fmt: skip
-    return parser
-
-
-def stop(args: argparse.Namespace, ops: Optional[Operations]) -> int:
-    from .finding import PoolProcesses
-
-    if not 0 < args.timeout < 10**7:
-        raise Failed(f"--timeout: more than 0 seconds: {args.timeout}", EX_USAGE)
-    pid = _the_pool(args)
-    processes = PoolProcesses(pid)  # the manager and its workers, each with its start time
-    sent = time.monotonic()
-    try:
-        os.kill(pid, signal.SIGQUIT)  # every worker finishes its job; the manager waits
-        if args.now:
-            # TERM while a QUIT waits stops the workers now, whatever --term-* says (INT would
-            # only stop the waiting): sent once the QUIT is taken, as two signals sent at once
-            # may arrive in either order.
-            _wait_until_stopping(pid)
-            os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass  # gone already: nothing left to wait for
-    left = processes.alive()
-    while left and time.monotonic() - sent < args.timeout:
-        time.sleep(0.05)
-        left = processes.alive()
-    took = time.monotonic() - sent
-    if left:
-        stopped = [p for p in left if processes.stopped(p)]
-        why = (
-            f"stopped by SIGSTOP or a debugger: {', '.join(map(str, stopped))} (send them CONT)"
-            if stopped
-            else "their jobs may be long (qless-pool stop --now)"
-        )
-        raise Failed(
-            f"pool {pid} is still running after {args.timeout:g}s: {len(left)} process(es) "
-            f"({', '.join(map(str, left))}); {why}",
-            EX_NOT_FOUND,
-        )
-    if args.json:
-        return _print_json({"pid": pid, "stopped": True, "seconds": round(took, 3)})
-    how = "now" if args.now else "after its jobs"
-    return _print(f"stopped pool {pid} {how} in {took:.1f}s")
-
-
-def _wait_until_stopping(pid: int, longest: float = 2.0) -> None:
-    """Until the pool's state says it is stopping (or ``longest`` seconds, if it says nothing)."""
-    from .state import pool_directory, read_manager
-
-    directory = pool_directory(pid, os.stat(f"/proc/{pid}").st_uid)
-    deadline = time.monotonic() + longest
-    while time.monotonic() < deadline:
-        if (read_manager(directory) or {}).get("stopping"):
-            return
-        time.sleep(0.02)
-
-
-def reload_parser() -> argparse.ArgumentParser:
-    parser = _parser(
-        "reload",
-        "Run new code without a stop: the pool's manager starts a new one (the same command "
-        "line, from the same directory), which reads the config and loads the application "
-        "afresh and takes the workers over one by one. Exits 0 once the new manager serves "
-        "every slot, 1 if the new code failed (the running pool serves on), 3 if no pool runs.",
-        redis=False,
-    )
-    _pool_arguments(parser)
-    parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                        help="how long the new manager has to load and serve every slot "
-                        "(default 60); after it the reload fails")  # fmt: skip
-    parser.add_argument("--wait", action="store_true",
-                        help="wait too until the old manager has exited (its workers finish "
-                        "their running jobs first)")  # fmt: skip
-    return parser
-
-
-def reload(args: argparse.Namespace, ops: Optional[Operations]) -> int:
-    from ..pool.handover import write_request
-    from ..pool.signals import RELOAD_SIGNAL
-    from .finding import running
-    from .state import pool_directory, read_manager
-
-    if not 0 < args.timeout < 10**6:
-        raise Failed(f"--timeout: more than 0 seconds: {args.timeout}", EX_USAGE)
-    pid = _the_pool(args)
-    try:
-        directory = pool_directory(pid, os.stat(f"/proc/{pid}").st_uid)
-    except OSError:
-        raise Failed(f"pool {pid} has exited", EX_NO_POOL) from None
-    sent = time.monotonic()
-    try:
-        request = write_request(directory, args.timeout)
-        os.kill(pid, RELOAD_SIGNAL)
-    except ProcessLookupError:
-        raise Failed(f"pool {pid} has exited", EX_NO_POOL) from None
-    except OSError as error:
-        raise Failed(f"cannot ask pool {pid} to reload: {error}", EX_NOT_FOUND) from None
-    # The manager keeps the timeout itself; this side waits a little longer for its verdict.
-    deadline = sent + args.timeout + 10
-    report: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        manager = read_manager(directory)
-        found = [r for r in (manager or {}).get("reloads", []) if r.get("id") == request]
-        report = found[-1] if found else report
-        if report.get("phase") in ("handed-over", "failed", "refused"):
-            break
-        if manager is None:
-            # The old manager may be gone already (its workers were idle): the new one says
-            # which reload made it.
-            gone = not running(pid)
-            report = _taken_over(report, request)
-            if report.get("phase") == "handed-over":
-                break
-            if gone:
-                raise Failed(f"pool {pid} exited during the reload", EX_NOT_FOUND)
-        time.sleep(0.05)
-    phase = report.get("phase")
-    if phase in ("failed", "refused"):
-        raise Failed(f"reload {phase}: {report.get('error')}", EX_NOT_FOUND)
-    if phase != "handed-over":
-        raise Failed(f"pool {pid} did not answer the reload within {args.timeout:g}s", EX_NOT_FOUND)
-    new = report["new_pid"]
-    took = time.monotonic() - sent
-    if args.wait:
-        # Its state goes when its last worker has (a keeper stays on, without it).
-        while os.path.exists(directory) and running(pid):
-            time.sleep(0.05)
-    if args.json:
-        return _print_json({"old_pid": pid, "new_pid": new, "seconds": round(took, 3),
-                            "old_exited": bool(args.wait)})  # fmt: skip
-    waited = f"; the old manager has exited ({time.monotonic() - sent:.1f}s)" if args.wait else ""
-    return _print(f"reloaded: pool {pid} handed over to manager {new} in {took:.1f}s{waited}")
-
-
-def _taken_over(report: dict[str, Any], request: str) -> dict[str, Any]:
-    """The reload ``report`` as the new manager it names tells it (handed-over, if the new
-    manager serves for this request)."""
-    from .state import pool_directory, read_manager
-
-    new = report.get("new_pid")
-    if not isinstance(new, int):
-        return report
-    try:
-        manager = read_manager(pool_directory(new, os.stat(f"/proc/{new}").st_uid))
-    except OSError:
-        return report
-    if ((manager or {}).get("took_over") or {}).get("request") == request:
-        return {**report, "phase": "handed-over"}
-    return report
+        return print_json({"queue": args.queue, "paused": paused})
+    return print_text(f"{'paused' if paused else 'unpaused'} {args.queue}")
 
 
 @dataclass(frozen=True)
@@ -568,13 +367,3 @@ def _operations(given: Optional[str]) -> tuple[str, Operations]:
     except ValueError as error:
         raise Failed(f"bad Redis URL (from {origin}): {error}", EX_USAGE) from None
     return url, Operations(control_client(url, "ops"))
-
-
-def _print(text: str) -> int:
-    print(text)
-    return 0
-
-
-def _print_json(value: Any) -> int:
-    print(json.dumps(value, indent=2, sort_keys=True))
-    return 0
