@@ -5,7 +5,9 @@ gave it::
 
     RPUSH bench:starts "<time.time()> <pid> <ppid> <put time>"
 
-so throughput, pickup latency and who ran what are read back from Redis afterwards. qless
+so throughput, pickup latency and who ran what are read back from Redis afterwards. The *quiet*
+jobs (``Quiet``) make no Redis command of their own: each appends the same record to the file
+``$BENCH_STARTS_FILE`` names (the harness puts it in the contender's directory) instead. qless
 (qless-pool, qless-py-worker, the floor) and reqless jobs complete themselves: qless-py's and
 reqless's workers do not complete a job whose function returned (qless-pool would, but then the
 job code would differ). rq jobs just return; rq records the result.
@@ -37,6 +39,23 @@ def put_time(data) -> float:
     return 0.0
 
 
+#: The quiet jobs' records: the file's name in the contender's directory (the harness passes its
+#: whole path in $BENCH_STARTS_FILE: qless-py's workers run jobs in a directory of their own).
+STARTS_FILE = "starts.log"
+_starts_file: dict[int, int] = {}  # pid -> fd: a forked child opens its own
+
+
+def mark_quietly(put_time: float = 0.0) -> None:
+    """Record that a job started without a Redis command: one line appended to STARTS_FILE."""
+    pid = os.getpid()
+    fd = _starts_file.get(pid)
+    if fd is None:
+        _starts_file.clear()
+        path = os.environ.get("BENCH_STARTS_FILE", STARTS_FILE)
+        fd = _starts_file[pid] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.write(fd, f"{time.time():.6f} {pid} {os.getppid()} {put_time:.6f}\n".encode())
+
+
 _collected_in: set[int] = set()
 
 
@@ -57,6 +76,16 @@ class NoOp:
     @staticmethod
     def process(job) -> None:
         mark(job.client.redis, put_time(job.data))
+        job.complete()
+
+
+class Quiet:
+    """Records its start in a file, not in Redis: a job that makes no Redis command of its own
+    (its complete() is qless's, as for NoOp)."""
+
+    @staticmethod
+    def process(job) -> None:
+        mark_quietly(put_time(job.data))
         job.complete()
 
 
@@ -88,8 +117,19 @@ def rq_collect(t: float = 0.0) -> None:
 
 def read_starts(connection) -> list[tuple[float, int, int, float]]:
     """Every record, as (start time, pid, ppid, put time)."""
-    records = []
-    for line in connection.lrange(STARTS, 0, -1):
-        started, pid, ppid, put = line.split()
-        records.append((float(started), int(pid), int(ppid), float(put)))
-    return records
+    return [_record(line) for line in connection.lrange(STARTS, 0, -1)]
+
+
+def read_start_file(path: str) -> list[tuple[float, int, int, float]]:
+    """Every whole record of a quiet jobs' STARTS_FILE (the last line may be half written)."""
+    try:
+        with open(path) as file:
+            lines = file.read().split("\n")[:-1]
+    except FileNotFoundError:
+        return []
+    return [_record(line) for line in lines]
+
+
+def _record(line: str) -> tuple[float, int, int, float]:
+    started, pid, ppid, put = line.split()
+    return float(started), int(pid), int(ppid), float(put)

@@ -171,6 +171,11 @@ def floor(launch: Launch) -> list[list[str]]:
     return [[PYTHON, script, launch.url, launch.queue] for _ in range(launch.workers)]
 
 
+def floor_fork(launch: Launch) -> list[list[str]]:
+    script = str(BENCH_DIR / "floor_fork_worker.py")
+    return [[PYTHON, script, launch.url, launch.queue] for _ in range(launch.workers)]
+
+
 def _worker_load(launch: Launch) -> dict[str, str]:
     return {"BENCH_WORKER_LOAD": ",".join(launch.preload), "BENCH_PRELOAD": ""}
 
@@ -250,6 +255,17 @@ CONTENDERS: dict[str, Contender] = {
             polls=False,
         ),
         Contender(
+            "floor-fork",
+            "qless",
+            "N plain processes looping qless pop, fork, the job in the child (qless-py's "
+            "Job.process, a connection of its own), wait; no framework (floor_fork_worker.py)",
+            "child",
+            None,
+            None,
+            floor_fork,
+            polls=False,
+        ),
+        Contender(
             "qless-pool-independent",
             "qless",
             "N qless-pool workers (qless_pool.worker.Worker) started as separate processes, "
@@ -310,8 +326,16 @@ class Producer:
 
     #: Job class names (qless, reqless) or function paths (rq) per job kind.
     KINDS: ClassVar[dict[str, dict[str, str]]] = {
-        "qless": {"noop": "benchjobs.NoOp", "collect": "benchjobs.Collect"},
-        "reqless": {"noop": "benchjobs.NoOp", "collect": "benchjobs.Collect"},
+        "qless": {
+            "noop": "benchjobs.NoOp",
+            "quiet": "benchjobs.Quiet",
+            "collect": "benchjobs.Collect",
+        },
+        "reqless": {
+            "noop": "benchjobs.NoOp",
+            "quiet": "benchjobs.Quiet",
+            "collect": "benchjobs.Collect",
+        },
         "rq": {"noop": "benchjobs.rq_noop", "collect": "benchjobs.rq_collect"},
     }
 

@@ -2,8 +2,8 @@
 
     python benchmarks/floor_worker.py URL QUEUE
 
-Each job gets the same one-command start record as every contender's jobs (benchjobs.mark),
-and nothing else: no fork, no heartbeats, no events, no signals, no bookkeeping. What a
+Each job gets the same start record as every contender's jobs (benchjobs.mark, or for the quiet
+jobs benchjobs.mark_quietly), and nothing else: no fork, no heartbeats, no events, no signals, no bookkeeping. What a
 contender spends above this is its framework.
 """
 
@@ -30,5 +30,8 @@ if __name__ == "__main__":
             time.sleep(0.001)
             continue
         job = popped[0]
-        benchjobs.mark(connection, benchjobs.put_time(job["data"]))
+        if job["klass"] == "benchjobs.Quiet":
+            benchjobs.mark_quietly(benchjobs.put_time(job["data"]))
+        else:
+            benchjobs.mark(connection, benchjobs.put_time(job["data"]))
         client("complete", job["jid"], name, queue, job["data"])

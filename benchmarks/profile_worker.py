@@ -92,6 +92,10 @@ def make_worker(contender: str, url: str):
 
         worker = SerialWorker(["bench"], reqless.Client(url), interval=1)
         return worker.run
+    if contender == "floor-fork":
+        import floor_fork_worker
+
+        return lambda: floor_fork_worker.work(url, "bench")
     if contender in ("rq-fork", "rq-simple"):
         import redis
         from rq import SimpleWorker
@@ -234,6 +238,7 @@ def main() -> int:
             "reqless-py-worker",
             "rq-fork",
             "rq-simple",
+            "floor-fork",
         ],
     )
     parser.add_argument("--jobs", type=int, default=5000)

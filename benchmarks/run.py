@@ -38,7 +38,8 @@ from harness import (
 )
 
 SCENARIOS = [
-    "throughput", "pickup", "startup", "memory", "respawn", "hup", "reload", "idle", "fork"
+    "throughput", "throughput-quiet", "cpu", "pickup", "startup", "memory", "respawn", "hup",
+    "reload", "idle", "fork",
 ]  # fmt: skip
 
 #: Who runs in each scenario unless --contenders says otherwise.
@@ -50,6 +51,17 @@ DEFAULT_CONTENDERS = {
         "reqless-py-worker",
         "rq-fork",
         "rq-simple",
+        "floor",
+        "floor-fork",
+    ],
+    # The same with jobs that make no Redis command of their own (the in-process target).
+    "throughput-quiet": ["qless-pool-inproc", "qless-py-worker", "reqless-py-worker", "floor"],
+    "cpu": [
+        "qless-pool-fork",
+        "floor-fork",
+        "rq-fork",
+        "qless-pool-inproc",
+        "qless-py-worker",
         "floor",
     ],
     "pickup": [
@@ -103,6 +115,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_window": 6.0,
         "floor_iterations": 500,
         "workers": [1, 2, 4, 8],
+        # CPU per job, one worker: N jobs by where a contender runs them (about 10 s each).
+        "cpu_jobs": {"child": 1500, "worker": 10000},
+        "cpu_rounds": 3,
         "puts": 300,
         "pickup_workers": 2,
         "gap_ms": (10.0, 40.0),
@@ -142,6 +157,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_window": 3.0,
         "floor_iterations": 200,
         "workers": [2],
+        "cpu_jobs": {"child": 300, "worker": 2000},
+        "cpu_rounds": 1,
         "puts": 25,
         "pickup_workers": 2,
         "gap_ms": (20.0, 60.0),
@@ -178,6 +195,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_window": None,
         "floor_iterations": 20,
         "workers": [1],
+        "cpu_jobs": {"child": 20, "worker": 50},
+        "cpu_rounds": 1,
         "puts": 3,
         "pickup_workers": 1,
         "gap_ms": (5.0, 10.0),
@@ -212,8 +231,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def applicable(scenario: str, name: str) -> bool:
     contender = CONTENDERS[name]
-    if scenario == "throughput":
+    if scenario in ("throughput", "cpu"):
         return True
+    if scenario == "throughput-quiet":
+        return contender.family in ("qless", "reqless")
     if scenario == "fork":
         return False
     if scenario == "hup":
@@ -326,6 +347,14 @@ def run_scenario(
             p["rounds"],
             p["max_window"],
             p["floor_iterations"] if both_modes else 0,
+        )
+    if scenario == "throughput-quiet":
+        return scenarios.throughput(
+            ctx, names, p["jobs"], p["workers"], p["rounds"], p["max_window"], kind="quiet"
+        )
+    if scenario == "cpu":
+        return scenarios.cpu_per_job(
+            ctx, names, p["cpu_jobs"], p["cpu_rounds"], p["floor_iterations"]
         )
     if scenario == "pickup":
         return scenarios.pickup(

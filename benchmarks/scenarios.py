@@ -26,13 +26,17 @@ import benchjobs
 from contenders import CONTENDERS, Contender, Launch, Producer
 from harness import (
     BENCH_DIR,
+    CLOCK_TICKS,
     Processes,
     RedisServer,
     age,
     alive,
+    cpu_seconds,
     descendants,
     log,
     percentile,
+    processes_in,
+    read_stat,
     smaps_rollup,
     title,
     wait_until,
@@ -129,9 +133,12 @@ def throughput(
     rounds: int,
     max_window: Optional[float] = None,
     floor_iterations: int = 0,
+    kind: str = "noop",
 ) -> dict[str, Any]:
     """N no-op jobs are put before the contender starts; the rate is counted from the moment the
     last of its workers started its first job (so start-up is excluded) to the last job's start.
+    ``kind``: ``"noop"`` (each job records its start with a Redis command of its own) or
+    ``"quiet"`` (in a file: no Redis command but qless's own).
 
     ``max_window``: stop a run once it has run this many seconds after its first job started,
     even if jobs are left (the slow contenders: a rate needs a steady window, not N jobs).
@@ -152,14 +159,15 @@ def throughput(
                 floors.append({"round": round_index + 1, **result})
             for name in rotated(names, round_index):
                 contender = CONTENDERS[name]
-                directory = ctx.processes.new_directory(f"throughput-{name}-{workers}")
+                directory = ctx.processes.new_directory(f"throughput-{kind}-{name}-{workers}")
                 result = attempt(
                     ctx,
                     directory,
                     functools.partial(
-                        _throughput_run, ctx, contender, workers, jobs, max_window, directory
+                        _throughput_run, ctx, contender, workers, jobs, max_window, directory,
+                        kind,
                     ),
-                )
+                )  # fmt: skip
                 runs.append(
                     {"round": round_index + 1, "contender": name, "workers": workers, **result}
                 )
@@ -174,6 +182,7 @@ def throughput(
         "workers": list(worker_counts),
         "rounds": rounds,
         "floor_iterations": floor_iterations,
+        "kind": kind,
     }
     return {"params": params, "runs": runs, "fork_floor": floors}
 
@@ -185,36 +194,55 @@ def _throughput_run(
     jobs: int,
     max_window: Optional[float],
     directory: str,
+    kind: str = "noop",
 ) -> dict[str, Any]:
     ctx.redis.flush()
     producer = Producer(contender.family, ctx.redis.url())
-    producer.put("noop", jobs)
+    producer.put(kind, jobs)
     connection = ctx.redis.connection()
-    launch = Launch(workers, ctx.redis.url(), directory)
+    start_file = os.path.join(directory, benchjobs.STARTS_FILE)
+    launch = Launch(workers, ctx.redis.url(), directory, env={"BENCH_STARTS_FILE": start_file})
+
+    def starts() -> list[tuple[float, int, int, float]]:
+        if kind == "quiet":
+            return benchjobs.read_start_file(start_file)
+        return benchjobs.read_starts(connection)
+
     # For the cap: the records read so far, and when every worker had started a job.
     worker_field = 2 if contender.jobs_run_in == "child" else 1
-    seen: set[str] = set()
-    read = 0
+    seen: set[int] = set()
     all_started: list[float] = []
+    counted = [0, 0]  # the quiet jobs' file: bytes read, whole lines in them
+
+    def started_so_far() -> int:
+        if kind != "quiet":
+            return connection.llen(benchjobs.STARTS)
+        try:
+            with open(start_file, "rb") as file:
+                file.seek(counted[0])
+                chunk = file.read()
+        except FileNotFoundError:
+            return 0
+        whole = chunk.rfind(b"\n") + 1
+        counted[0] += whole
+        counted[1] += chunk.count(b"\n", 0, whole)
+        return counted[1]
 
     def finished() -> bool:
-        nonlocal read
-        started = connection.llen(benchjobs.STARTS)
+        started = started_so_far()
         if started >= jobs:
             return True
         if not max_window:
             return False
-        if not all_started and started > read:
-            for line in connection.lrange(benchjobs.STARTS, read, started - 1):
-                seen.add(line.split()[worker_field])
-            read = started
+        if not all_started and started:
+            seen.update(record[worker_field] for record in starts())
             if len(seen) >= workers:
                 all_started.append(time.monotonic())
         return bool(all_started) and time.monotonic() - all_started[0] >= max_window
 
     with running(ctx, contender, launch) as run:
         wait_until(finished, max(60.0, jobs / 20), 0.01, f"{jobs} jobs to start")
-        capped = connection.llen(benchjobs.STARTS) < jobs
+        capped = started_so_far() < jobs
         if not capped:
             wait_until(lambda: producer.completed() >= jobs, 30, 0.01, f"{jobs} jobs to complete")
         launched_at = time.time() - (time.monotonic() - run.launched_at)
@@ -222,7 +250,7 @@ def _throughput_run(
     # A job child forked just as the contender is killed can still start its job once its
     # worker is gone (re-parented, so with another ppid): what started after the stop began
     # does not count.
-    records = [r for r in benchjobs.read_starts(connection) if r[0] <= stopping_at]
+    records = [r for r in starts() if r[0] <= stopping_at]
     result = throughput_rate(records, contender.jobs_run_in, launched_at)
     if not result["jobs_per_s"]:
         raise RuntimeError(f"no steady window: {result}")
@@ -254,6 +282,92 @@ def throughput_rate(
         "first_start_after_launch_s": starts[0] - launched_at,
         "all_workers_busy_after_launch_s": all_running - launched_at,
         "jobs_per_s_with_startup": len(records) / (last - launched_at),
+    }
+
+
+# --- 1b. CPU per job ---------------------------------------------------------------------------------
+
+
+def cpu_per_job(
+    ctx: Context,
+    names: Sequence[str],
+    jobs: dict[str, int],
+    rounds: int,
+    floor_iterations: int,
+) -> dict[str, Any]:
+    """One worker of each contender on N queued no-op jobs: the CPU time (user + system) of
+    every process of the contender, with the children it reaped, and of redis-server, per job,
+    over the jobs completed between the first and the last tenth; and the page faults of the
+    contender's processes. ``jobs``: N by where the contender runs a job (``"child"``,
+    ``"worker"``). Each round also takes the fork floor's CPU (fork_floor.py), so a job's CPU
+    with a child per job is set against a floor measured in the same minutes."""
+    runs = []
+    floors = []
+    for round_index in range(rounds):
+        directory = ctx.processes.new_directory("cpu-fork-floor")
+        result = attempt(
+            ctx, directory, functools.partial(_fork_floor_run, ctx, floor_iterations, directory)
+        )
+        floors.append({"round": round_index + 1, **result})
+        for name in rotated(names, round_index):
+            contender = CONTENDERS[name]
+            count = jobs[contender.jobs_run_in]
+            directory = ctx.processes.new_directory(f"cpu-{name}")
+            result = attempt(
+                ctx, directory, functools.partial(_cpu_run, ctx, contender, count, directory)
+            )
+            runs.append({"round": round_index + 1, "contender": name, **result})
+            if "total_ms" in result:
+                log(
+                    f"  cpu  round {round_index + 1}/{rounds}  {name:<24} {result['total_ms']:.3f}"
+                    f" ms a job ({result['contender_ms']:.3f} + redis {result['redis_ms']:.3f})"
+                )
+    params = {"jobs": dict(jobs), "rounds": rounds, "floor_iterations": floor_iterations}
+    return {"params": params, "runs": runs, "fork_floor": floors}
+
+
+def _tree_usage(directory: str, top: Sequence[int]) -> tuple[float, int]:
+    """CPU seconds and minor page faults of every process of a contender, with those of the
+    children each has reaped (a job child forked and reaped between two readings counts in its
+    parent's; one alive at both counts in its own)."""
+    pids = set(processes_in(directory)) | set(top)
+    pids |= set(descendants(pids))
+    seconds, faults = 0.0, 0
+    for pid in pids:
+        fields = read_stat(pid)
+        if fields is None:
+            continue
+        seconds += sum(int(f) for f in fields[11:15]) / CLOCK_TICKS  # utime stime cutime cstime
+        faults += int(fields[7]) + int(fields[8])  # minflt cminflt
+    return seconds, faults
+
+
+def _cpu_run(ctx: Context, contender: Contender, jobs: int, directory: str) -> dict[str, Any]:
+    ctx.redis.flush()
+    producer = Producer(contender.family, ctx.redis.url())
+    producer.put("noop", jobs)
+    launch = Launch(1, ctx.redis.url(), directory)
+    assert ctx.redis.process is not None
+    redis_pid = ctx.redis.process.pid
+    first, last = jobs // 10, jobs - jobs // 10
+    with running(ctx, contender, launch) as run:
+        wait_until(lambda: producer.completed() >= first, max(60.0, jobs / 20), 0.002,
+                   f"{first} jobs to complete")  # fmt: skip
+        done0, (cpu0, faults0), redis0 = producer.completed(), _tree_usage(directory, run.top), \
+            cpu_seconds(redis_pid)  # fmt: skip
+        wait_until(lambda: producer.completed() >= last, max(60.0, jobs / 20), 0.002,
+                   f"{last} jobs to complete")  # fmt: skip
+        done1, (cpu1, faults1), redis1 = producer.completed(), _tree_usage(directory, run.top), \
+            cpu_seconds(redis_pid)  # fmt: skip
+    counted = done1 - done0
+    contender_ms = (cpu1 - cpu0) * 1000 / counted
+    redis_ms = (redis1 - redis0) * 1000 / counted
+    return {
+        "jobs": counted,
+        "contender_ms": contender_ms,
+        "redis_ms": redis_ms,
+        "total_ms": contender_ms + redis_ms,
+        "faults": (faults1 - faults0) / counted,
     }
 
 
@@ -530,6 +644,7 @@ def _memory_run(
         "total_pss_mb": total_pss,
         "manager_rss_mb": manager_rss,
         "pss_over_manager_rss": total_pss / manager_rss,
+        "manager_pid": manager,
         "processes": processes,
     }
 

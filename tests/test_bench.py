@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 INVOKE = os.path.join(os.path.dirname(sys.executable), "invoke")
 SCENARIOS = {
     "throughput",
+    "throughput-quiet",
+    "cpu",
     "pickup",
     "startup",
     "memory",
@@ -82,17 +84,30 @@ def test_invoke_bench_tiny_runs_every_scenario_and_writes_the_results(tmp_path):
         for run in scenario["runs"]:
             assert "error" not in run, (name, run.get("contender"), run.get("log_tail"))
     ran = {run["contender"] for run in results["scenarios"]["throughput"]["runs"]}
-    expected = {"qless-pool-fork", "qless-pool-inproc", "qless-py-worker", "floor"}
-    expected |= {"rq-fork", "rq-simple"} - set(results.get("unavailable", {}))
-    expected |= {"reqless-py-worker"} - set(results.get("unavailable", {}))
+    unavailable = set(results.get("unavailable", {}))
+    expected = {"qless-pool-fork", "qless-pool-inproc", "qless-py-worker", "floor", "floor-fork"}
+    expected |= {"rq-fork", "rq-simple", "reqless-py-worker"} - unavailable
     assert ran == expected
-    throughput = results["scenarios"]["throughput"]["runs"]
-    assert all(run["jobs"] == results["params"]["jobs"] for run in throughput)
+    for scenario in ("throughput", "throughput-quiet"):
+        runs = results["scenarios"][scenario]["runs"]
+        assert all(run["jobs"] == results["params"]["jobs"] for run in runs), scenario
+    quiet = {run["contender"] for run in results["scenarios"]["throughput-quiet"]["runs"]}
+    assert quiet == {"qless-pool-inproc", "qless-py-worker", "floor"} | (
+        {"reqless-py-worker"} - unavailable
+    )
+    cpu = results["scenarios"]["cpu"]["runs"]
+    assert {run["contender"] for run in cpu} == {
+        "qless-pool-fork", "floor-fork", "qless-pool-inproc", "qless-py-worker", "floor",
+    } | ({"rq-fork"} - unavailable)  # fmt: skip
+    assert all(run["jobs"] > 0 and run["total_ms"] > 0 for run in cpu)
     summary = results["summary"]
-    assert {row["target"] for row in summary["targets"]} >= {
-        "in-process vs qless-py-worker",
-        "fork per job vs rq worker-pool (fork)",
-        "fork-per-job overhead vs bare fork+exit+wait",
+    measured = {row["target"]: row for row in summary["targets"] if row["measured"]}
+    assert set(measured) >= {
+        "fork per job: CPU a job (all processes and Redis) vs fork + a command on a new "
+        "connection + exit + wait",
+        "in process vs qless-py-worker, jobs without",
+        "in process vs qless-py-worker, jobs with a Redis command",
+        "private memory per idle worker (with its standby), qless-pool-fork",
     }
 
     # A run that is not the full one leaves the committed docs alone, and nothing running.
@@ -110,6 +125,7 @@ def test_invoke_bench_tiny_runs_every_scenario_and_writes_the_results(tmp_path):
         ["profile_worker.py", "qless-pool-fork", "--timeline"],
         ["profile_worker.py", "qless-pool-fork", "--child-profile"],
         ["profile_worker.py", "qless-pool-fork", "--cpu"],
+        ["profile_worker.py", "floor-fork", "--cpu"],
         ["cow_pages.py", "--ballast-mb", "5", "--children", "1"],
     ],
     ids=lambda args: " ".join(args),
