@@ -63,7 +63,7 @@ class ForkingWorker(Worker):
 
     def _start_job(self, held: HeldJob) -> None:
         try:
-            child = self.children.start(held, self.job_timeout)
+            child = self.children.start(held, self.job_timeout, self.streaming)
         except OSError as error:  # no fork (a pids limit, memory): not this job's fault
             log.warning("could not fork a child for %s (%s); giving it back to its queue",
                         describe_job(held.job), error)  # fmt: skip

@@ -46,6 +46,9 @@ class Reserving(RunMode):
     notes: NoteTaker
     next_poll: float
     began: bool
+    #: The job being started was waiting when the worker looked for it straight after its last
+    #: one (not after an idle spell).
+    streaming: bool = False
 
     def _handle_events(self, events: list[dict[str, Any]]) -> None:
         for event in events:
@@ -65,7 +68,10 @@ class Reserving(RunMode):
 
     def _reserve_and_run(self) -> None:
         count = 1 if self.fork_per_job else self.prefetch.size
+        was_idle = self.subscriptions.listening_for_puts
         jobs = self._pop(count)
+        # The job was waiting when the worker looked, straight after its last one: a stream.
+        self.streaming = bool(jobs) and not was_idle
         if not jobs and not self.subscriptions.listening_for_puts:
             # Listen for puts before one more look, so that a put after that look is heard.
             self._handle_events(self.subscriptions.listen_for_puts(True))
