@@ -157,9 +157,15 @@ def test_the_state_is_private_and_removed_at_exit(start_pool):
 
 
 def replacements(pool, old: int) -> list[int]:
-    """Waiting workers other than ``old`` (not its standby child, adopted by the manager for the
-    moment it takes to die)."""
-    return [pid for pid, text in pool.worker_titles().items() if pid != old and WAITING.match(text)]
+    """Waiting workers other than ``old`` that the manager says it spawned (not ``old``'s standby
+    child, adopted by the manager for the moment it takes to die, which still has the worker's
+    title if it was forked a moment before)."""
+    spawned = {int(pid) for pid in re.findall(r"spawned worker (\d+) for", pool.log_text())}
+    return [
+        pid
+        for pid, text in pool.worker_titles().items()
+        if pid != old and pid in spawned and WAITING.match(text)
+    ]
 
 
 def test_a_pool_whose_state_directory_is_removed_makes_it_again(
