@@ -7,13 +7,11 @@ import signal
 import sys
 import time
 
-import qless
-import redis
-from processes import alive, stays, title, wait_for
+from processes import alive, title, wait_for
 from workers import PROCESSING, READY, history_events, put, runs, state, wait_state
 
 from qless_pool.client import connect
-from qless_pool.worker.jobchild import ChildSetup, rehearse
+from qless_pool.worker.jobchild import ChildSetup, rehearsal, rehearse
 from qless_pool.worker.running import JobClient
 
 
@@ -25,32 +23,43 @@ def test_the_standby_waits_titled_ready_and_runs_the_next_job(start_worker, clie
     assert match.group(1) == "foo,bar"
     assert before <= int(match.group(2)) <= time.time()
     assert os.getpgid(standby) == standby  # its own process group, as a job child
-    jid = put(client, "bar", "Sleep", {"seconds": 1.0})
+    jid = put(client, "bar", "Sleep", {"seconds": 30})
     wait_state(client, jid, "running")
     # The standby took the job: its title is now the job child's, and it is the one running it.
     assert wait_for(lambda: PROCESSING.match(title(standby))).group(1) == "bar"
     assert worker.job_child() == standby
     # The title is set before the job function runs and records itself: wait for the record.
     assert wait_for(lambda: runs(redis_conn), message="the job's record")[0]["pid"] == standby
-    # The job came after an idle spell: the next standby is forked once it is done, not while
-    # its start needs the CPU.
-    stays(lambda: worker.standby() is None, 0.5, message="no standby while the job runs")
-    wait_state(client, jid, "complete")
-    assert wait_for(worker.standby, message="the next standby") not in (standby, None)
+    # And the next standby is forked while it runs (a moment after its start: STANDBY_DELAY).
+    assert wait_for(worker.standby) not in (standby, None)
 
 
-def test_in_a_stream_the_next_standby_is_forked_while_the_job_runs(
+def test_each_job_of_a_stream_starts_in_the_standby_forked_while_the_last_one_ran(
     start_worker, client, redis_conn
 ):
-    # Jobs waiting when the worker comes for them: each next standby is forked ahead.
-    jids = [put(client, "foo", "Sleep", {"seconds": 1.0}) for _ in range(3)]
+    jids = [put(client, "foo", "Sleep", {"seconds": 1.0}) for _ in range(2)]  # waiting
     worker = start_worker(["foo"])
     wait_state(client, jids[0], "running")
     first = wait_for(worker.job_child, message="the first job's child")
-    assert wait_for(worker.standby, message="a standby while the first job runs") != first
-    assert worker.job_child() == first  # still the first job
-    for jid in jids:
-        wait_state(client, jid, "complete")
+    standby = wait_for(worker.standby, message="a standby while the first job runs")
+    assert standby != first
+    wait_state(client, jids[1], "complete")
+    [second] = [r for r in runs(redis_conn) if r["jid"] == jids[1]]
+    assert (second["pid"], second["ppid"]) == (standby, worker.pid)
+
+
+def test_a_job_put_while_a_job_runs_starts_in_a_standby(start_worker, client, redis_conn):
+    worker = start_worker(["foo"])
+    wait_for(worker.standby)
+    first = put(client, "foo", "Sleep", {"seconds": 2.0})  # popped by an idle worker
+    wait_state(client, first, "running")
+    running = wait_for(worker.job_child)
+    standby = wait_for(worker.standby, message="a standby while the first job runs")
+    assert standby != running
+    second = put(client, "foo", "Noop")
+    wait_state(client, second, "complete")
+    [record] = [r for r in runs(redis_conn) if r["jid"] == second]
+    assert record["pid"] == standby
 
 
 def test_a_standby_that_dies_is_replaced(start_worker, client):
@@ -109,16 +118,25 @@ def test_a_job_that_completes_itself_is_completed_with_the_next_pop(
     assert client.jobs[late].failure == {}
 
 
-def test_a_standbys_rehearsal_sends_nothing_imports_nothing_and_leaves_nothing(redis_url):
-    """What a standby does while it waits for its job, here in the test's process: nothing
-    of it reaches Redis or the file system, and the job's client is left as it was."""
+def test_a_standbys_rehearsal_runs_and_sends_nothing_imports_nothing_leaves_nothing(
+    redis_url, redis_conn, tmp_path, monkeypatch
+):
+    """What a standby does while it waits for its job, here in the test's process: it runs
+    through (``rehearsal`` raises what fails; the standby's ``rehearse`` would swallow it), and
+    nothing of it reaches Redis, sys.modules or the file system; the job's client is left as
+    it was."""
+    import testjobs  # noqa: F401 - a class the rehearsal finds loaded
+
     job_client = connect(redis_url, "rehearsal", client_class=JobClient, announce=False)
     setup = ChildSetup(parent_pid=os.getpid(), queues=("foo",), client=job_client, appname=None,
                        close_fds=(), parent_signals=())  # fmt: skip
-    pool = job_client.redis.connection_pool
-    for last_class in ("testjobs.Sleep", "nowhere_loaded.Job", "", None, "no-dots"):
+    monkeypatch.chdir(tmp_path)
+    clients = {c["id"] for c in redis_conn.client_list()}
+    modules = set(sys.modules)
+    for last_class in ("testjobs.Sleep", "nowhere_loaded.Job", "testjobs.missing", "", None):
+        rehearsal(setup, last_class)
         rehearse(setup, last_class)
-        assert "nowhere_loaded" not in sys.modules
         assert job_client.jid is None and not job_client.settled
-        assert pool._created_connections == 0  # no connection, so no command
-    assert isinstance(job_client, qless.Client) and isinstance(pool, redis.ConnectionPool)
+    assert set(sys.modules) == modules
+    assert list(tmp_path.iterdir()) == []
+    assert {c["id"] for c in redis_conn.client_list()} == clients  # no connection, no command

@@ -84,8 +84,11 @@ class ForkingWorker(Worker):
         return bool(self.children)  # the running child, the standby, the ones exiting
 
     def _supervise(self, now: float) -> None:
-        for ended in self.children.supervise(now, self.job_timeout):
+        ended_runs = self.children.supervise(now, self.job_timeout)
+        for ended in ended_runs:
             self._finish_job(ended.run())
+        if ended_runs:  # before the next pop: the next job finds its standby
+            self.children.keep_standby(self.stopping)
         child = self.child
         if child is not None and now >= child.memory_check_at:
             child.memory_check_at = now + MEMORY_CHECK_INTERVAL

@@ -8,15 +8,15 @@ job runs, so that a job starts with a pipe write rather than a fork::
     job ends      -> one report line on the report pipe, exit
 
 While it waits, the standby *rehearses* its part on a sample job that goes nowhere (decoding it,
-making qless-py's Job of it, looking up the last job's class if it is loaded, writing a report):
-every page of the worker's memory that this touches is copied now, while it waits, instead of
-between the job's arrival and its start (about a third of a millisecond here). Nothing of the
-rehearsal leaves the process: no command, no import, no file.
+making qless-py's Job of it, finding the last job's class in its module's namespace if that is
+loaded, encoding a report): every page of the worker's memory that this touches is copied now,
+while it waits, instead of between the job's arrival and its start (about a third of a
+millisecond here). Nothing of it leaves the process: no command, no import, no file.
 
-When the standby is forked: while a job runs, if that job was waiting when the worker looked for
-it straight after its last one (a stream: the next is likely waiting too); after an idle spell,
-once the job's child has reported, so that the fork does not compete with the job's start for
-the CPU.
+When the next standby is forked: at once when the job just handed over was popped by a busy
+worker (a stream: the next one is likely waiting too); when it was popped by an idle worker (one
+listening for puts), STANDBY_DELAY later, or as soon as the job's child reports if that is
+sooner, so that the fork does not take the CPU from the job's start.
 
 The child dies with its worker parent (``lifeline.die_with_parent``), leads its own process
 group, and runs with default signal dispositions, exactly as a child forked for the job would.
@@ -58,6 +58,9 @@ log = logger.getChild("worker")
 
 #: A standby child that dies sooner than this after its fork is not replaced for a second.
 STANDBY_RETRY_DELAY = 1.0
+#: After a job popped by an idle worker starts, its next standby is forked this much later (or
+#: when its child reports, if sooner): not while the job's start needs the CPU.
+STANDBY_DELAY = 0.02
 
 
 # --- the worker parent's view of a job child ----------------------------------------------------
@@ -188,7 +191,8 @@ def fork_child(
 
 
 def send_job(child: JobChild, job: dict[str, Any]) -> None:
-    """Hand a standby its job (the standby is blocked reading, so the write completes)."""
+    """Hand a standby its job (a job over a pipe's buffer waits for the standby to read: for a
+    moment, if it is still rehearsing)."""
     data = (json.dumps(job) + "\n").encode()
     view = memoryview(data)
     while view:
@@ -245,20 +249,28 @@ _SAMPLE_JOB = {
 
 
 def rehearse(setup: ChildSetup, last_class: Optional[str]) -> None:
-    """A standby's rehearsal (see the module's docstring): what a job's start touches, done on
-    a sample job that goes nowhere. It never fails the standby."""
+    """A standby's rehearsal (see the module's docstring); it never fails the standby."""
+    try:
+        rehearsal(setup, last_class)
+    except Exception:
+        pass
+
+
+def rehearsal(setup: ChildSetup, last_class: Optional[str]) -> None:
+    """What a job's start touches, done on a sample job that goes nowhere (raises what fails)."""
     try:
         fields = json.loads(json.dumps({**_SAMPLE_JOB, "queue": setup.queues[0]}))
         proctitle.processing(fields["queue"], time.time())
         setup.client.track_job(fields["jid"])
         qless.Job(setup.client, **fields)
         if last_class:
-            module, _, name = last_class.rpartition(".")
-            found = getattr(sys.modules.get(module), name, None)  # loaded already, or nothing
-            getattr(found, fields["queue"], None) or getattr(found, "process", None)
-        Report(outcome="returned", data="{}", seconds=0.001).to_json()
-    except Exception:
-        pass
+            # Namespaces only, no getattr: no module __getattr__, descriptor or import runs.
+            module_name, _, name = last_class.rpartition(".")
+            module = sys.modules.get(module_name)
+            found = vars(module).get(name) if module is not None else None
+            if isinstance(found, type):
+                vars(found).get(fields["queue"]) or vars(found).get("process")
+        json.dumps(Report(outcome="returned", data="{}", seconds=0.001).to_json())
     finally:
         setup.client.track_job(None)
 
@@ -319,7 +331,7 @@ class Children:
         self.finishing: list[JobChild] = []
         self.standby_retry_at = 0.0  # monotonic
         self.last_class: Optional[str] = None  # of the last job: the standbys rehearse with it
-        self.streaming = False  # the running job was waiting when the worker looked for it
+        self.standby_due = 0.0  # monotonic: while a job runs, its next standby is forked then
 
     def __bool__(self) -> bool:
         return bool(self.running or self.standby or self.finishing)
@@ -328,10 +340,10 @@ class Children:
         self, popped: HeldJob, job_timeout: Optional[float], streaming: bool = False
     ) -> JobChild:
         """Hand ``popped`` to the standby (or, if there is none, to a child forked for it).
-        ``streaming``: the job was waiting when the worker looked for it straight after its
-        last one: the next standby is forked while it runs."""
+        ``streaming``: a busy worker popped it (not one idle, listening for puts): its next
+        standby is forked at once, not STANDBY_DELAY later."""
         job = popped.job
-        self.streaming = streaming
+        self.standby_due = time.monotonic() + (0.0 if streaming else STANDBY_DELAY)
         self.last_class = job.get("klass") if isinstance(job.get("klass"), str) else None
         child, self.standby = self.standby, None
         if child is not None:
@@ -351,16 +363,16 @@ class Children:
         return child
 
     def keep_standby(self, stopping: bool) -> None:
-        """Fork the next job's child ahead: while idle, or while the current job runs if it is
-        part of a stream (see the module's docstring); stopping, let it go (it exits when its
-        job pipe closes, and is reaped)."""
+        """Fork the next job's child ahead: while idle, or while a job runs once its
+        ``standby_due`` has come (see the module's docstring); stopping, let it go (it exits
+        when its job pipe closes, and is reaped)."""
         standby = self.standby
         if stopping:
             if standby is not None and standby.job_fd >= 0:
                 os.close(standby.job_fd)
                 standby.job_fd = -1
-        elif standby is None and self.running is not None and not self.streaming:
-            return  # forked once the job's child has reported
+        elif standby is None and self.running is not None and time.monotonic() < self.standby_due:
+            return  # not yet: the job is starting (STANDBY_DELAY)
         elif standby is None and time.monotonic() >= self.standby_retry_at:
             try:
                 self.standby = fork_child(self.setup, last_class=self.last_class)
@@ -453,6 +465,8 @@ class Children:
             if child.escalate_at is not None:
                 times.append(child.escalate_at)
         times += [c.escalate_at for c in self.finishing if c.escalate_at is not None]
+        if self.standby is None and not stopping and child is not None and self.standby_due > now:
+            times.append(self.standby_due)
         if self.standby is None and not stopping and self.standby_retry_at > now:
             times.append(self.standby_retry_at)
         return times

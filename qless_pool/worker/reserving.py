@@ -46,8 +46,7 @@ class Reserving(RunMode):
     notes: NoteTaker
     next_poll: float
     began: bool
-    #: The job being started was waiting when the worker looked for it straight after its last
-    #: one (not after an idle spell).
+    #: The job being started was popped by a busy worker, not by one idle (listening for puts).
     streaming: bool = False
 
     def _handle_events(self, events: list[dict[str, Any]]) -> None:
@@ -70,7 +69,7 @@ class Reserving(RunMode):
         count = 1 if self.fork_per_job else self.prefetch.size
         was_idle = self.subscriptions.listening_for_puts
         jobs = self._pop(count)
-        # The job was waiting when the worker looked, straight after its last one: a stream.
+        # Popped by a busy worker (not one idle, listening for puts): likely one of a stream.
         self.streaming = bool(jobs) and not was_idle
         if not jobs and not self.subscriptions.listening_for_puts:
             # Listen for puts before one more look, so that a put after that look is heard.
