@@ -149,9 +149,9 @@ def instrument_timeline(directory: str) -> str:
     finish_job = module.Worker._finish_job
     run_job = jobchild.run_job
 
-    def _start(self, popped, job_timeout):
+    def _start(self, popped, *args, **kwargs):
         before = time.monotonic()
-        child = start(self, popped, job_timeout)
+        child = start(self, popped, *args, **kwargs)
         note("fork", popped.job["jid"], before, time.monotonic())
         return child
 
