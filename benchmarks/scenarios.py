@@ -150,13 +150,7 @@ def throughput(
     for round_index in range(rounds):
         for workers in worker_counts:
             if floor_iterations and workers == min(worker_counts):
-                directory = ctx.processes.new_directory("throughput-fork-floor")
-                result = attempt(
-                    ctx,
-                    directory,
-                    functools.partial(_fork_floor_run, ctx, floor_iterations, directory),
-                )
-                floors.append({"round": round_index + 1, **result})
+                floors.append(fork_floor_round(ctx, floor_iterations, round_index, "throughput"))
             for name in rotated(names, round_index):
                 contender = CONTENDERS[name]
                 directory = ctx.processes.new_directory(f"throughput-{kind}-{name}-{workers}")
@@ -304,11 +298,7 @@ def cpu_per_job(
     runs = []
     floors = []
     for round_index in range(rounds):
-        directory = ctx.processes.new_directory("cpu-fork-floor")
-        result = attempt(
-            ctx, directory, functools.partial(_fork_floor_run, ctx, floor_iterations, directory)
-        )
-        floors.append({"round": round_index + 1, **result})
+        floors.append(fork_floor_round(ctx, floor_iterations, round_index, "cpu"))
         for name in rotated(names, round_index):
             contender = CONTENDERS[name]
             count = jobs[contender.jobs_run_in]
@@ -873,14 +863,17 @@ def idle_cpu(
 
 def fork_floor(ctx: Context, iterations: int, rounds: int) -> dict[str, Any]:
     """fork + exit + wait in a process the size of a qless-pool worker (fork_floor.py)."""
-    runs = []
-    for round_index in range(rounds):
-        directory = ctx.processes.new_directory("fork-floor")
-        result = attempt(
-            ctx, directory, functools.partial(_fork_floor_run, ctx, iterations, directory)
-        )
-        runs.append({"round": round_index + 1, **result})
+    runs = [fork_floor_round(ctx, iterations, round_index) for round_index in range(rounds)]
     return {"params": {"iterations": iterations, "rounds": rounds}, "runs": runs}
+
+
+def fork_floor_round(
+    ctx: Context, iterations: int, round_index: int, beside: str = ""
+) -> dict[str, Any]:
+    """One round of the fork floor (``beside``: the scenario it is taken in, for the directory)."""
+    directory = ctx.processes.new_directory(f"{beside}-fork-floor" if beside else "fork-floor")
+    result = attempt(ctx, directory, functools.partial(_fork_floor_run, ctx, iterations, directory))
+    return {"round": round_index + 1, **result}
 
 
 def _fork_floor_run(ctx: Context, iterations: int, directory: str) -> dict[str, Any]:
