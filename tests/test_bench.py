@@ -99,7 +99,8 @@ def test_invoke_bench_tiny_runs_every_scenario_and_writes_the_results(tmp_path):
     assert {run["contender"] for run in cpu} == {
         "qless-pool-fork", "floor-fork", "qless-pool-inproc", "qless-py-worker", "floor",
     } | ({"rq-fork"} - unavailable)  # fmt: skip
-    assert all(run["jobs"] > 0 and run["total_ms"] > 0 for run in cpu)
+    # (CPU is read in clock ticks of 10 ms: a tiny run's reading may be 0.)
+    assert all(run["jobs"] > 0 and run["total_ms"] >= run["redis_ms"] >= 0 for run in cpu)
     summary = results["summary"]
     measured = {row["target"]: row for row in summary["targets"] if row["measured"]}
     assert set(measured) >= {
