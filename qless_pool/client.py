@@ -42,6 +42,7 @@ from .outage import (
     REDIS_DOWN,
     Outage,
     RedisUnavailable,
+    refuses_for_now,
     raise_if_down,
     redis_is_down,
     unavailable_aware,
@@ -57,6 +58,7 @@ from .urls import (
 )
 
 __all__ = [
+    "BATCH_COMMAND",
     "CONTROL_TIMEOUT",
     "DEFAULT_REDIS_URL",
     "JOB_SOCKET_TIMEOUT",
@@ -77,6 +79,7 @@ __all__ = [
     "sentinel_master",
     "unavailable_aware",
     "use_fixed_script",
+    "with_batch_command",
 ]
 
 #: How long the pool's own calls (a worker parent's pop, heartbeat and settling, the drain
@@ -111,13 +114,61 @@ def fix_script(source: str) -> str:
     return _EXTEND_CALL.sub(f"{LOCAL_EXTEND}(", source)
 
 
+#: The command fixed_script() adds to qless-core's own: several commands in one call (pipelined).
+BATCH_COMMAND = "qless-pool.batch"
+#: Where qless-core's script starts dispatching the one command it was called with.
+_DISPATCH = re.compile(r"^if #KEYS > 0 then", re.MULTILINE)
+#: Every call of qless-core first defines its whole library (some 30 us of Redis's time before
+#: the command itself); a batch pays that once. Each command runs as the dispatcher below it
+#: would run it, in the order given; one that raises an error does not stop the next ones (as in
+#: a pipeline). ARGV: the batch command, now, then per command: the number of its arguments, its
+#: name, its arguments. The answer: per command, {1, what it returned} or {0, its error}.
+_BATCH_ENTRY = f"""
+-- qless-pool: several commands in one call (a batch); see qless_pool/client.py.
+if ARGV[1] == '{BATCH_COMMAND}' then
+  local now = assert(tonumber(ARGV[2]), 'Arg "now" missing or not a number')
+  local answers, at = {{}}, 3
+  while at <= #ARGV do
+    local count, name = tonumber(ARGV[at]), ARGV[at + 1]
+    local command = QlessAPI[name]
+    local ok, answer
+    if command == nil then
+      ok, answer = false, 'Unknown command ' .. tostring(name)
+    else
+      ok, answer = pcall(command, now, unpack(ARGV, at + 2, at + 1 + count))
+    end
+    if ok then
+      if answer == nil then answer = false end
+      answers[#answers + 1] = {{1, answer}}
+    else
+      if type(answer) == 'table' then answer = answer.err or cjson.encode(answer) end
+      answers[#answers + 1] = {{0, tostring(answer)}}
+    end
+    at = at + 2 + count
+  end
+  return answers
+end
+
+"""
+
+
+def with_batch_command(source: str) -> str:
+    """qless-core's script with BATCH_COMMAND added before its dispatcher (an unknown script
+    is refused rather than half-changed)."""
+    places = _DISPATCH.findall(source)
+    if len(places) != 1:
+        raise ValueError(f"qless-core's dispatcher found {len(places)} times; expected once")
+    return _DISPATCH.sub(lambda match: _BATCH_ENTRY + match.group(0), source)
+
+
 @functools.cache
 def fixed_script() -> str:
-    """qless-core as qless-py ships it, fixed for read-only script globals (read once)."""
+    """qless-core as qless-py ships it, fixed for read-only script globals (read once), with
+    BATCH_COMMAND added."""
     data = pkgutil.get_data("qless", "qless-core/qless.lua")
     if data is None:  # pragma: no cover - qless-py always ships the script
         raise RuntimeError("qless-py does not ship qless-core/qless.lua")
-    return fix_script(data.decode("utf-8"))
+    return with_batch_command(fix_script(data.decode("utf-8")))
 
 
 def use_fixed_script(client: qless.Client) -> qless.Client:
@@ -328,50 +379,68 @@ def pipelined(client: qless.Client, commands: Sequence[Sequence[Any]]) -> list[A
     """Send qless commands in one round trip; returns each one's answer, or the
     ``QlessException`` it was refused with (Redis being down raises, as for one command).
 
-    Written straight to one pooled connection: redis-py's Pipeline costs a few hundred
-    microseconds of Python per call (and, knowing the script, would first ask Redis whether it
-    has it, a round trip more). If Redis has lost the script (a restart), it is loaded and the
-    commands it refused are sent again: a command refused with NOSCRIPT did not run.
+    Two or more go as one call of BATCH_COMMAND: each runs as it would alone, one after the
+    other, and Redis defines qless's library once for all of them. Written straight to one
+    pooled connection: redis-py's Pipeline costs a few hundred microseconds of Python per call
+    (and, knowing the script, would first ask Redis whether it has it, a round trip more). If
+    Redis has lost the script (a restart), it is loaded and the call sent again: a call refused
+    with NOSCRIPT did not run.
     """
+    if not commands:
+        return []
     script = client._lua
     pool = client.redis.connection_pool
-    answers: list[Any] = [None] * len(commands)
-    todo = list(range(len(commands)))
     for attempt in range(2):
         now = repr(time.time())
+        if len(commands) == 1:
+            call: tuple[Any, ...] = (
+                "EVALSHA",
+                script.sha,
+                0,
+                commands[0][0],
+                now,
+                *commands[0][1:],
+            )
+        else:
+            call = ("EVALSHA", script.sha, 0, BATCH_COMMAND, now)
+            for command in commands:
+                call += (len(command) - 1, *command)
         connection = pool.get_connection(*_COMMAND_NAME)
         try:
-            connection.send_packed_command(
-                connection.pack_commands(
-                    [
-                        ("EVALSHA", script.sha, 0, c[0], now, *c[1:])
-                        for c in map(commands.__getitem__, todo)
-                    ]
-                )
-            )
-            results = []
-            for _ in todo:
-                try:
-                    results.append(connection.read_response())
-                except redis.ResponseError as error:
-                    results.append(error)
+            connection.send_command(*call)
+            try:
+                reply = connection.read_response()
+            except redis.ResponseError as error:
+                reply = error
+            if len(commands) > 1 and isinstance(reply, list):
+                return [_batch_answer(connection, *answer) for answer in reply]
         except BaseException:
             connection.disconnect()  # half a conversation: not fit for the next caller
             raise
         finally:
             pool.release(connection)
-        missing = []
-        for index, result in zip(todo, results):
-            if isinstance(result, redis.exceptions.NoScriptError) and attempt == 0:
-                missing.append(index)
-            elif isinstance(result, redis.ResponseError):
-                refused = QlessException(str(result))
-                refused.__context__ = result  # redis_is_down() looks for READONLY here
-                answers[index] = refused
-            else:
-                answers[index] = result
-        if not missing:
-            break
-        script.sha = client.redis.script_load(script.script)
-        todo = missing
-    return answers
+        if isinstance(reply, redis.exceptions.NoScriptError) and attempt == 0:
+            script.sha = client.redis.script_load(script.script)
+            continue
+        # One command's answer; or the batch's call refused as a whole (busy, out of memory).
+        answer = _refused(reply) if isinstance(reply, redis.ResponseError) else reply
+        return [answer] * len(commands)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _refused(error: redis.ResponseError) -> QlessException:
+    refused = QlessException(str(error))
+    refused.__context__ = error  # redis_is_down() looks for READONLY here
+    return refused
+
+
+def _batch_answer(connection: Any, ok: int, answer: Any) -> Any:
+    """One command's answer in a batch's reply. An error that means Redis cannot write now is
+    raised as connect()'s connections raise it for a single command (RedisUnavailable)."""
+    if ok:
+        return answer
+    error = redis.ResponseError(answer)
+    if refuses_for_now(error):
+        connection.disconnect()
+        raise RedisUnavailable(str(answer)) from error
+    return _refused(error)

@@ -117,8 +117,8 @@ def redis_is_down(error: BaseException) -> bool:
     if not isinstance(error, QlessException):
         return False
     return (
-        _unavailable(error)
-        or _unavailable(error.__context__)
+        refuses_for_now(error)
+        or refuses_for_now(error.__context__)
         or isinstance(error.__context__, _REFUSING_WRITES_ERRORS)
         or bool(_REFUSING_WRITES.search(str(error)))
     )
@@ -174,7 +174,7 @@ def unavailable_aware(base: type) -> type:
             try:
                 return super().read_response(*args, **kwargs)
             except redis.ResponseError as error:
-                if not _unavailable(error):
+                if not refuses_for_now(error):
                     raise
                 self.disconnect()
                 raise RedisUnavailable(_reply(error)) from error
@@ -183,7 +183,7 @@ def unavailable_aware(base: type) -> type:
     return Connection
 
 
-def _unavailable(error: BaseException) -> bool:
+def refuses_for_now(error: BaseException) -> bool:
     return isinstance(error, redis.exceptions.ReadOnlyError) or any(
         reply in str(error) for reply in _UNAVAILABLE
     )

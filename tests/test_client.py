@@ -14,14 +14,18 @@ import redis
 from qless.exceptions import LostLockException, QlessException
 
 from qless_pool.client import (
+    BATCH_COMMAND,
     LOCAL_EXTEND,
     RedisUnavailable,
     connect,
     fix_script,
     fixed_script,
+    pipelined,
     redis_is_down,
     use_fixed_script,
+    with_batch_command,
 )
+from qless_pool.ops.operations import _refusal
 
 KLASS = "jobs.Noop"
 
@@ -44,7 +48,15 @@ def test_fix_makes_the_global_a_local_and_rewrites_every_call():
     assert "table.extend" not in fixed
     assert fixed.count(f"local function {LOCAL_EXTEND}(") == 1
     assert fixed.count(f"{LOCAL_EXTEND}(") == 3
-    assert len(fixed.splitlines()) == len(source.splitlines())
+    assert len(fix_script(source).splitlines()) == len(source.splitlines())
+    # and the batch command, once, before qless-core's dispatcher
+    assert fixed.count(f"if ARGV[1] == '{BATCH_COMMAND}' then") == 1
+    assert fixed.index(BATCH_COMMAND) < fixed.index("if #KEYS > 0 then")
+
+
+def test_an_unknown_dispatcher_is_refused_not_half_changed():
+    with pytest.raises(ValueError, match="found 0 times"):
+        with_batch_command("return 1\n")
 
 
 @pytest.mark.parametrize(
@@ -142,6 +154,96 @@ def test_redis_is_down_on_a_read_only_replica(qless_client, redis_url, own_clien
     finally:
         client.redis.execute_command("REPLICAOF", "NO", "ONE")
     assert redis_is_down(refused.value)
+
+
+# --- several commands in one call (pipelined: BATCH_COMMAND) -------------------------------------
+
+
+def _batch_commands(queue: str) -> list[list]:
+    return [
+        ["put", queue, f"{queue}-1", KLASS, "{}", 0],
+        ["put", queue, f"{queue}-2", KLASS, '{"a": 1}', 0, "priority", 5],
+        ["pop", queue, "test-worker", 1],
+        ["get", f"{queue}-missing"],  # nil
+        ["complete", f"{queue}-missing", "test-worker", queue, "{}"],  # refused
+        ["jobs", "running", queue],  # a table
+        ["length", queue],  # a number
+        ["no-such-command"],
+        ["complete", f"{queue}-2", "test-worker", queue, "{}"],  # the job popped
+        ["heartbeat", f"{queue}-2", "test-worker", "{}"],  # refused: complete
+    ]
+
+
+def _comparable(answer, queue: str):
+    if isinstance(answer, QlessException):
+        return ("refused", _refusal(answer).replace(queue, "Q"))
+    if isinstance(answer, str) and answer.startswith("[{"):  # a pop: its jobs, less the times
+        return [(job["jid"].replace(queue, "Q"), job["state"], job["worker"])
+                for job in json.loads(answer)]  # fmt: skip
+    if isinstance(answer, list):
+        return [item.replace(queue, "Q") for item in answer]
+    return answer.replace(queue, "Q") if isinstance(answer, str) else answer
+
+
+def test_a_batch_answers_each_command_as_it_would_alone(qless_client):
+    # The same commands on two queues: one by one, and in one call.
+    alone = []
+    for command in _batch_commands("one"):
+        try:
+            alone.append(qless_client(*command))
+        except QlessException as refused:
+            alone.append(refused)
+    batch = pipelined(qless_client, _batch_commands("two"))
+    assert [_comparable(a, "one") for a in alone] == [_comparable(b, "two") for b in batch]
+    assert _comparable(batch[2], "two") == [("Q-2", "running", "test-worker")]  # by priority
+    assert batch[3] is None and batch[5] == ["two-2"] and batch[6] == 2
+    assert batch[8] == "complete" and isinstance(batch[9], QlessException)
+    assert _comparable(batch[4], "two") == ("refused", "Complete(): Job does not exist")
+    assert isinstance(batch[7], QlessException) and "Unknown command" in str(batch[7])
+
+
+def test_a_batch_runs_its_commands_in_order_and_each_one_whole(qless_client, redis_conn):
+    jids = [qless_client.queues["foo"].put(KLASS, {}) for _ in range(3)]
+    popped = json.loads(pipelined(qless_client, [["pop", "foo", "test-worker", 3]])[0])
+    assert sorted(job["jid"] for job in popped) == sorted(jids)
+    # A refused command in the middle does not stop the ones after it.
+    answers = pipelined(
+        qless_client,
+        [["complete", jids[0], "test-worker", "foo", "{}"],
+         ["complete", jids[0], "test-worker", "foo", "{}"],  # twice: refused
+         ["complete", jids[1], "test-worker", "foo", '{"done": true}'],
+         ["pop", "foo", "test-worker", 5]],
+    )  # fmt: skip
+    assert answers[0] == "complete" and answers[2] == "complete"
+    assert isinstance(answers[1], QlessException) and not redis_is_down(answers[1])
+    assert not json.loads(answers[3])  # nothing left to pop (qless says {})
+    assert [redis_conn.hget(f"ql:j:{jid}", "state") for jid in jids] == [
+        "complete", "complete", "running"]  # fmt: skip
+    assert json.loads(redis_conn.hget(f"ql:j:{jids[1]}", "data")) == {"done": True}
+    assert pipelined(qless_client, []) == []
+
+
+def test_a_batch_sent_after_redis_lost_the_script_runs_once(qless_client, redis_conn):
+    jid = qless_client.queues["foo"].put(KLASS, {})
+    redis_conn.script_flush()
+    answers = pipelined(qless_client, [["pop", "foo", "test-worker", 1], ["length", "foo"]])
+    assert json.loads(answers[0])[0]["jid"] == jid
+    assert answers[1] == 1
+    assert redis_conn.hget(f"ql:j:{jid}", "state") == "running"
+
+
+def test_a_batch_on_a_read_only_replica_is_an_outage(qless_client, redis_conn):
+    # Redis 7 lets a script start on a replica and refuses its first write inside it: each
+    # command of the batch is refused READONLY there. That is Redis away, not qless's refusal.
+    jid = qless_client.queues["foo"].put(KLASS, {})
+    redis_conn.execute_command("REPLICAOF", "127.0.0.1", "1")
+    try:
+        with pytest.raises(RedisUnavailable, match="READONLY"):
+            pipelined(qless_client, [["pop", "foo", "test-worker", 1], ["length", "foo"]])
+    finally:
+        redis_conn.execute_command("REPLICAOF", "NO", "ONE")
+    assert redis_conn.hget(f"ql:j:{jid}", "state") == "waiting"
+    assert json.loads(pipelined(qless_client, [["pop", "foo", "test-worker", 1]])[0])
 
 
 def test_connect_names_the_worker_and_the_driver(qless_client):
