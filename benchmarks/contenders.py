@@ -171,6 +171,11 @@ def floor(launch: Launch) -> list[list[str]]:
     return [[PYTHON, script, launch.url, launch.queue] for _ in range(launch.workers)]
 
 
+def floor_batch(launch: Launch) -> list[list[str]]:
+    script = str(BENCH_DIR / "floor_batch_worker.py")
+    return [[PYTHON, script, launch.url, launch.queue] for _ in range(launch.workers)]
+
+
 def floor_fork(launch: Launch) -> list[list[str]]:
     script = str(BENCH_DIR / "floor_fork_worker.py")
     return [[PYTHON, script, launch.url, launch.queue] for _ in range(launch.workers)]
@@ -252,6 +257,18 @@ CONTENDERS: dict[str, Contender] = {
             None,
             None,
             floor,
+            polls=False,
+        ),
+        Contender(
+            "floor-batch",
+            "qless",
+            "N plain processes looping qless pop of up to 32 jobs with the last batch's "
+            "completes in one call, each job with qless-py's Job.process; no framework "
+            "(floor_batch_worker.py)",
+            "worker",
+            None,
+            None,
+            floor_batch,
             polls=False,
         ),
         Contender(

@@ -52,10 +52,17 @@ DEFAULT_CONTENDERS = {
         "rq-fork",
         "rq-simple",
         "floor",
+        "floor-batch",
         "floor-fork",
     ],
     # The same with jobs that make no Redis command of their own (the in-process target).
-    "throughput-quiet": ["qless-pool-inproc", "qless-py-worker", "reqless-py-worker", "floor"],
+    "throughput-quiet": [
+        "qless-pool-inproc",
+        "qless-py-worker",
+        "reqless-py-worker",
+        "floor",
+        "floor-batch",
+    ],
     "cpu": [
         "qless-pool-fork",
         "floor-fork",
@@ -63,6 +70,7 @@ DEFAULT_CONTENDERS = {
         "qless-pool-inproc",
         "qless-py-worker",
         "floor",
+        "floor-batch",
     ],
     "pickup": [
         "qless-pool-fork",

@@ -85,19 +85,21 @@ def test_invoke_bench_tiny_runs_every_scenario_and_writes_the_results(tmp_path):
             assert "error" not in run, (name, run.get("contender"), run.get("log_tail"))
     ran = {run["contender"] for run in results["scenarios"]["throughput"]["runs"]}
     unavailable = set(results.get("unavailable", {}))
-    expected = {"qless-pool-fork", "qless-pool-inproc", "qless-py-worker", "floor", "floor-fork"}
+    expected = {"qless-pool-fork", "qless-pool-inproc", "qless-py-worker", "floor", "floor-fork",
+                "floor-batch"}  # fmt: skip
     expected |= {"rq-fork", "rq-simple", "reqless-py-worker"} - unavailable
     assert ran == expected
     for scenario in ("throughput", "throughput-quiet"):
         runs = results["scenarios"][scenario]["runs"]
         assert all(run["jobs"] == results["params"]["jobs"] for run in runs), scenario
     quiet = {run["contender"] for run in results["scenarios"]["throughput-quiet"]["runs"]}
-    assert quiet == {"qless-pool-inproc", "qless-py-worker", "floor"} | (
+    assert quiet == {"qless-pool-inproc", "qless-py-worker", "floor", "floor-batch"} | (
         {"reqless-py-worker"} - unavailable
     )
     cpu = results["scenarios"]["cpu"]["runs"]
     assert {run["contender"] for run in cpu} == {
         "qless-pool-fork", "floor-fork", "qless-pool-inproc", "qless-py-worker", "floor",
+        "floor-batch",
     } | ({"rq-fork"} - unavailable)  # fmt: skip
     # (CPU is read in clock ticks of 10 ms: a tiny run's reading may be 0.)
     assert all(run["jobs"] > 0 and run["total_ms"] >= run["redis_ms"] >= 0 for run in cpu)
@@ -110,6 +112,12 @@ def test_invoke_bench_tiny_runs_every_scenario_and_writes_the_results(tmp_path):
         "in process vs qless-py-worker, jobs with a Redis command",
         "private memory per idle worker (with its standby), qless-pool-fork",
     }
+    # Beside each in-process ratio: the floor with batching, the same ratio for it.
+    for target in ("in process vs qless-py-worker, jobs without",
+                   "in process vs qless-py-worker, jobs with a Redis command"):  # fmt: skip
+        assert "; floor-batch " in measured[target]["measured"], target
+        limits = measured[target]["limit"]["floor-batch"]
+        assert {int(w) for w in limits} == set(results["params"]["workers"])
 
     # A run that is not the full one leaves the committed docs alone, and nothing running.
     assert (doc.read_bytes() if doc.exists() else None) == doc_before
