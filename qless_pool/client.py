@@ -42,9 +42,9 @@ from .outage import (
     REDIS_DOWN,
     Outage,
     RedisUnavailable,
-    refuses_for_now,
     raise_if_down,
     redis_is_down,
+    refuses_for_now,
     unavailable_aware,
 )
 from .urls import (
@@ -59,6 +59,7 @@ from .urls import (
 
 __all__ = [
     "BATCH_COMMAND",
+    "BATCH_LIMIT",
     "CONTROL_TIMEOUT",
     "DEFAULT_REDIS_URL",
     "JOB_SOCKET_TIMEOUT",
@@ -375,72 +376,87 @@ _COMMAND_NAME: tuple[str, ...] = (
 )
 
 
+#: The most commands one call of BATCH_COMMAND runs: Redis serves no other client while a script
+#: runs, so a long list (a retry of 500 jobs) goes as several calls, written together. A worker's
+#: batch (its completes owed and its pop: 33 at most) is one call.
+BATCH_LIMIT = 64
+
+
 def pipelined(client: qless.Client, commands: Sequence[Sequence[Any]]) -> list[Any]:
     """Send qless commands in one round trip; returns each one's answer, or the
     ``QlessException`` it was refused with (Redis being down raises, as for one command).
 
-    Two or more go as one call of BATCH_COMMAND: each runs as it would alone, one after the
-    other, and Redis defines qless's library once for all of them. Written straight to one
-    pooled connection: redis-py's Pipeline costs a few hundred microseconds of Python per call
-    (and, knowing the script, would first ask Redis whether it has it, a round trip more). If
-    Redis has lost the script (a restart), it is loaded and the call sent again: a call refused
-    with NOSCRIPT did not run.
+    Two or more go as calls of BATCH_COMMAND (BATCH_LIMIT commands a call): each command runs
+    as it would alone, one after the other, and Redis defines qless's library once a call.
+    Written straight to one pooled connection: redis-py's Pipeline costs a few hundred
+    microseconds of Python per call (and, knowing the script, would first ask Redis whether it
+    has it, a round trip more). If Redis has lost the script (a restart), it is loaded and the
+    calls it refused are sent again: a call refused with NOSCRIPT did not run.
     """
-    if not commands:
-        return []
     script = client._lua
-    pool = client.redis.connection_pool
+    calls = [commands[at : at + BATCH_LIMIT] for at in range(0, len(commands), BATCH_LIMIT)]
+    replies: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
     for attempt in range(2):
-        now = repr(time.time())
+        missing = []
+        for index, reply in zip(todo, _send(client, script.sha, [calls[i] for i in todo])):
+            if isinstance(reply, redis.exceptions.NoScriptError) and attempt == 0:
+                missing.append(index)
+            replies[index] = reply
+        if not missing:
+            break
+        script.sha = client.redis.script_load(script.script)
+        todo = missing
+    return [answer for call, reply in zip(calls, replies) for answer in _answers(call, reply)]
+
+
+def _send(client: qless.Client, sha: str, calls: Sequence[Sequence[Sequence[Any]]]) -> list[Any]:
+    """Each call's reply (a ResponseError if refused), in one round trip. A command refused
+    because Redis cannot write now is raised as connect()'s connections raise it for a single
+    command (RedisUnavailable), and the connection is dropped."""
+    now = repr(time.time())
+    packed = []
+    for commands in calls:
         if len(commands) == 1:
-            call: tuple[Any, ...] = (
-                "EVALSHA",
-                script.sha,
-                0,
-                commands[0][0],
-                now,
-                *commands[0][1:],
-            )
+            packed.append(("EVALSHA", sha, 0, commands[0][0], now, *commands[0][1:]))
         else:
-            call = ("EVALSHA", script.sha, 0, BATCH_COMMAND, now)
+            call: list[Any] = ["EVALSHA", sha, 0, BATCH_COMMAND, now]
             for command in commands:
-                call += (len(command) - 1, *command)
-        connection = pool.get_connection(*_COMMAND_NAME)
-        try:
-            connection.send_command(*call)
+                call += [len(command) - 1, *command]
+            packed.append(tuple(call))
+    pool = client.redis.connection_pool
+    connection = pool.get_connection(*_COMMAND_NAME)
+    try:
+        connection.send_packed_command(connection.pack_commands(packed))
+        replies = []
+        for _ in calls:
             try:
-                reply = connection.read_response()
+                replies.append(connection.read_response())
             except redis.ResponseError as error:
-                reply = error
+                replies.append(error)
+        for commands, reply in zip(calls, replies):
             if len(commands) > 1 and isinstance(reply, list):
-                return [_batch_answer(connection, *answer) for answer in reply]
-        except BaseException:
-            connection.disconnect()  # half a conversation: not fit for the next caller
-            raise
-        finally:
-            pool.release(connection)
-        if isinstance(reply, redis.exceptions.NoScriptError) and attempt == 0:
-            script.sha = client.redis.script_load(script.script)
-            continue
-        # One command's answer; or the batch's call refused as a whole (busy, out of memory).
-        answer = _refused(reply) if isinstance(reply, redis.ResponseError) else reply
-        return [answer] * len(commands)
-    raise AssertionError("unreachable")  # pragma: no cover
+                for ok, answer in reply:
+                    if not ok and refuses_for_now(redis.ResponseError(answer)):
+                        raise RedisUnavailable(str(answer))
+    except BaseException:
+        connection.disconnect()  # half a conversation (or a master no more): not for reuse
+        raise
+    finally:
+        pool.release(connection)
+    return replies
+
+
+def _answers(commands: Sequence[Sequence[Any]], reply: Any) -> list[Any]:
+    """The answers of a call's commands, from its reply."""
+    if isinstance(reply, redis.ResponseError):  # refused whole (busy, out of memory): each one
+        return [_refused(reply)] * len(commands)
+    if len(commands) == 1:
+        return [reply]
+    return [answer if ok else _refused(redis.ResponseError(answer)) for ok, answer in reply]
 
 
 def _refused(error: redis.ResponseError) -> QlessException:
     refused = QlessException(str(error))
     refused.__context__ = error  # redis_is_down() looks for READONLY here
     return refused
-
-
-def _batch_answer(connection: Any, ok: int, answer: Any) -> Any:
-    """One command's answer in a batch's reply. An error that means Redis cannot write now is
-    raised as connect()'s connections raise it for a single command (RedisUnavailable)."""
-    if ok:
-        return answer
-    error = redis.ResponseError(answer)
-    if refuses_for_now(error):
-        connection.disconnect()
-        raise RedisUnavailable(str(answer)) from error
-    return _refused(error)

@@ -15,6 +15,7 @@ from qless.exceptions import LostLockException, QlessException
 
 from qless_pool.client import (
     BATCH_COMMAND,
+    BATCH_LIMIT,
     LOCAL_EXTEND,
     RedisUnavailable,
     connect,
@@ -221,6 +222,16 @@ def test_a_batch_runs_its_commands_in_order_and_each_one_whole(qless_client, red
         "complete", "complete", "running"]  # fmt: skip
     assert json.loads(redis_conn.hget(f"ql:j:{jids[1]}", "data")) == {"done": True}
     assert pipelined(qless_client, []) == []
+
+
+def test_a_long_list_goes_as_several_calls_in_one_round_trip(qless_client, redis_conn):
+    # Redis serves no one else while a script runs: a long list is cut into calls.
+    count = 2 * BATCH_LIMIT + 3
+    redis_conn.config_resetstat()
+    jids = pipelined(qless_client, [["put", "foo", f"j{i}", KLASS, "{}", 0] for i in range(count)])
+    assert jids == [f"j{i}" for i in range(count)]
+    assert redis_conn.info("commandstats")["cmdstat_evalsha"]["calls"] == 3
+    assert redis_conn.zcard("ql:q:foo-work") == count
 
 
 def test_a_batch_sent_after_redis_lost_the_script_runs_once(qless_client, redis_conn):
