@@ -129,6 +129,10 @@ _BATCH_ENTRY = f"""
 if ARGV[1] == '{BATCH_COMMAND}' then
   local now = assert(tonumber(ARGV[2]), 'Arg "now" missing or not a number')
   local answers, at = {{}}, 3
+  -- The arguments are taken out inside pcall too: too many for unpack fails that command only.
+  local function run(command, first, last)
+    return command(now, unpack(ARGV, first, last))
+  end
   while at <= #ARGV do
     local count, name = tonumber(ARGV[at]), ARGV[at + 1]
     local command = QlessAPI[name]
@@ -136,7 +140,7 @@ if ARGV[1] == '{BATCH_COMMAND}' then
     if command == nil then
       ok, answer = false, 'Unknown command ' .. tostring(name)
     else
-      ok, answer = pcall(command, now, unpack(ARGV, at + 2, at + 1 + count))
+      ok, answer = pcall(run, command, at + 2, at + 1 + count)
     end
     if ok then
       if answer == nil then answer = false end
@@ -393,6 +397,8 @@ def pipelined(client: qless.Client, commands: Sequence[Sequence[Any]]) -> list[A
     has it, a round trip more). If Redis has lost the script (a restart), it is loaded and the
     calls it refused are sent again: a call refused with NOSCRIPT did not run.
     """
+    if not all(commands):
+        raise ValueError("an empty qless command")
     script = client._lua
     calls = [commands[at : at + BATCH_LIMIT] for at in range(0, len(commands), BATCH_LIMIT)]
     replies: list[Any] = [None] * len(calls)
@@ -453,7 +459,8 @@ def _answers(commands: Sequence[Sequence[Any]], reply: Any) -> list[Any]:
         return [_refused(reply)] * len(commands)
     if len(commands) == 1:
         return [reply]
-    return [answer if ok else _refused(redis.ResponseError(answer)) for ok, answer in reply]
+    # (Redis 6.2 quotes an error of its own with the line's end.)
+    return [answer if ok else _refused(redis.ResponseError(answer.strip())) for ok, answer in reply]
 
 
 def _refused(error: redis.ResponseError) -> QlessException:

@@ -107,7 +107,7 @@ def redis_is_down(error: BaseException) -> bool:
     """Is ``error`` Redis being away rather than a refusal by qless? Away: down, restarting,
     loading, unreachable, or refusing writes for now (a read-only replica after a failover, a
     master short of the replicas it must write to, a replica cut off from its master, a failed
-    snapshot, maxmemory reached). qless-py turns every error reply into a plain
+    snapshot, maxmemory reached, another client's script running past Redis's busy limit). qless-py turns every error reply into a plain
     ``QlessException``: Redis 7 answers a script with the error itself (kept as the exception's
     context), Redis 6.2 with a script error quoting it."""
     if isinstance(error, REDIS_DOWN):
@@ -141,7 +141,7 @@ _REFUSING_WRITES_ERRORS = (
     redis.exceptions.MasterDownError,
 )
 _REFUSING_WRITES = re.compile(
-    r"\b(?:READONLY You can't write|MISCONF |MASTERDOWN |command not allowed when used memory"
+    r"\b(?:READONLY You can't write|MISCONF |MASTERDOWN |BUSY |command not allowed when used memory"
     r"|DB index is out of range)"
 )
 #: How Redis refuses a database number beyond its ``databases`` (the URL's /db).
@@ -184,9 +184,9 @@ def unavailable_aware(base: type) -> type:
 
 
 def refuses_for_now(error: BaseException) -> bool:
-    return isinstance(error, redis.exceptions.ReadOnlyError) or any(
-        reply in str(error) for reply in _UNAVAILABLE
-    )
+    # (redis-py drops MASTERDOWN from the message of the MasterDownError it raises.)
+    down = (redis.exceptions.ReadOnlyError, redis.exceptions.MasterDownError)
+    return isinstance(error, down) or any(reply in str(error) for reply in _UNAVAILABLE)
 
 
 def _reply(error: BaseException) -> str:

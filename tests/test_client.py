@@ -227,11 +227,25 @@ def test_a_batch_runs_its_commands_in_order_and_each_one_whole(qless_client, red
 def test_a_long_list_goes_as_several_calls_in_one_round_trip(qless_client, redis_conn):
     # Redis serves no one else while a script runs: a long list is cut into calls.
     count = 2 * BATCH_LIMIT + 3
+    pipelined(qless_client, [["length", "foo"]])  # the script loaded (an earlier test may flush it)
     redis_conn.config_resetstat()
     jids = pipelined(qless_client, [["put", "foo", f"j{i}", KLASS, "{}", 0] for i in range(count)])
     assert jids == [f"j{i}" for i in range(count)]
     assert redis_conn.info("commandstats")["cmdstat_evalsha"]["calls"] == 3
     assert redis_conn.zcard("ql:q:foo-work") == count
+
+
+def test_one_command_of_a_batch_with_too_many_arguments_fails_alone(qless_client, redis_conn):
+    # Lua's unpack() takes about 8,000 values: a command past that is refused, not its batch.
+    jids = [f"j{i}" for i in range(9000)]
+    answers = pipelined(
+        qless_client,
+        [["put", "foo", "j1", KLASS, "{}", 0], ["multiget", *jids], ["length", "foo"]],
+    )
+    assert answers[0] == "j1" and answers[2] == 1
+    assert isinstance(answers[1], QlessException) and "unpack" in str(answers[1])
+    with pytest.raises(ValueError, match="empty"):
+        pipelined(qless_client, [["length", "foo"], []])
 
 
 def test_a_batch_sent_after_redis_lost_the_script_runs_once(qless_client, redis_conn):
@@ -485,7 +499,16 @@ def test_redis_refusing_writes_for_now_is_an_outage_not_a_refusal():
         "command not allowed when used memory > 'maxmemory'.",
         "ERR Error running script: @user_script:12: READONLY You can't write against a read "
         "only replica.",
+        "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.",
     ):
         assert redis_is_down(QlessException(text)), text
     assert not redis_is_down(QlessException("Heartbeat(): Job given out to another worker: w1"))
     assert not redis_is_down(ValueError("MISCONF"))
+    # redis-py raises MASTERDOWN as a MasterDownError whose message no longer says MASTERDOWN.
+    from qless_pool.outage import refuses_for_now
+
+    cut_off = redis.exceptions.MasterDownError("Link with MASTER is down and replica-serve...")
+    assert refuses_for_now(cut_off)  # so connect()'s connections raise it as RedisUnavailable
+    wrapped = QlessException(str(cut_off))
+    wrapped.__context__ = cut_off
+    assert redis_is_down(wrapped)

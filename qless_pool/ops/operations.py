@@ -274,7 +274,7 @@ class Operations:
                 order.append(jid)
         for jid, answer in zip(order, pipelined(self.client, puts)):
             if isinstance(answer, QlessException):
-                done.refuse(jid, str(answer))
+                done.refuse(jid, _refusal(answer))
             else:
                 done.acted += 1
 
