@@ -399,6 +399,8 @@ def pipelined(client: qless.Client, commands: Sequence[Sequence[Any]]) -> list[A
     """
     if not all(commands):
         raise ValueError("an empty qless command")
+    if not commands:
+        return []
     script = client._lua
     calls = [commands[at : at + BATCH_LIMIT] for at in range(0, len(commands), BATCH_LIMIT)]
     replies: list[Any] = [None] * len(calls)

@@ -272,6 +272,9 @@ class Worker(Reserving, SignalHandling):
                 self.outage.failed(time.monotonic(), error)
             else:
                 if not self.up:
+                    # The title says "Waiting" before the manager hears UP and acts on it (a
+                    # reload lets the old workers go once the new ones are up).
+                    self._update_title()
                     self.up = True
                     self.notes.say(UP)
         self._update_title()
