@@ -107,9 +107,10 @@ def redis_is_down(error: BaseException) -> bool:
     """Is ``error`` Redis being away rather than a refusal by qless? Away: down, restarting,
     loading, unreachable, or refusing writes for now (a read-only replica after a failover, a
     master short of the replicas it must write to, a replica cut off from its master, a failed
-    snapshot, maxmemory reached, another client's script running past Redis's busy limit). qless-py turns every error reply into a plain
-    ``QlessException``: Redis 7 answers a script with the error itself (kept as the exception's
-    context), Redis 6.2 with a script error quoting it."""
+    snapshot, maxmemory reached), or busy with another client's script past its busy limit.
+    qless-py turns every error reply into a plain ``QlessException``: Redis 7 answers a script
+    with the error itself (kept as the exception's context), Redis 6.2 with a script error
+    quoting it."""
     if isinstance(error, REDIS_DOWN):
         return True
     if isinstance(error, redis.ResponseError) and NO_SUCH_DATABASE in str(error):
@@ -184,6 +185,7 @@ def unavailable_aware(base: type) -> type:
 
 
 def refuses_for_now(error: BaseException) -> bool:
+    """Is ``error`` a reply that makes a connection's command an outage (RedisUnavailable)?"""
     # (redis-py drops MASTERDOWN from the message of the MasterDownError it raises.)
     down = (redis.exceptions.ReadOnlyError, redis.exceptions.MasterDownError)
     return isinstance(error, down) or any(reply in str(error) for reply in _UNAVAILABLE)
