@@ -79,6 +79,24 @@ def test_a_put_wakes_an_idle_worker_at_once(start_worker, client, redis_conn):
     assert popped_at - put_at < 0.5  # not the 60 s poll
 
 
+@pytest.mark.parametrize("fork_per_job", [True, False], ids=["fork", "inproc"])
+def test_an_idle_worker_whose_subscription_is_cut_listens_again(
+    start_worker, client, redis_conn, fork_per_job
+):
+    # Redis drops a subscriber (CLIENT KILL, its output buffer's limit): the worker reads the
+    # pubsub connection itself, so it sees the close as a short outage and subscribes again.
+    worker = start_worker(["foo"], interval=60, fork_per_job=fork_per_job)
+    wait_for(lambda: dict(redis_conn.pubsub_numsub("ql:log")).get("ql:log") == 1)
+    assert redis_conn.client_kill_filter(_type="pubsub") >= 1
+    wait_for(lambda: dict(redis_conn.pubsub_numsub("ql:log")).get("ql:log") == 1, timeout=10)
+    put_at = time.time()
+    jid = put(client, "foo", "Noop")
+    wait_state(client, jid, "complete", timeout=5)
+    popped_at = next(e["when"] for e in client.jobs[jid].history if e["what"] == "popped")
+    assert popped_at - put_at < 0.5  # heard, not the 60 s poll
+    assert "Redis is back" in worker.log_text()
+
+
 def test_a_delayed_job_is_found_by_the_poll(start_worker, client):
     start_worker(["foo"], interval=0.2)
     jid = put(client, "foo", "Noop", delay=1)

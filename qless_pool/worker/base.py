@@ -269,6 +269,9 @@ class Worker(Reserving, SignalHandling):
                 if not redis_is_down(error):
                     raise
                 self.subscriptions.close()
+                # Deaf to puts until it listens again, which it does on its next look at the
+                # queues: that look comes first once Redis answers, not an interval later.
+                self.next_poll = 0.0
                 self.outage.failed(time.monotonic(), error)
             else:
                 if not self.up:
