@@ -33,6 +33,7 @@ POOL_READY = re.compile(r"^qless-[\w.+-]+: Waiting for ")
 QLESS_PY_READY = re.compile(r"^qless-py-worker Sleeping for ")
 REQLESS_READY = re.compile(r"^reqless-py-worker Sleeping for ")
 RQ_READY = re.compile(r"^rq:worker:\S+: Listening on ")
+FLOOR_LISTEN_READY = re.compile(r"^floor-listen: ready")
 
 
 @dataclass
@@ -181,6 +182,14 @@ def floor_fork(launch: Launch) -> list[list[str]]:
     return [[PYTHON, script, launch.url, launch.queue] for _ in range(launch.workers)]
 
 
+def floor_listen(fork: bool) -> Callable[[Launch], list[list[str]]]:
+    def commands(launch: Launch) -> list[list[str]]:
+        argv = [PYTHON, str(BENCH_DIR / "floor_listen_worker.py"), launch.url, launch.queue]
+        return [argv + (["--fork"] if fork else []) for _ in range(launch.workers)]
+
+    return commands
+
+
 def _worker_load(launch: Launch) -> dict[str, str]:
     return {"BENCH_WORKER_LOAD": ",".join(launch.preload), "BENCH_PRELOAD": ""}
 
@@ -280,6 +289,28 @@ CONTENDERS: dict[str, Contender] = {
             None,
             None,
             floor_fork,
+            polls=False,
+        ),
+        Contender(
+            "floor-listen",
+            "qless",
+            "N plain processes listening on qless's ql:log, each put's job popped and run in "
+            "the process with qless-py's Job.process; no framework (floor_listen_worker.py)",
+            "worker",
+            FLOOR_LISTEN_READY,
+            None,
+            floor_listen(fork=False),
+            polls=False,
+        ),
+        Contender(
+            "floor-listen-fork",
+            "qless",
+            "floor-listen with each job handed to a standby child forked ahead (over a pipe; "
+            "its own connection), which runs it and exits (floor_listen_worker.py --fork)",
+            "child",
+            FLOOR_LISTEN_READY,
+            None,
+            floor_listen(fork=True),
             polls=False,
         ),
         Contender(

@@ -79,6 +79,8 @@ DEFAULT_CONTENDERS = {
         "reqless-py-worker",
         "rq-fork",
         "rq-simple",
+        "floor-listen",
+        "floor-listen-fork",
     ],
     "startup": [
         "qless-pool-fork",

@@ -119,6 +119,15 @@ def test_invoke_bench_tiny_runs_every_scenario_and_writes_the_results(tmp_path):
         limits = measured[target]["limit"]["floor-batch"]
         assert {int(w) for w in limits} == set(results["params"]["workers"])
 
+    # Beside each pickup target: the floor of pickup in that run mode, woken by the same puts.
+    pickups = results["scenarios"]["pickup"]["runs"]
+    assert {"floor-listen", "floor-listen-fork"} <= {run["contender"] for run in pickups}
+    for name, floor in (("qless-pool-inproc", "floor-listen"),
+                        ("qless-pool-fork", "floor-listen-fork")):  # fmt: skip
+        row = measured[f"pickup, idle pool, default interval, {name}"]
+        assert f"; {floor} p50 " in row["measured"], row
+        assert set(row["limit"][floor]) == {"p50_ms", "p95_ms"}
+
     # A run that is not the full one leaves the committed docs alone, and nothing running.
     assert (doc.read_bytes() if doc.exists() else None) == doc_before
     assert left_running == []
