@@ -316,6 +316,26 @@ class Worker(Reserving, SignalHandling):
     def _may_run_held(self) -> bool:
         return bool(self.holding) and not self._busy() and not self.terminating
 
+    def _nothing_waits(self) -> bool:
+        """Whether the next held job is all the loop has to do: no signal and no event has come,
+        no heartbeat or complete is due, nothing is owed at once, and the worker is not
+        stopping, paused or in an outage."""
+        if self.stopping or self.paused or self.outage.since is not None or self.settler.now:
+            return False
+        if not self._may_run_held() or not self.subscriptions.drained:
+            return False
+        now = time.monotonic()
+        soonest = self.holding.next_heartbeat()
+        if (soonest is not None and soonest <= now) or self._completes_due(now):
+            return False
+        if now >= self.next_card:
+            return False
+        poller = select.poll()
+        for fd in (self._wakeup_r, self.subscriptions.fileno()):
+            if fd is not None:
+                poller.register(fd, select.POLLIN)
+        return not poller.poll(0)
+
     def _completes_due(self, now: float) -> bool:
         due = self.settler.complete_due()
         return due is not None and now >= due

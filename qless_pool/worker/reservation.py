@@ -250,6 +250,9 @@ class Holding:
 
     def __init__(self) -> None:
         self.jobs: deque[HeldJob] = deque()
+        # The soonest heartbeat, kept rather than looked for: the loop asks after every job,
+        # and in process up to 32 jobs are held (see next_heartbeat).
+        self._soonest: Optional[float] = None
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -259,19 +262,22 @@ class Holding:
 
     def hold(self, jobs: Sequence[HeldJob]) -> None:
         self.jobs.extend(jobs)
+        self._soonest = _UNKNOWN
 
     def put_back(self, held: HeldJob) -> None:
         """A job taken to run and not started after all: the next again."""
         self.jobs.appendleft(held)
+        self._soonest = _UNKNOWN
 
     def next(self) -> Optional[HeldJob]:
-        return self.jobs.popleft() if self.jobs else None
+        return self.jobs.popleft() if self.jobs else None  # (its heartbeat may stay soonest)
 
     def drop(self, jid: str) -> Optional[dict[str, Any]]:
         """Forget ``jid`` (qless took it away); returns it if it was held."""
         for held in self.jobs:
             if held.jid == jid:
                 self.jobs.remove(held)
+                self._soonest = _UNKNOWN
                 return held.job
         return None
 
@@ -279,7 +285,13 @@ class Holding:
         return [held for held in self.jobs if held.next_heartbeat <= now]
 
     def next_heartbeat(self) -> Optional[float]:
-        return min((held.next_heartbeat for held in self.jobs), default=None)
+        """When the soonest heartbeat of the held jobs is due, or earlier: a job taken to run
+        leaves its time here until heartbeat() finds nothing due then (the jobs of a pop are
+        taken in the order of their times, so looking again after each would cost a look at
+        every job held, after every job)."""
+        if self._soonest is _UNKNOWN:
+            self._soonest = min((held.next_heartbeat for held in self.jobs), default=None)
+        return self._soonest
 
     def heartbeat(
         self, client: Any, worker: str, now: float, running: Optional[HeldJob] = None
@@ -287,15 +299,20 @@ class Holding:
         """Heartbeat the held jobs that are due, in one round trip; a job qless refuses one is
         no longer ours: it is dropped, not run. ``running``: a job running in this process,
         heartbeated with them when it is due."""
+        soonest = self.next_heartbeat()
+        if (soonest is None or soonest > now) and (running is None or running.next_heartbeat > now):
+            return
         due = self.due_heartbeats(now)
         if running is not None and running.next_heartbeat <= now:
             due.append(running)
         if not due:
+            self._soonest = _UNKNOWN  # it was a job taken to run: looked for again
             return
         answers = pipelined(client, [["heartbeat", held.jid, worker] for held in due])
         raise_if_down(answers)
         for held, answer in zip(due, answers):
             held.heartbeaten(now)
+            self._soonest = _UNKNOWN
             if not isinstance(answer, QlessException):
                 continue
             if held is running:  # its outcome will be refused: it is no longer ours
@@ -310,12 +327,17 @@ class Holding:
         answers = pipelined(client, [give_back_command(job) for job in jobs])
         raise_if_down(answers)  # still held: given back once Redis takes writes again
         self.jobs.clear()
+        self._soonest = None
         for job, answer in zip(jobs, answers):
             what = f"job {job['jid']} ({job['klass']}) from {job['queue']}"
             if isinstance(answer, QlessException):
                 log.info("%s: could not give it back: %s", what, answer)
             else:
                 log.info("%s: given back to its queue, not started", what)
+
+
+#: Holding's soonest heartbeat, not known until looked for again (NaN: equal to no time).
+_UNKNOWN: Any = float("nan")
 
 
 def heartbeat_every(job: dict[str, Any], popped_at: float) -> float:

@@ -102,14 +102,19 @@ class Reserving(RunMode):
         return []
 
     def _run_held(self) -> None:
-        held = self.holding.next()
-        if held is None:
-            return
-        if not class_allowed(held.job["klass"], self.allow_modules):
-            assert self.client is not None
-            self.settler.forbid(self.client, held.job, self.allow_modules)
-            return
-        if not self.began:
-            self.began = True
-            self.notes.say(BEGAN)
-        self._start_job(held)
+        """Start the next held job; in process, the ones after it too, one by one, for as long
+        as nothing else waits for the loop (the run mode's _next_at_once)."""
+        while True:
+            held = self.holding.next()
+            if held is None:
+                return
+            if not class_allowed(held.job["klass"], self.allow_modules):
+                assert self.client is not None
+                self.settler.forbid(self.client, held.job, self.allow_modules)
+                return
+            if not self.began:
+                self.began = True
+                self.notes.say(BEGAN)
+            self._start_job(held)
+            if not self._next_at_once():
+                return

@@ -22,6 +22,10 @@ class RunMode:
     def _start_job(self, held: HeldJob) -> None:
         raise NotImplementedError
 
+    def _next_at_once(self) -> bool:
+        """After a job: start the next held one now, without a turn of the loop."""
+        return False
+
     def _busy(self) -> bool:
         """A job runs now (the loop turns while it does: a child per job)."""
         return False
