@@ -7,6 +7,9 @@ child per job) its job child's report pipe, and each turn does the next due thin
     signals -> parent gone? -> the running job (its child: reap, report, timeout) -> limits
             -> Redis: events, heartbeats, settle, reserve and start a job -> title -> wait
 
+(In process, the jobs popped together run back to back while nothing else waits: see
+``_nothing_waits``.)
+
 The life of a job, one step per module::
 
     reservation.py  pop it (the first of the queues with a job; several at once in process)
@@ -202,6 +205,8 @@ class Worker(Reserving, SignalHandling):
         self.stop_deadline: Optional[float] = None  # monotonic: --graceful-timeout
         self._wakeup_r = self._wakeup_w = -1
         self._saved_handlers: dict[int, Any] = {}
+        # _nothing_waits's poll of the wakeup pipe and the pubsub socket, made once for them.
+        self._between_jobs: tuple[tuple[Optional[int], ...], Any] = ((), None)
 
     def effective_options(self) -> dict[str, Any]:
         """The worker options (options.py) as this worker holds them."""
@@ -318,11 +323,13 @@ class Worker(Reserving, SignalHandling):
 
     def _nothing_waits(self) -> bool:
         """Whether the next held job is all the loop has to do: no signal and no event has come,
-        no heartbeat or complete is due, nothing is owed at once, and the worker is not
-        stopping, paused or in an outage."""
+        no heartbeat or complete is due, nothing is owed at once, the worker's parent lives,
+        and the worker is not stopping, paused or in an outage."""
         if self.stopping or self.paused or self.outage.since is not None or self.settler.now:
             return False
         if not self._may_run_held() or not self.subscriptions.drained:
+            return False
+        if self.watch_parent is not None and os.getppid() != self.watch_parent:
             return False
         now = time.monotonic()
         soonest = self.holding.next_heartbeat()
@@ -330,11 +337,14 @@ class Worker(Reserving, SignalHandling):
             return False
         if now >= self.next_card:
             return False
-        poller = select.poll()
-        for fd in (self._wakeup_r, self.subscriptions.fileno()):
-            if fd is not None:
-                poller.register(fd, select.POLLIN)
-        return not poller.poll(0)
+        fds = (self._wakeup_r, self.subscriptions.fileno())
+        if fds != self._between_jobs[0]:  # (the pubsub connection is a new one)
+            poller = select.poll()
+            for fd in fds:
+                if fd is not None:
+                    poller.register(fd, select.POLLIN)
+            self._between_jobs = (fds, poller)
+        return not self._between_jobs[1].poll(0)
 
     def _completes_due(self, now: float) -> bool:
         due = self.settler.complete_due()
