@@ -97,6 +97,23 @@ def test_an_idle_worker_whose_subscription_is_cut_listens_again(
     assert "Redis is back" in worker.log_text()
 
 
+@pytest.mark.parametrize("fork_per_job", [True, False], ids=["fork", "inproc"])
+def test_a_worker_on_resp3_hears_puts_and_news_of_its_held_jobs(
+    start_worker, client, redis_url, redis_conn, fork_per_job
+):
+    # RESP3 sends qless's messages as push replies: read as messages, not skipped (which
+    # would also leave the read waiting out its timeout, an outage).
+    url = redis_url + ("&" if "?" in redis_url else "?") + "protocol=3"
+    worker = start_worker(["foo"], url=url, interval=60, fork_per_job=fork_per_job)
+    wait_for(lambda: dict(redis_conn.pubsub_numsub("ql:log")).get("ql:log") == 1)
+    put_at = time.time()
+    jid = put(client, "foo", "Noop")
+    wait_state(client, jid, "complete", timeout=5)
+    popped_at = next(e["when"] for e in client.jobs[jid].history if e["what"] == "popped")
+    assert popped_at - put_at < 0.5  # heard, not the 60 s poll
+    assert "Redis is unavailable" not in worker.log_text()
+
+
 def test_a_delayed_job_is_found_by_the_poll(start_worker, client):
     start_worker(["foo"], interval=0.2)
     jid = put(client, "foo", "Noop", delay=1)

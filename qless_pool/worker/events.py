@@ -99,7 +99,9 @@ class Subscriptions:
         # an UNSUBSCRIBE's (a SUBSCRIBE's is read by _read_until_subscribed, with get_message).
         connection = self.pubsub.connection
         while connection.can_read(timeout=0):
-            events += self._event(connection.read_response())
+            # push_request: with RESP3 a message is a push reply, which redis-py would otherwise
+            # hand to PubSub and skip, then wait out the socket's timeout for a reply.
+            events += self._event(connection.read_response(push_request=True))
         self.drained = True
         return events
 

@@ -152,7 +152,6 @@ class InProcess:
         self.stop_requested: Optional[str] = None  # TERM or INT came: start no job
         self.interrupted: Optional[str] = None  # why the running job was first interrupted
         self.interruptions = 0
-        self.alarm_set = False  # SIGALRM is armed: cleared once the job is over
 
     def install(self) -> None:
         for signum in self.INTERRUPTING:
@@ -188,7 +187,6 @@ class InProcess:
             os._exit(70)  # EX_SOFTWARE
         if self.interruptions > 1:
             log.warning("the job swallowed its interruption (%s); again", self.interrupted)
-        self.alarm_set = True
         signal.setitimer(signal.ITIMER_REAL, self.kill_grace)  # again, if this one is swallowed
         raise JobInterrupted(self.interrupted)
 
@@ -201,7 +199,6 @@ class InProcess:
     def _arm(self) -> None:
         deadlines = [d for d in (self.job_deadline, self.stop_deadline) if d is not None]
         if deadlines:
-            self.alarm_set = True
             signal.setitimer(signal.ITIMER_REAL, max(0.001, min(deadlines) - time.monotonic()))
 
     def run(self, job: dict[str, Any]) -> tuple[Report, Optional[str]]:
@@ -227,9 +224,8 @@ class InProcess:
                 report.seconds, report.cut_short = time.monotonic() - started, True
                 reason = interrupted.reason
         finally:
-            if self.alarm_set:  # (no handler arms it from here on: the job is not running)
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                self.alarm_set = False
+            # Always: a job may have set an alarm of its own (signal.alarm) and left it.
+            signal.setitimer(signal.ITIMER_REAL, 0)
             self.job_deadline = None
             self.client.track_job(None)
         return report, reason
