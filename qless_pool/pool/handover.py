@@ -195,6 +195,7 @@ class HandOver:
     counts: Optional[dict[Queues, int]] = None
     up: dict[Queues, int] = field(default_factory=dict)
     active_said: dict[Queues, int] = field(default_factory=dict)  # last told the new manager
+    told: bool = False  # active_said has been said: the old pool grows no group past it
     hup_pending: bool = False  # a HUP came meanwhile: acted on if the reload fails
     retire_by: Optional[float] = None  # failed: the new manager is QUIT then at the latest
     #: The new manager's metrics directory, made by the old one: removed if the new one exits
