@@ -194,8 +194,9 @@ class HandOver:
     #: count minus the new workers that are up (at most its own count).
     counts: Optional[dict[Queues, int]] = None
     up: dict[Queues, int] = field(default_factory=dict)
-    active_said: dict[Queues, int] = field(default_factory=dict)  # last told the new manager
-    told: bool = False  # active_said has been said: the old pool grows no group past it
+    #: Its active workers by group, as last told the new manager (None: not yet told); the old
+    #: pool grows no group past it.
+    active_said: Optional[dict[Queues, int]] = None
     hup_pending: bool = False  # a HUP came meanwhile: acted on if the reload fails
     retire_by: Optional[float] = None  # failed: the new manager is QUIT then at the latest
     #: The new manager's metrics directory, made by the old one: removed if the new one exits

@@ -401,15 +401,11 @@ class Reloading:
             counts = self.handover.counts
             if self.handover.running and counts is not None:
                 up = self.handover.up
-                kept = {q: min(n, max(0, counts.get(q, 0) - up.get(q, 0)))
+                # Once told, an old worker that dies is the new manager's to replace, not ours.
+                said = self.handover.active_said
+                return {q: min(n, max(0, counts.get(q, 0) - up.get(q, 0)),
+                               n if said is None else said.get(q, 0))
                         for q, n in desired.items()}  # fmt: skip
-                if self.handover.told:
-                    # An old worker that dies now is not replaced here: the new manager, told
-                    # so, starts one more of its own. Replacing it too would put one worker
-                    # more in its group than the surge allows, until the next word arrives.
-                    said = self.handover.active_said
-                    kept = {q: min(n, said.get(q, 0)) for q, n in kept.items()}
-                return kept
         if self.successor is not None and not self.successor.serving:
             old = self.successor.old_active
             return {q: min(n, max(0, n + 1 - old.get(q, 0))) for q, n in desired.items()}
@@ -425,8 +421,8 @@ class Reloading:
         if handover is None or handover.phase not in ("handing-over", "committing"):
             return
         active = self._active()
-        if active != handover.active_said or not handover.told:
-            handover.active_said, handover.told = active, True
+        if active != handover.active_said:
+            handover.active_said = active
             handover.channel.send("active", groups=encode_counts(active, "active"))
 
     # --- the new manager ----------------------------------------------------------------------
