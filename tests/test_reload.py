@@ -476,7 +476,9 @@ def test_invoke_qless_pool_reloads_with_its_setup_tasks_run_afresh(invoke_projec
                                 capture_output=True, text=True, timeout=90)  # fmt: skip
         assert result.returncode == 0, result.stderr
         [manager] = managers_under(process.pid)
-        assert title(process.pid) == f"qless-pool-keeper[{project.name}]: manager {manager}"
+        # The keeper titles itself once it has exec'd: a moment after the reload is reported.
+        keeper = f"qless-pool-keeper[{project.name}]: manager {manager}"
+        wait_for(lambda: title(process.pid) == keeper, message=f"the title {keeper!r}")
         # The new manager ran the user's setup tasks and preloaded the application itself.
         steps = [line.split()[:2] for line in (project / "chain.log").read_text().splitlines()]
         assert ["environment", str(manager)] in steps and ["preload", str(manager)] in steps
