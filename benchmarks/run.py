@@ -205,7 +205,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_window": None,
         "floor_iterations": 20,
         "workers": [1],
-        "cpu_jobs": {"child": 20, "worker": 50},
+        # In process the completes come in batches of up to 32 (the pool's and floor-batch's
+        # pops): the window between the two readings must span several, or both readings may
+        # fall after the last batch and count no job at all.
+        "cpu_jobs": {"child": 20, "worker": 400},
         "cpu_rounds": 1,
         "puts": 3,
         "pickup_workers": 1,

@@ -350,6 +350,9 @@ def _cpu_run(ctx: Context, contender: Contender, jobs: int, directory: str) -> d
         done1, (cpu1, faults1), redis1 = producer.completed(), _tree_usage(directory, run.top), \
             cpu_seconds(redis_pid)  # fmt: skip
     counted = done1 - done0
+    if counted < 1:
+        raise RuntimeError(f"no job completed between the two readings (at {done0} of {jobs}): "
+                           "too few jobs for the batches the contender completes in")  # fmt: skip
     contender_ms = (cpu1 - cpu0) * 1000 / counted
     redis_ms = (redis1 - redis0) * 1000 / counted
     return {
