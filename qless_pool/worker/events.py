@@ -95,8 +95,9 @@ class Subscriptions:
             return events
         # Straight from the connection, not PubSub.get_message: its layers (retries, message
         # handlers, the health check) cost some tens of microseconds a message here, on the
-        # path from a put to its job's start (docs/BENCHMARKS.md). What is skipped is only a confirmation's bookkeeping:
-        # an UNSUBSCRIBE's (a SUBSCRIBE's is read by _read_until_subscribed, with get_message).
+        # path from a put to its job's start (docs/BENCHMARKS.md). What is skipped is only a
+        # confirmation's bookkeeping: an UNSUBSCRIBE's (a SUBSCRIBE's is read by
+        # _read_until_subscribed, with get_message).
         connection = self.pubsub.connection
         while connection.can_read(timeout=0):
             # push_request: with RESP3 a message is a push reply, which redis-py would otherwise

@@ -310,9 +310,9 @@ class Holding:
             return
         answers = pipelined(client, [["heartbeat", held.jid, worker] for held in due])
         raise_if_down(answers)
+        self._soonest = _UNKNOWN  # their next times are later now
         for held, answer in zip(due, answers):
             held.heartbeaten(now)
-            self._soonest = _UNKNOWN
             if not isinstance(answer, QlessException):
                 continue
             if held is running:  # its outcome will be refused: it is no longer ours
